@@ -1,0 +1,35 @@
+# xlpeft developer entry points. `make demo` and `make test` set up .venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU wheel by default; on a GPU machine use e.g. `make TORCH_SPEC=torch install`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.xlpeft-installed
+
+.PHONY: install demo test test-fast lint clean ui
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/xlpeft run pipelines/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check xlpeft tests
+
+ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,15 @@
+"""xlpeft: zero-shot cross-lingual transfer with composable parameter-efficient modules.
+
+Public API::
+
+    base = xlpeft.load_base("xlmr")            # frozen masked-LM encoder + fingerprint
+    module = xlpeft.load_module("modules/lang-sw-adapter")
+"""
+
+__version__ = "0.1.0"
+
+from xlpeft.errors import XlpeftError  # noqa: E402
+from xlpeft.io import load_module, save_module  # noqa: E402
+from xlpeft.models import load_base  # noqa: E402
+
+__all__ = ["XlpeftError", "__version__", "load_base", "load_module", "save_module"]

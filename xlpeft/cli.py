@@ -1,0 +1,157 @@
+"""The ``xlpeft`` command line: thin click wrappers over :mod:`xlpeft.recipes`.
+
+Every user error is printed as one ``Error:`` line (exit 2) without a traceback; ``--debug``
+shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from xlpeft import __version__
+from xlpeft.errors import XlpeftError
+
+SET_HELP = "method or training hyper-parameter, repeatable (e.g. --set reduction_factor=2 --set lr=1e-4)"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="xlpeft")
+@click.option("--debug", is_flag=True, help="show tracebacks on errors")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Zero-shot cross-lingual transfer with composable adapters and sparse fine-tuning.
+
+    Train a language module (MLM on target-language text), a task module (labelled
+    source-language data) and compose them. Every run is tracked in MLflow.
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command("train-lang")
+@click.option("--lang", required=True, help="language code: a folder of language_packs/ (e.g. sw)")
+@click.option("--method", default="adapter", show_default=True, help="module method (see `xlpeft methods`)")
+@click.option("--base", default="xlmr", show_default=True, help="mbert, xlmr, xlmr-large, tiny-bert, a hub id or a directory")
+@click.option("--corpus", multiple=True, help="a pack corpus name, a UTF-8 text file, or hf:NAME[:CONFIG][:SPLIT]; repeatable")
+@click.option("--max-steps", type=int, help="optimizer steps [default: 1000]")
+@click.option("--batch-size", type=int, help="sequences per step [default: 8]")
+@click.option("--seed", type=int, help="random seed [default: 42]")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--output", help="module directory [default: modules/lang-<lang>-<method>]")
+def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, output) -> None:
+    """Train a language module with masked-language modelling."""
+    from xlpeft.config import parse_sets
+    from xlpeft.recipes.train_lang import LangRequest, train_language
+
+    req = LangRequest(lang=lang, method=method, base=base, corpus=tuple(corpus), sets=parse_sets(sets),
+                      output=output, max_steps=max_steps, batch_size=batch_size, seed=seed)
+    result = train_language(req)
+    m = result.metrics
+    click.echo(
+        f"language module {lang}/{method}: eval loss {m['eval_loss']:.4f}, perplexity {m['eval_perplexity']:.2f}\n"
+        f"  saved to   {result.path}\n"
+        f"  MLflow run {result.run_id}; registered as {result.registered_name} version {result.version}"
+    )
+
+
+@cli.command("prepare-base")
+@click.argument("name")
+@click.option("--force", is_flag=True, help="rebuild even if cached")
+def prepare_base(name: str, force: bool) -> None:
+    """Build an offline base into the cache (tiny-bert, tiny-xlmr)."""
+    import shutil
+
+    from xlpeft.models import TINY_BASES, build_tiny_base, cache_dir, fingerprint_dir
+
+    target = cache_dir() / "bases" / name
+    if name not in TINY_BASES:
+        raise XlpeftError(f"unknown offline base {name!r}; prepare-base knows: {', '.join(TINY_BASES)}")
+    if force:
+        shutil.rmtree(target, ignore_errors=True)
+    if not (target / "config.json").is_file():
+        build_tiny_base(name, target)
+    click.echo(f"{name}: {target} (fingerprint {fingerprint_dir(target)})")
+
+
+@cli.command("methods")
+def methods() -> None:
+    """List module methods and their --set keys."""
+    from dataclasses import fields
+
+    from xlpeft.config import TrainConfig
+    from xlpeft.registry import get_method, method_names
+
+    for name in method_names():
+        spec = get_method(name)
+        click.echo(f"{name}: {spec.help}")
+        for f in fields(spec.config_cls):
+            click.echo(f"  --set {f'{f.name}={f.default}':<28} {f.metadata.get('help', '')}")
+    click.echo("training (all methods):")
+    for f in fields(TrainConfig):
+        click.echo(f"  --set {f'{f.name}={f.default}':<28} {f.metadata.get('help', '')}")
+
+
+@cli.command("modules")
+def modules() -> None:
+    """List modules in the MLflow Model Registry."""
+    from xlpeft import tracking
+
+    names = tracking.list_registered()
+    if not names:
+        click.echo(f"no xlpeft modules registered in {tracking.tracking_uri()}")
+    for name in names:
+        for v in tracking.list_versions(name):
+            click.echo(f"{name} v{v.version}  base={v.tags.get('xlpeft.base')} "
+                       f"({v.tags.get('xlpeft.base_fingerprint')})  run={v.run_id}")
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--dry-run", is_flag=True, help="print the steps without running them")
+def run(pipeline: str, dry_run: bool) -> None:
+    """Run a declarative pipeline: a YAML list of xlpeft commands (see pipelines/)."""
+    from pathlib import Path
+
+    from xlpeft.pipelines import load_pipeline
+
+    steps = load_pipeline(Path(pipeline))
+    for i, step in enumerate(steps, 1):
+        click.echo(f"[{i}/{len(steps)}] xlpeft {' '.join(step)}", err=True)
+        if not dry_run:
+            cli.main(args=list(step), prog_name="xlpeft", standalone_mode=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI and turn user errors into one ``Error:`` line."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("XLPEFT_DEBUG") == "1"
+    try:
+        cli.main(args=args, prog_name="xlpeft", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Error: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see `{exc.ctx.command_path} --help`)"
+        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except XlpeftError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: keep it to one line unless --debug
+        if debug:
+            raise
+        click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,146 @@
+"""Frozen, validated configuration dataclasses and the ``--set key=value`` override mechanism.
+
+Every hyper-parameter lives in a frozen dataclass whose fields carry ``help`` (and, for
+closed sets, ``choices``) metadata. ``__post_init__`` validates ranges and gathers *all*
+problems into one :class:`ConfigError`, so a user fixes a command line in one go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Iterable, Mapping
+
+from xlpeft.errors import ConfigError
+
+
+def check_fields(obj: Any) -> None:
+    """Validate ``choices``/``min``/``max`` metadata of a dataclass instance; raise all problems at once."""
+    problems = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        meta = f.metadata
+        if value is None:
+            continue
+        if "choices" in meta and value not in meta["choices"]:
+            problems.append(f"`{f.name}` should be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+        if "min" in meta and value < meta["min"]:
+            problems.append(f"`{f.name}` should be >= {meta['min']}; got {value!r}")
+        if "max" in meta and value > meta["max"]:
+            problems.append(f"`{f.name}` should be <= {meta['max']}; got {value!r}")
+        if "gt" in meta and value <= meta["gt"]:
+            problems.append(f"`{f.name}` should be > {meta['gt']}; got {value!r}")
+    if problems:
+        raise ConfigError(f"invalid {type(obj).__name__}: " + "; ".join(problems))
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """Return (scalar type, optional?) for annotations like ``int``, ``float | None``, ``str``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(annotation))
+    return annotation, False
+
+
+def coerce(cls: type, key: str, raw: Any) -> Any:
+    """Convert a raw override (usually a string from ``--set``) to the type of field ``key`` of ``cls``."""
+    hints = typing.get_type_hints(cls)
+    target, optional = _base_type(hints[key])
+    if not isinstance(raw, str):
+        if target is float and isinstance(raw, int) and not isinstance(raw, bool):
+            return float(raw)
+        return raw
+    text = raw.strip()
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    try:
+        if target is bool:
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if target is int:
+            return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
+        if target is float:
+            return float(text)
+    except ValueError:
+        raise ConfigError(f"`{key}` should be a {target.__name__}; got {raw!r}") from None
+    return text
+
+
+def parse_sets(pairs: Iterable[str]) -> dict[str, str]:
+    """Parse repeated ``key=value`` strings into a dict; a pair without ``=`` is an error."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {pair!r}; e.g. --set lr=1e-4")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls) if f.init]
+
+
+def split_overrides(overrides: Mapping[str, Any], *classes: type) -> list[dict[str, Any]]:
+    """Route each override to the first dataclass that has the key; unknown keys list the accepted ones."""
+    routed: list[dict[str, Any]] = [{} for _ in classes]
+    unknown = []
+    for key, value in overrides.items():
+        for i, cls in enumerate(classes):
+            if key in field_names(cls):
+                routed[i][key] = coerce(cls, key, value)
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        accepted = sorted({name for cls in classes for name in field_names(cls)})
+        raise ConfigError(
+            f"unknown --set key(s) {', '.join(map(repr, unknown))}; accepted keys: {', '.join(accepted)}"
+        )
+    return routed
+
+
+def build(cls: type, values: Mapping[str, Any]) -> Any:
+    """Instantiate ``cls`` from a mapping, rejecting unknown keys by name (for manifests and YAML)."""
+    unknown = set(values) - set(field_names(cls))
+    if unknown:
+        raise ConfigError(
+            f"unknown {cls.__name__} key(s) {sorted(unknown)}; accepted keys: {', '.join(field_names(cls))}"
+        )
+    return cls(**{k: coerce(cls, k, v) for k, v in values.items()})
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and data settings shared by every training command."""
+
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate (MAD-X: 1e-4)", "gt": 0})
+    batch_size: int = field(default=8, metadata={"help": "sequences per optimizer step (before accumulation)", "min": 1})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches accumulated per optimizer step", "min": 1})
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps (MAD-X language adapters: 250k)", "min": 1})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warm-up", "min": 0.0, "max": 1.0})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "min": 0.0})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)", "min": 0.0})
+    max_seq_len: int = field(default=256, metadata={"help": "tokens per packed MLM block", "min": 8})
+    mlm_probability: float = field(default=0.15, metadata={"help": "fraction of tokens selected for MLM", "gt": 0.0, "max": 1.0})
+    eval_fraction: float = field(default=0.05, metadata={"help": "held-out fraction of blocks for eval loss", "gt": 0.0, "max": 0.5})
+    eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)", "min": 0})
+    eval_batches: int = field(default=50, metadata={"help": "at most this many eval batches", "min": 1})
+    log_every: int = field(default=10, metadata={"help": "log training metrics every N steps", "min": 1})
+    max_corpus_lines: int = field(default=0, metadata={"help": "read at most N corpus lines (0: all)", "min": 0})
+    seed: int = field(default=42, metadata={"help": "seed for initialisation, masking and data order"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+
+    def __post_init__(self) -> None:
+        check_fields(self)

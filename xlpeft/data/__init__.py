@@ -1,0 +1,1 @@
+"""Data: corpora for language modules (MLM blocks), labelled task data, collators."""

@@ -1,0 +1,100 @@
+"""Unlabelled text for language modules: local UTF-8 files or Hugging Face datasets.
+
+A corpus spec is a path (one document or sentence a line) or ``hf:NAME[:CONFIG][:SPLIT]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from xlpeft.errors import XlpeftError
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Where text comes from. Exactly one of ``path`` or ``hf`` is set."""
+
+    path: str | None = None
+    hf: str | None = None  # dataset name on the hub
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.hf is None):
+            raise XlpeftError(f"a corpus needs exactly one of `path` or `hf`; got path={self.path!r}, hf={self.hf!r}")
+
+    def describe(self) -> str:
+        if self.path:
+            return self.path
+        return ":".join(["hf", self.hf or "", self.config or "", self.split]).replace("::", ":")
+
+
+def parse_corpus(spec: str, base_dir: Path | None = None) -> CorpusSpec:
+    """Parse a ``--corpus`` value: ``hf:NAME[:CONFIG][:SPLIT]`` or a file path."""
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if not parts[0] or len(parts) > 3:
+            raise XlpeftError(f"hf corpus spec should be hf:NAME[:CONFIG][:SPLIT]; got {spec!r}")
+        return CorpusSpec(hf=parts[0], config=(parts[1] or None) if len(parts) > 1 else None,
+                          split=parts[2] if len(parts) > 2 and parts[2] else "train")
+    path = Path(spec)
+    if base_dir is not None and not path.is_absolute():
+        path = base_dir / path
+    return CorpusSpec(path=str(path))
+
+
+def check_text_file(path: Path) -> None:
+    """Fail early, with a fix, on a missing, empty, binary or non-UTF-8 corpus file."""
+    if not path.exists():
+        raise XlpeftError(f"corpus file {path} does not exist; pass a UTF-8 text file (one sentence or document a line)")
+    if not path.is_file():
+        raise XlpeftError(f"corpus {path} is not a file; pass a UTF-8 text file (one sentence or document a line)")
+    head = path.open("rb").read(1 << 16)
+    if b"\x00" in head:
+        raise XlpeftError(f"corpus file {path} looks binary (NUL bytes); pass a UTF-8 text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise XlpeftError(
+            f"corpus file {path} is not UTF-8 (byte {exc.start}: {exc.reason}); re-encode it, e.g. iconv -t UTF-8"
+        ) from None
+    if not text.strip():
+        raise XlpeftError(f"corpus file {path} is empty; it needs at least one non-empty line of text")
+
+
+def iter_lines(spec: CorpusSpec, limit: int = 0) -> Iterator[str]:
+    """Yield non-empty stripped lines of text (at most ``limit`` if > 0)."""
+    count = 0
+    for line in _raw_lines(spec):
+        line = line.strip()
+        if not line:
+            continue
+        yield line
+        count += 1
+        if limit and count >= limit:
+            return
+
+
+def _raw_lines(spec: CorpusSpec) -> Iterator[str]:
+    if spec.path is not None:
+        path = Path(spec.path)
+        check_text_file(path)
+        with path.open(encoding="utf-8") as fh:
+            yield from fh
+        return
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(spec.hf, spec.config, split=spec.split, streaming=True)
+    except Exception as exc:  # offline, unknown dataset, missing config ...
+        raise XlpeftError(
+            f"could not open Hugging Face dataset {spec.describe()} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local text file with --corpus PATH"
+        ) from None
+    for row in ds:
+        if spec.text_field not in row:
+            raise XlpeftError(f"dataset {spec.describe()} has no field {spec.text_field!r}; fields: {sorted(row)}")
+        yield from str(row[spec.text_field]).splitlines()

@@ -1,0 +1,38 @@
+"""Pipelines: YAML files under ``pipelines/`` listing xlpeft commands to run in order.
+
+A pipeline is data, not code: ``steps`` is a list of argument lists (or strings split like a
+shell would), each one an ``xlpeft`` sub-command.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from xlpeft.errors import XlpeftError
+from xlpeft.packs import load_yaml
+
+
+def load_pipeline(path: Path) -> list[list[str]]:
+    """Read and validate a pipeline file; returns the argument list of every step."""
+    if not path.is_file():
+        raise XlpeftError(f"pipeline {path} does not exist; see pipelines/ for examples")
+    data = load_yaml(path)
+    unknown = set(data) - {"name", "description", "steps"}
+    if unknown:
+        raise XlpeftError(f"{path}: unknown keys {sorted(unknown)}; expected name, description, steps")
+    steps = data.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise XlpeftError(f"{path}: `steps` should be a non-empty list of xlpeft commands")
+    out = []
+    for i, step in enumerate(steps, 1):
+        if isinstance(step, str):
+            args = shlex.split(step)
+        elif isinstance(step, list) and all(isinstance(a, (str, int, float)) for a in step):
+            args = [str(a) for a in step]
+        else:
+            raise XlpeftError(f"{path}: step {i} should be a string or a list of arguments; got {step!r}")
+        if not args or args[0] == "run":
+            raise XlpeftError(f"{path}: step {i} is empty or nests `run`")
+        out.append(args)
+    return out

@@ -1,0 +1,144 @@
+"""The one training loop every recipe uses, plus the MLM loss and evaluation.
+
+Explicit on purpose (no Trainer): AdamW over the method's parameters only, linear warm-up then
+linear decay, gradient accumulation, clipping, a progress bar, periodic logging/eval.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from xlpeft.config import TrainConfig
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def mlm_loss(base, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over masked positions only.
+
+    The vocabulary projection (H x |V|, |V| = 120k-250k for multilingual encoders) dominates
+    the cost of an MLM step; computing logits for the ~15% selected positions instead of
+    all of them avoids ~85% of that work. Hooks on the head (e.g. the invertible adapter's
+    inverse) still apply because the head module itself is called.
+    """
+    attention_mask = (input_ids != base.tokenizer.pad_token_id).long()  # (B, T)
+    hidden = base.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    selected = labels != -100  # (B, T)
+    if not bool(selected.any()):
+        return hidden.sum() * 0.0
+    logits = base.mlm_head(hidden[selected])  # (M, V), M = number of masked positions
+    return F.cross_entropy(logits.float(), labels[selected])
+
+
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier for LambdaLR: 0 -> 1 over ``warmup`` steps, then 1 -> 0 linearly at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    last_loss: float  # mean training loss over the final logging window
+    seconds: float
+    steps_per_second: float
+
+
+def train_loop(
+    params: list[nn.Parameter],
+    batches: Iterator,
+    loss_fn: Callable[[object], torch.Tensor],
+    cfg: TrainConfig,
+    steps: int,
+    log: Callable[[dict[str, float], int], None],
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    desc: str = "train",
+    step_offset: int = 0,
+) -> LoopResult:
+    """Run ``steps`` optimizer steps of AdamW on ``params``.
+
+    Args:
+        params: the only parameters updated; everything else stays frozen.
+        batches: endless iterator of micro-batches, consumed ``cfg.grad_accum`` per step.
+        loss_fn: micro-batch -> scalar loss.
+        cfg: optimisation settings (lr, warm-up, accumulation, clipping, logging).
+        steps: optimizer steps for this phase.
+        log: receives metric dicts with the global step (``step_offset + step``).
+        evaluate: called every ``cfg.eval_every`` steps (if > 0); its metrics are logged.
+        after_step: method hook after each optimizer step (e.g. movement scores).
+    """
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
+    window: list[float] = []
+    last_loss = math.nan
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True)
+    for step in range(1, steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            loss = loss_fn(next(batches)) / cfg.grad_accum
+            loss.backward()
+            step_loss += float(loss.detach())
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        if after_step is not None:
+            after_step(step)
+        window.append(step_loss)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == steps:
+            last_loss = sum(window) / len(window)
+            window.clear()
+            bar.set_postfix(loss=f"{last_loss:.3f}")
+            log({"loss": last_loss, "lr": lr}, step_offset + step)
+        if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
+            log(evaluate(), step_offset + step)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return LoopResult(steps=steps, last_loss=last_loss, seconds=seconds, steps_per_second=steps / max(seconds, 1e-9))
+
+
+@torch.no_grad()
+def evaluate_mlm(base, blocks: torch.Tensor, tokenizer, cfg: TrainConfig) -> dict[str, float]:
+    """Held-out MLM loss and perplexity, with a fixed masking seed so evaluations are comparable."""
+    model = base.model
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    from xlpeft.data.mlm import mask_tokens
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, min(len(blocks), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
+        inputs, labels = mask_tokens(blocks[i:i + cfg.batch_size], tokenizer, cfg.mlm_probability, generator)
+        n = int((labels != -100).sum())
+        if n == 0:
+            continue
+        loss = mlm_loss(base, inputs.to(device), labels.to(device))
+        total += float(loss) * n
+        count += n
+    model.train(was_training)
+    eval_loss = total / max(count, 1)
+    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}

@@ -6,8 +6,9 @@ parameters to optimise in each, a step hook, export) rather than by subclassing 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn

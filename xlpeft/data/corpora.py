@@ -5,9 +5,9 @@ A corpus spec is a path (one document or sentence a line) or ``hf:NAME[:CONFIG][
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from xlpeft.errors import XlpeftError
 

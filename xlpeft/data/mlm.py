@@ -7,7 +7,7 @@ boundaries (each line closed by the separator) so no compute is spent on padding
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm

@@ -13,8 +13,8 @@ module captures ``x``; a forward hook on its dropout rewrites ``h``. No transfor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn

@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny random BERT / XLM-R bases built in-process, isolated MLflow stores, corpora.
+
+Nothing here touches the network: tokenizers are trained by `tokenizers` on text the tests write.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from xlpeft.models import build_tiny_base, load_base
+
+SW_WORDS = (
+    "watu wote wamezaliwa huru hadhi na haki zao ni sawa wana akili na dhamiri hivyo yapasa "
+    "watendeane kindugu kila mtu anastahili haki zote uhuru bila ubaguzi wa aina yoyote"
+).split()
+EN_WORDS = (
+    "all human beings are born free and equal in dignity and rights they are endowed with reason "
+    "and conscience and should act towards one another in a spirit of brotherhood"
+).split()
+
+
+def make_lines(words: list[str], n: int, seed: int = 0, length: int = 12) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(length)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def base_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny BERT (WordPiece) and XLM-R (Unigram) model directories, built once per session."""
+    root = tmp_path_factory.mktemp("bases")
+    texts = make_lines(SW_WORDS, 300) + make_lines(EN_WORDS, 300, seed=1)
+    return {kind: build_tiny_base(kind, root / kind, texts, vocab_size=200) for kind in ("tiny-bert", "tiny-xlmr")}
+
+
+@pytest.fixture(params=["tiny-bert", "tiny-xlmr"])
+def base(request, base_dirs):
+    """A freshly loaded frozen tiny base (one per architecture)."""
+    return load_base(str(base_dirs[request.param]))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    """A clean working directory with its own MLflow store and xlpeft cache."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("XLPEFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+@pytest.fixture
+def sw_corpus(tmp_path) -> Path:
+    path = tmp_path / "sw.txt"
+    path.write_text("\n".join(make_lines(SW_WORDS, 200, seed=2)) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from xlpeft.data.corpora import CorpusSpec, check_text_file, iter_lines, parse_corpus
+from xlpeft.data.mlm import batches, mask_tokens, pack_blocks, special_mask, split_blocks
+from xlpeft.errors import XlpeftError
+
+
+def test_blocks_are_full_and_framed(base):
+    lines = ["watu wote wamezaliwa huru"] * 50
+    blocks = pack_blocks(base.tokenizer, lines, max_seq_len=16, progress=False)
+    assert blocks.shape[1] == 16
+    assert (blocks[:, 0] == base.tokenizer.cls_token_id).all()
+    assert (blocks[:, -1] == base.tokenizer.sep_token_id).all()
+    body_tokens = len(base.tokenizer("watu wote wamezaliwa huru", add_special_tokens=False)["input_ids"]) + 1
+    assert blocks.shape[0] == (50 * body_tokens) // 14
+
+
+def test_masking_statistics_and_specials(base):
+    ids = pack_blocks(base.tokenizer, ["kila mtu anastahili haki zote uhuru"] * 400, 32, progress=False)
+    inputs, labels = mask_tokens(ids, base.tokenizer, 0.15, torch.Generator().manual_seed(0))
+    specials = special_mask(base.tokenizer, ids)
+    selected = labels != -100
+    assert not (selected & specials).any(), "special tokens must never be selected"
+    rate = selected.sum() / (~specials).sum()
+    assert 0.13 < rate < 0.17
+    masked = inputs == base.tokenizer.mask_token_id
+    assert 0.75 < (masked & selected).sum() / selected.sum() < 0.85
+    unchanged = (inputs == ids) & selected
+    assert 0.05 < unchanged.sum() / selected.sum() < 0.15
+    assert (labels[selected] == ids[selected]).all()
+
+
+def test_masking_is_reproducible(base):
+    ids = pack_blocks(base.tokenizer, ["haki zao ni sawa"] * 100, 16, progress=False)
+    a = mask_tokens(ids, base.tokenizer, 0.15, torch.Generator().manual_seed(7))
+    b = mask_tokens(ids, base.tokenizer, 0.15, torch.Generator().manual_seed(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_split_holds_out_at_least_one_block():
+    blocks = torch.arange(40).view(10, 4)
+    train, held = split_blocks(blocks, 0.05, seed=0)
+    assert len(held) == 1 and len(train) == 9
+    assert set(train[:, 0].tolist()).isdisjoint(held[:, 0].tolist())
+    with pytest.raises(XlpeftError, match="at least 2"):
+        split_blocks(blocks[:1], 0.05, 0)
+
+
+def test_batches_cycle_through_epochs():
+    blocks = torch.arange(12).view(6, 2)
+    it = batches(blocks, 4, torch.Generator().manual_seed(0))
+    seen = [next(it) for _ in range(3)]
+    assert all(b.shape == (4, 2) for b in seen)
+
+
+def test_corpus_checks(tmp_path):
+    with pytest.raises(XlpeftError, match="does not exist"):
+        check_text_file(tmp_path / "nope.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(XlpeftError, match="empty"):
+        check_text_file(empty)
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\x00\x01\x02abc")
+    with pytest.raises(XlpeftError, match="binary"):
+        check_text_file(binary)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("ni sawa \xe9t\xe9".encode("latin-1"))
+    with pytest.raises(XlpeftError, match="not UTF-8"):
+        check_text_file(latin)
+
+
+def test_iter_lines_skips_blank_and_limits(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text("a\n\n b \nc\nd\n", encoding="utf-8")
+    assert list(iter_lines(CorpusSpec(path=str(p)))) == ["a", "b", "c", "d"]
+    assert list(iter_lines(CorpusSpec(path=str(p)), limit=2)) == ["a", "b"]
+
+
+def test_parse_corpus_specs():
+    assert parse_corpus("hf:wikimedia/wikipedia:20231101.sw") == CorpusSpec(hf="wikimedia/wikipedia", config="20231101.sw")
+    assert parse_corpus("hf:cc100:sw:train").split == "train"
+    assert parse_corpus("text.txt").path == "text.txt"
+    with pytest.raises(XlpeftError, match="hf:NAME"):
+        parse_corpus("hf:")

@@ -56,3 +56,35 @@ def sw_corpus(tmp_path) -> Path:
     path = tmp_path / "sw.txt"
     path.write_text("\n".join(make_lines(SW_WORDS, 200, seed=2)) + "\n", encoding="utf-8")
     return path
+
+
+PER = ["Amina", "Juma", "Obama", "Kenyatta", "Mary", "John"]
+ORG = ["UNESCO", "Safaricom", "Google", "Arsenal"]
+LOC = ["Nairobi", "Dodoma", "London", "Lagos", "Kenya"]
+FILL = ["the", "visited", "met", "in", "said", "that", "works", "for", "yesterday", "and"]
+
+
+def make_ner(n: int, seed: int = 0) -> list[list[tuple[str, str]]]:
+    """Template NER sentences a tiny model can learn: entity words come from small fixed lists."""
+    rng = random.Random(seed)
+    sentences = []
+    for _ in range(n):
+        sent = [(rng.choice(PER), "B-PER"), (rng.choice(FILL), "O"), (rng.choice(FILL), "O")]
+        if rng.random() < 0.5:
+            sent += [(rng.choice(ORG), "B-ORG"), (rng.choice(FILL), "O")]
+        sent += [("in", "O"), (rng.choice(LOC), "B-LOC")]
+        if rng.random() < 0.3:
+            sent += [("City", "I-LOC")]
+        sentences.append(sent)
+    return sentences
+
+
+def write_conll(path: Path, sentences) -> Path:
+    path.write_text("\n\n".join("\n".join(f"{t}\t{g}" for t, g in s) for s in sentences) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def ner_files(tmp_path) -> dict[str, Path]:
+    return {"train": write_conll(tmp_path / "train.conll", make_ner(160, seed=1)),
+            "eval": write_conll(tmp_path / "eval.conll", make_ner(40, seed=2))}

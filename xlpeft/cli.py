@@ -56,6 +56,37 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
     )
 
 
+@cli.command("train-task")
+@click.option("--task", required=True, help="task pack: a folder of task_packs/ (ner, pos, nli)")
+@click.option("--lang", default="en", show_default=True, help="source language of the labelled data")
+@click.option("--method", default="adapter", show_default=True, help="task module method (see `xlpeft methods`)")
+@click.option("--base", default="xlmr", show_default=True, help="mbert, xlmr, xlmr-large, tiny-bert, a hub id or a directory")
+@click.option("--train-data", help="CoNLL / CoNLL-U / JSONL file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's]")
+@click.option("--eval-data", help="evaluation file or hf: spec [default: the pack's validation split or a held-out slice]")
+@click.option("--max-steps", type=int, help="optimizer steps [default: 1000]")
+@click.option("--batch-size", type=int, help="examples per step [default: 8]")
+@click.option("--seed", type=int, help="random seed [default: 42]")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help=SET_HELP + "; also lang_module=auto|none|PATH, head_dropout")
+@click.option("--output", help="module directory [default: modules/task-<task>-<method>]")
+def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch_size, seed, sets, output) -> None:
+    """Train a task module (+ head) over the source language's module."""
+    from xlpeft.config import parse_sets
+    from xlpeft.recipes.train_task import TaskRequest
+    from xlpeft.recipes.train_task import train_task as run_train_task
+
+    req = TaskRequest(task=task, lang=lang, method=method, base=base, train_data=train_data, eval_data=eval_data,
+                      sets=parse_sets(sets), output=output, max_steps=max_steps, batch_size=batch_size, seed=seed)
+    result = run_train_task(req)
+    headline = {k: v for k, v in result.metrics.items() if k in ("f1", "precision", "recall", "accuracy")}
+    click.echo(
+        f"task module {task}/{method} ({lang}, over {result.lang_module or 'no language module'}): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in headline.items())
+        + f"\n  saved to   {result.path}\n"
+        f"  MLflow run {result.run_id}; registered as {result.registered_name} version {result.version}"
+    )
+
+
 @cli.command("prepare-base")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="rebuild even if cached")

@@ -107,3 +107,61 @@ def load_language_pack(code: str) -> LanguagePack:
         raise XlpeftError(f"{path}: default corpora {unknown} are not among the declared ones {sorted(corpora)}")
     extra = {k: data[k] for k in ("notes", "iso639_3", "udhr_id") if k in data}
     return LanguagePack(code, data["name"], data["script"], corpora, default, pack_dir, extra)
+
+
+@dataclass(frozen=True)
+class TaskPack:
+    """A task: labels, head type, metric, and data sources per language and split."""
+
+    task: str
+    head: str  # token_classification | sequence_classification
+    metric: str  # span_f1 | accuracy
+    labels: tuple[str, ...]
+    sources: dict[str, dict[str, Any]]  # lang -> split -> TaskSource
+    path: Path
+    notes: str = ""
+
+    def source(self, lang: str, split: str):
+        """The pack's data for ``lang``/``split``, or a clear error listing what the pack has."""
+        have = self.sources.get(lang, {})
+        if split not in have:
+            listing = "; ".join(f"{lg}: {', '.join(sorted(s))}" for lg, s in sorted(self.sources.items())) or "nothing"
+            raise XlpeftError(
+                f"task pack {self.task!r} has no {split} data for language {lang!r} (it has {listing}); "
+                f"pass --{'train' if split == 'train' else 'eval'}-data PATH"
+            )
+        return have[split]
+
+
+def load_task_pack(task: str) -> TaskPack:
+    """Read ``task_packs/<task>/pack.yaml``; local paths are relative to the pack folder."""
+    from xlpeft.data.tasks import TaskSource
+    from xlpeft.methods.heads import HEADS
+    from xlpeft.metrics import METRICS
+
+    pack_dir = find_pack_dir("task_packs", task)
+    path = pack_dir / "pack.yaml"
+    data = load_yaml(path)
+    _check_keys(path, data, {"task", "head", "metric", "labels", "sources"}, {"notes", "datasets"})
+    problems = []
+    if data["head"] not in HEADS:
+        problems.append(f"head should be one of {', '.join(HEADS)}, got {data['head']!r}")
+    if data["metric"] not in METRICS:
+        problems.append(f"metric should be one of {', '.join(METRICS)}, got {data['metric']!r}")
+    if not isinstance(data["labels"], list) or len(data["labels"]) < 2:
+        problems.append("labels should be a list of at least two label names")
+    if problems:
+        raise XlpeftError(f"{path}: " + "; ".join(problems))
+    sources: dict[str, dict[str, Any]] = {}
+    for lang, splits in (data["sources"] or {}).items():
+        sources[lang] = {}
+        for split, entry in (splits or {}).items():
+            entry = {k: v for k, v in dict(entry).items() if k not in ("licence", "source", "note")}
+            if "path" in entry:
+                entry["path"] = str(pack_dir / entry["path"])
+            try:
+                sources[lang][split] = TaskSource(**entry)
+            except TypeError as exc:
+                raise XlpeftError(f"{path}: source {lang}/{split}: {exc}") from None
+    return TaskPack(task, data["head"], data["metric"], tuple(str(x) for x in data["labels"]), sources, pack_dir,
+                    str(data.get("notes", "")))

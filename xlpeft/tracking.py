@@ -134,6 +134,7 @@ class RegisteredModule:
     version: str
     run_id: str
     tags: dict[str, str]
+    created: int = 0  # creation timestamp (ms)
 
 
 def list_versions(name: str) -> list[RegisteredModule]:
@@ -143,7 +144,8 @@ def list_versions(name: str) -> list[RegisteredModule]:
         versions = c.search_model_versions(f"name='{name}'")
     except Exception:
         return []
-    out = [RegisteredModule(v.name, str(v.version), v.run_id, dict(v.tags or {})) for v in versions]
+    out = [RegisteredModule(v.name, str(v.version), v.run_id, dict(v.tags or {}), int(v.creation_timestamp or 0))
+           for v in versions]
     return sorted(out, key=lambda v: int(v.version), reverse=True)
 
 
@@ -152,8 +154,10 @@ def list_registered(prefix: str = "xlpeft-") -> list[str]:
     return sorted(m.name for m in c.search_registered_models() if m.name.startswith(prefix))
 
 
-def find_module(name: str, fingerprint: str | None = None) -> tuple[Path, RegisteredModule]:
+def find_module(name: str, fingerprint: str | None = None, download: bool = True) -> tuple[Path, RegisteredModule]:
     """Newest version of ``name`` trained on the base ``fingerprint``, downloaded to the local cache.
+
+    With ``download=False`` only the registry is consulted (the returned path may not exist yet).
 
     Raises:
         XlpeftError: nothing registered under ``name`` for that base; the message lists what exists.
@@ -171,7 +175,7 @@ def find_module(name: str, fingerprint: str | None = None) -> tuple[Path, Regist
     from xlpeft.models import cache_dir
 
     target = cache_dir() / "registry" / chosen.run_id
-    if not (target / "module" / "xlpeft.json").is_file():
+    if download and not (target / "module" / "xlpeft.json").is_file():
         tmp = target.with_name(f".{chosen.run_id}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -163,7 +163,18 @@ def prepare_adapter(base, config: AdapterConfig, train_cfg) -> AdapterTrainable:
     return AdapterTrainable(base, config, train_cfg.max_steps)
 
 
-def activate_adapter(base, loaded) -> tuple[AdapterModule, Attachment]:
+@dataclass
+class ActiveAdapter:
+    """A saved adapter module hooked onto a base; ``remove()`` unhooks it."""
+
+    module: AdapterModule
+    attachment: Attachment
+
+    def remove(self) -> None:
+        self.attachment.remove()
+
+
+def activate_adapter(base, loaded) -> ActiveAdapter:
     """Rebuild a saved adapter module, load its weights (strictly) and hook it onto ``base``."""
     from xlpeft.config import build
 
@@ -179,4 +190,4 @@ def activate_adapter(base, loaded) -> tuple[AdapterModule, Attachment]:
 
         raise XlpeftError(f"adapter weights in {loaded.path} do not fit this base: {str(exc).splitlines()[0]}") from None
     module.to(_device(base.model)).eval()
-    return module, attach_adapters(base.model, base.arch, [module])
+    return ActiveAdapter(module, attach_adapters(base.model, base.arch, [module]))

@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from xlpeft.config import TrainConfig, split_overrides
 from xlpeft.data.corpora import check_text_file, iter_lines
 from xlpeft.data.mlm import batches, mask_tokens, pack_blocks, split_blocks
-from xlpeft.io import Manifest, load_module, save_module
+from xlpeft.io import Manifest
 from xlpeft.models import load_base
 from xlpeft.packs import load_language_pack
+from xlpeft.recipes.common import base_ref, count_parameters, publish, resolve_configs, run_tags
 from xlpeft.registry import get_method
 from xlpeft.training import evaluate_mlm, mlm_loss, pick_device, train_loop
 
@@ -47,15 +47,6 @@ class LangResult:
     metrics: dict[str, float]
 
 
-def resolve_configs(method: str, kind: str, sets: dict[str, Any], cli: dict[str, Any]) -> tuple[Any, TrainConfig]:
-    """Method config + TrainConfig from --set overrides and explicit CLI flags (flags win)."""
-    spec = get_method(method)
-    method_over, train_over = split_overrides(sets, spec.config_cls, TrainConfig)
-    train_over.update({k: v for k, v in cli.items() if v is not None})
-    defaults = getattr(spec.config_cls, "defaults_for", lambda _kind: {})(kind)
-    return spec.config_cls(**{**defaults, **method_over}), TrainConfig(**train_over)
-
-
 def train_language(req: LangRequest) -> LangResult:
     """Train, save, log and register a language module; returns where it went."""
     from xlpeft import tracking
@@ -77,10 +68,7 @@ def train_language(req: LangRequest) -> LangResult:
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
     out_dir = Path(req.output or f"modules/lang-{req.lang}-{req.method}")
     name = tracking.registered_name("language", req.lang, req.method)
-    tags = {
-        "xlpeft.kind": "language", "xlpeft.lang": req.lang, "xlpeft.task": "none", "xlpeft.method": req.method,
-        "xlpeft.base": base.name, "xlpeft.base_fingerprint": base.fingerprint,
-    }
+    tags = run_tags("language", req.lang, None, req.method, base)
     params = {
         "method": asdict(method_cfg), "train": asdict(cfg), "lang": req.lang, "base": base.name,
         "corpora": ", ".join(c.describe() for c in corpora), "train_blocks": len(train_blocks),
@@ -125,17 +113,11 @@ def train_language(req: LangRequest) -> LangResult:
 
         # ---- save, verify, log, register
         manifest = Manifest(
-            kind="language", method=req.method, lang=req.lang,
-            base={"name": base.name, "fingerprint": base.fingerprint, "model_type": base.model.config.model_type},
-            config=asdict(method_cfg),
-            trainable_parameters=int(extra.pop("trainable_parameters", sum(t.numel() for s in tensors.values() for t in s.values()))),
+            kind="language", method=req.method, lang=req.lang, base=base_ref(base), config=asdict(method_cfg),
+            trainable_parameters=count_parameters(tensors, extra),
             training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
                       "corpora": [c.describe() for c in corpora], "eval_loss_before": before["eval_loss"], **after},
             extra=extra,
         )
-        save_module(out_dir, manifest, tensors)
-        load_module(out_dir)  # verify what was written reads back before registering it
-        tracker.log_artifacts(out_dir, "module")
-        tracker.log_metrics({"trainable_parameters": manifest.trainable_parameters}, done)
-        version = tracker.register(name, "module", tags)
+        version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
     return LangResult(out_dir, tracker.run_id, name, version, after)

@@ -1,0 +1,257 @@
+"""Labelled task data: CoNLL (``token<TAB>tag``), CoNLL-U (UPOS), JSONL (premise/hypothesis/label), HF datasets.
+
+Token tasks label the *first* sub-word of each word (the others get -100), as in MAD-X and
+LT-SFT; sentence-pair tasks label the whole sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xlpeft.errors import XlpeftError
+
+FORMATS = ("conll", "conllu", "jsonl")
+
+
+@dataclass(frozen=True)
+class TokenExample:
+    tokens: tuple[str, ...]
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PairExample:
+    premise: str
+    hypothesis: str
+    label: str
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """One split of task data: a local file or a Hugging Face dataset."""
+
+    path: str | None = None
+    format: str | None = None  # conll | conllu | jsonl (local files; guessed from the suffix if unset)
+    hf: str | None = None
+    config: str | None = None
+    split: str = "train"
+    tokens_field: str = "tokens"
+    tags_field: str = "ner_tags"
+    label_map: dict[str, str] = field(default_factory=dict)  # e.g. {B-DATE: O} for MasakhaNER
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.hf is None):
+            raise XlpeftError(f"task data needs exactly one of `path` or `hf`; got path={self.path!r}, hf={self.hf!r}")
+        if self.format is not None and self.format not in FORMATS:
+            raise XlpeftError(f"task data format should be one of {', '.join(FORMATS)}; got {self.format!r}")
+
+    def describe(self) -> str:
+        return self.path or f"hf:{self.hf}:{self.config or ''}:{self.split}"
+
+    def file_format(self) -> str:
+        if self.format:
+            return self.format
+        suffix = Path(self.path or "").suffix.lower()
+        return {".conllu": "conllu", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "conll")
+
+
+def parse_task_data(spec: str) -> TaskSource:
+    """``--train-data``/``--eval-data``: a file path or ``hf:NAME[:CONFIG][:SPLIT]``."""
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if not parts[0] or len(parts) > 3:
+            raise XlpeftError(f"hf task data should be hf:NAME[:CONFIG][:SPLIT]; got {spec!r}")
+        return TaskSource(hf=parts[0], config=(parts[1] or None) if len(parts) > 1 else None,
+                          split=parts[2] if len(parts) > 2 and parts[2] else "train")
+    return TaskSource(path=spec)
+
+
+def _open_text(path: Path) -> list[str]:
+    if not path.is_file():
+        raise XlpeftError(f"task data file {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise XlpeftError(f"task data file {path} is not UTF-8; re-encode it") from None
+
+
+def read_conll(path: Path) -> list[TokenExample]:
+    """``token<TAB>tag`` (or whitespace-separated; first column token, last column tag), blank line between sentences."""
+    examples, tokens, tags = [], [], []
+    for n, line in enumerate(_open_text(path), 1):
+        line = line.strip()
+        if not line or line.startswith("-DOCSTART-"):
+            if tokens:
+                examples.append(TokenExample(tuple(tokens), tuple(tags)))
+                tokens, tags = [], []
+            continue
+        cols = line.split("\t") if "\t" in line else line.split()
+        if len(cols) < 2:
+            raise XlpeftError(f"{path}:{n}: expected `token<TAB>tag`, got {line!r}")
+        tokens.append(cols[0])
+        tags.append(cols[-1])
+    if tokens:
+        examples.append(TokenExample(tuple(tokens), tuple(tags)))
+    return examples
+
+
+def read_conllu(path: Path) -> list[TokenExample]:
+    """CoNLL-U: FORM (column 2) and UPOS (column 4); comments, multi-word ranges and empty nodes skipped."""
+    examples, tokens, tags = [], [], []
+    for n, line in enumerate(_open_text(path), 1):
+        line = line.rstrip("\n")
+        if not line.strip():
+            if tokens:
+                examples.append(TokenExample(tuple(tokens), tuple(tags)))
+                tokens, tags = [], []
+            continue
+        if line.startswith("#"):
+            continue
+        cols = line.split("\t")
+        if len(cols) != 10:
+            raise XlpeftError(f"{path}:{n}: CoNLL-U lines have 10 tab-separated columns; got {len(cols)}")
+        if "-" in cols[0] or "." in cols[0]:
+            continue
+        tokens.append(cols[1])
+        tags.append(cols[3])
+    if tokens:
+        examples.append(TokenExample(tuple(tokens), tuple(tags)))
+    return examples
+
+
+def read_jsonl(path: Path, labels: list[str]) -> list[PairExample]:
+    """One JSON object a line with ``premise``, ``hypothesis``, ``label`` (a name, or an index into ``labels``)."""
+    examples = []
+    for n, line in enumerate(_open_text(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            label = row["label"]
+            if isinstance(label, int):
+                label = labels[label]
+            examples.append(PairExample(str(row["premise"]), str(row["hypothesis"]), str(label)))
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            raise XlpeftError(
+                f"{path}:{n}: expected a JSON object with premise, hypothesis, label; {type(exc).__name__}: {exc}"
+            ) from None
+    return examples
+
+
+def read_source(source: TaskSource, head: str, labels: list[str]) -> list[Any]:
+    """Read every example of a source; labels are validated by :func:`check_labels`."""
+    if source.path is not None:
+        path = Path(source.path)
+        fmt = source.file_format()
+        if head == "sequence_classification":
+            examples = read_jsonl(path, labels)
+        elif fmt == "conllu":
+            examples = read_conllu(path)
+        else:
+            examples = read_conll(path)
+    else:
+        examples = _read_hf(source, head, labels)
+    if source.label_map:
+        examples = [_remap(e, source.label_map) for e in examples]
+    if not examples:
+        raise XlpeftError(f"task data {source.describe()} holds no examples")
+    check_labels(examples, labels, source.describe())
+    return examples
+
+
+def _remap(example, mapping: dict[str, str]):
+    if isinstance(example, TokenExample):
+        return TokenExample(example.tokens, tuple(mapping.get(t, t) for t in example.tags))
+    return PairExample(example.premise, example.hypothesis, mapping.get(example.label, example.label))
+
+
+def _read_hf(source: TaskSource, head: str, labels: list[str]) -> list[Any]:
+    try:
+        from datasets import load_dataset
+
+        ds = load_dataset(source.hf, source.config, split=source.split)
+    except Exception as exc:
+        raise XlpeftError(
+            f"could not load Hugging Face dataset {source.describe()} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local file with --train-data/--eval-data"
+        ) from None
+    if head == "sequence_classification":
+        names = ds.features["label"].names if hasattr(ds.features["label"], "names") else labels
+        return [PairExample(r["premise"], r["hypothesis"], names[r["label"]] if isinstance(r["label"], int) else r["label"])
+                for r in ds if r["label"] != -1]
+    feature = ds.features[source.tags_field]
+    names = getattr(getattr(feature, "feature", None), "names", None)
+    return [TokenExample(tuple(r[source.tokens_field]),
+                         tuple(names[t] if names and isinstance(t, int) else str(t) for t in r[source.tags_field]))
+            for r in ds]
+
+
+def check_labels(examples: list[Any], labels: list[str], where: str) -> None:
+    """Every label in the data must be one the pack declares; otherwise say which and how to fix it."""
+    known = set(labels)
+    for i, e in enumerate(examples):
+        found = e.tags if isinstance(e, TokenExample) else (e.label,)
+        unknown = sorted(set(found) - known)
+        if unknown:
+            raise XlpeftError(
+                f"{where}: example {i + 1} has label(s) {unknown} that the task pack does not know "
+                f"(known: {', '.join(labels)}); fix the data or add a label_map to the pack's source"
+            )
+
+
+@dataclass
+class Encoded:
+    """Tensors for a list of examples; ``word_index`` maps each labelled position back to its word."""
+
+    input_ids: list[list[int]]
+    labels: list[Any]  # per token (list[int], -100 for ignored) or one int per example
+    words: list[list[int]]  # token tasks: for each example, the position of each word's first sub-word
+
+
+def encode_tokens(tokenizer, examples: list[TokenExample], label2id: dict[str, int], max_len: int) -> Encoded:
+    """Tokenise pre-split words; label the first sub-word of each word, -100 elsewhere; truncate to ``max_len``."""
+    enc = tokenizer([list(e.tokens) for e in examples], is_split_into_words=True, truncation=True, max_length=max_len)
+    all_ids, all_labels, all_words = [], [], []
+    for i, e in enumerate(examples):
+        word_ids = enc.word_ids(i)
+        labels, firsts, previous = [], [], None
+        for pos, w in enumerate(word_ids):
+            if w is None or w == previous:
+                labels.append(-100)
+            else:
+                labels.append(label2id[e.tags[w]])
+                firsts.append(pos)
+            previous = w
+        all_ids.append(enc["input_ids"][i])
+        all_labels.append(labels)
+        all_words.append(firsts)
+    return Encoded(all_ids, all_labels, all_words)
+
+
+def encode_pairs(tokenizer, examples: list[PairExample], label2id: dict[str, int], max_len: int) -> Encoded:
+    enc = tokenizer([e.premise for e in examples], [e.hypothesis for e in examples], truncation=True, max_length=max_len)
+    return Encoded(enc["input_ids"], [label2id[e.label] for e in examples], [])
+
+
+def collate(encoded: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch to its longest sequence: input_ids (B, T), attention_mask (B, T), labels (B, T) or (B,)."""
+    rows = [encoded.input_ids[i] for i in indices]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.tensor(r)
+        mask[j, : len(r)] = 1
+    first = encoded.labels[indices[0]]
+    if isinstance(first, list):
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for j, i in enumerate(indices):
+            labels[j, : len(encoded.labels[i])] = torch.tensor(encoded.labels[i])
+    else:
+        labels = torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,261 @@
+"""``xlpeft train-task``: train a task module (adapter or delta, plus a head) over a language module.
+
+MAD-X / LT-SFT recipe: the *source* language's module is active and frozen while the task
+module learns, so the task module learns behaviour that transfers when the language module
+is later swapped for a target language's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from xlpeft import tracking
+from xlpeft.compose import activate
+from xlpeft.config import check_fields
+from xlpeft.data.tasks import TaskSource, collate, encode_pairs, encode_tokens, parse_task_data, read_source
+from xlpeft.errors import XlpeftError
+from xlpeft.io import LoadedModule, Manifest, load_module
+from xlpeft.methods.heads import build_head
+from xlpeft.metrics import accuracy, span_f1
+from xlpeft.models import load_base
+from xlpeft.packs import TaskPack, load_task_pack
+from xlpeft.recipes.common import base_ref, count_parameters, publish, resolve_configs, run_tags
+from xlpeft.registry import get_method, method_names
+from xlpeft.training import pick_device, train_loop
+
+TASK_TRAIN_DEFAULTS = {"max_seq_len": 128, "eval_fraction": 0.1}
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Task-module settings that are neither the method's nor the optimiser's."""
+
+    lang_module: str = field(default="auto", metadata={"help": "auto (newest registered for --lang on this base), none, or a module directory"})
+    head_dropout: float = field(default=0.1, metadata={"help": "dropout before the task head", "min": 0.0, "max": 1.0})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    task: str
+    lang: str = "en"
+    method: str = "adapter"
+    base: str = "xlmr"
+    train_data: str | None = None
+    eval_data: str | None = None
+    sets: dict[str, str] = field(default_factory=dict)
+    output: str | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class TaskResult:
+    path: Path
+    run_id: str
+    registered_name: str
+    version: str
+    metrics: dict[str, float]
+    lang_module: str | None
+
+
+def find_language_module(lang: str, fingerprint: str) -> tuple[Path, tracking.RegisteredModule] | None:
+    """Newest registered language module for ``lang`` on this base, whatever its method."""
+    found = []
+    for method in method_names():
+        try:
+            found.append(tracking.find_module(tracking.registered_name("language", lang, method), fingerprint,
+                                              download=False))
+        except XlpeftError:
+            continue
+    if not found:
+        return None
+    _, newest = max(found, key=lambda pair: pair[1].created)
+    return tracking.find_module(newest.name, fingerprint)
+
+
+def resolve_lang_module(setting: str, lang: str, base) -> tuple[LoadedModule | None, dict[str, Any]]:
+    """The language module to activate under the task module, and its lineage for the manifest."""
+    if setting == "none":
+        return None, {}
+    if setting != "auto":
+        module = load_module(setting)
+        return module, {"path": str(Path(setting).resolve()), "lang": module.manifest.lang,
+                        "method": module.manifest.method}
+    hit = find_language_module(lang, base.fingerprint)
+    if hit is None:
+        raise XlpeftError(
+            f"no registered language module for {lang!r} on base {base.name!r} ({base.fingerprint}) in "
+            f"{tracking.tracking_uri()}; train one with `xlpeft train-lang --lang {lang} --base {base.name}`, "
+            "or pass --set lang_module=PATH or --set lang_module=none"
+        )
+    path, reg = hit
+    module = load_module(path)
+    return module, {"registered_name": reg.name, "version": reg.version, "run_id": reg.run_id,
+                    "lang": module.manifest.lang, "method": module.manifest.method}
+
+
+def load_examples(pack: TaskPack, lang: str, train_spec: str | None, eval_spec: str | None,
+                  eval_fraction: float, seed: int) -> tuple[list, list, list[str]]:
+    """Train and eval examples: explicit files win, else the pack's data, else a held-out slice of train."""
+    labels = list(pack.labels)
+    train_src: TaskSource = parse_task_data(train_spec) if train_spec else pack.source(lang, "train")
+    train = read_source(train_src, pack.head, labels)
+    if eval_spec:
+        eval_ = read_source(parse_task_data(eval_spec), pack.head, labels)
+    elif "validation" in pack.sources.get(lang, {}) and not train_spec:
+        eval_ = read_source(pack.source(lang, "validation"), pack.head, labels)
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_eval = max(1, int(len(train) * eval_fraction))
+        if len(train) < 2:
+            raise XlpeftError("training data has a single example; pass --eval-data or more training data")
+        eval_ = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in order[n_eval:]]
+    return train, eval_, [train_src.describe()]
+
+
+def encode(pack: TaskPack, tokenizer, examples: list, max_len: int):
+    label2id = {label: i for i, label in enumerate(pack.labels)}
+    if pack.head == "token_classification":
+        return encode_tokens(tokenizer, examples, label2id, max_len)
+    return encode_pairs(tokenizer, examples, label2id, max_len)
+
+
+def task_logits(base, head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    hidden = base.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return head(hidden)  # (B, T, L) or (B, L)
+
+
+def task_loss(base, head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = task_logits(base, head, batch)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100)
+
+
+@torch.no_grad()
+def predict(base, head, pack: TaskPack, tokenizer, examples: list, batch_size: int = 32,
+            max_len: int = 128) -> list[Any]:
+    """Predicted labels: per word for token tasks, one per example for sequence tasks."""
+    was = (base.model.training, head.training)
+    base.model.eval()
+    head.eval()
+    enc = encode(pack, tokenizer, examples, max_len)
+    device = next(head.parameters()).device
+    fallback = "O" if "O" in pack.labels else pack.labels[0]
+    out: list[Any] = []
+    for start in range(0, len(examples), batch_size):
+        idx = list(range(start, min(start + batch_size, len(examples))))
+        batch = {k: v.to(device) for k, v in collate(enc, idx, tokenizer.pad_token_id).items()}
+        best = task_logits(base, head, batch).argmax(-1).cpu()  # (B, T) or (B,)
+        for row, i in enumerate(idx):
+            if pack.head == "token_classification":
+                words = [pack.labels[int(best[row, pos])] for pos in enc.words[i]]
+                words += [fallback] * (len(examples[i].tokens) - len(words))  # words cut by max_len
+                out.append(words)
+            else:
+                out.append(pack.labels[int(best[row])])
+    base.model.train(was[0])
+    head.train(was[1])
+    return out
+
+
+def score(pack: TaskPack, examples: list, predictions: list) -> dict[str, float]:
+    if pack.metric == "span_f1":
+        return span_f1([list(e.tags) for e in examples], predictions)
+    gold = [t for e in examples for t in e.tags] if pack.head == "token_classification" else [e.label for e in examples]
+    pred = [t for p in predictions for t in p] if pack.head == "token_classification" else predictions
+    return accuracy(gold, pred)
+
+
+def evaluate_task(base, head, pack: TaskPack, tokenizer, examples: list, max_len: int) -> dict[str, float]:
+    return score(pack, examples, predict(base, head, pack, tokenizer, examples, max_len=max_len))
+
+
+def _batches(enc, n: int, batch_size: int, pad_id: int, generator: torch.Generator, device):
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield {k: v.to(device) for k, v in collate(enc, idx, pad_id).items()}
+
+
+def train_task(req: TaskRequest) -> TaskResult:
+    """Train, evaluate, save, log and register a task module."""
+    # ---- setup: everything checkable is checked before an MLflow run exists
+    pack = load_task_pack(req.task)
+    spec = get_method(req.method)
+    method_cfg, cfg, task_cfg = resolve_configs(
+        req.method, "task", req.sets, {"max_steps": req.max_steps, "batch_size": req.batch_size, "seed": req.seed},
+        TaskConfig, train_defaults=TASK_TRAIN_DEFAULTS,
+    )
+    train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
+                                                  cfg.eval_fraction, cfg.seed)
+    device = pick_device(cfg.device)
+    base = load_base(req.base, device=device)
+    lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base)
+    if lang_module is not None:
+        lang_module.check_base(base.fingerprint)
+    train_enc = encode(pack, base.tokenizer, train_ex, cfg.max_seq_len)
+    out_dir = Path(req.output or f"modules/task-{req.task}-{req.method}")
+    name = tracking.registered_name("task", req.task, req.method)
+    tags = run_tags("task", req.lang, req.task, req.method, base)
+    if lineage.get("run_id"):
+        tags["xlpeft.parent.lang_run"] = lineage["run_id"]
+    params = {"method": asdict(method_cfg), "train": asdict(cfg), "task_config": asdict(task_cfg), "task": req.task,
+              "lang": req.lang, "base": base.name, "train_data": ", ".join(train_desc),
+              "train_examples": len(train_ex), "eval_examples": len(eval_ex), "lang_module": str(lineage or "none")}
+
+    # ---- train
+    with tracking.tracked_run(f"task-{req.task}-{req.method}", tags, params) as tracker:
+        active = activate(base, [lang_module]) if lang_module is not None else None
+        torch.manual_seed(cfg.seed)
+        head = build_head(pack.head, base.hidden_size, len(pack.labels), task_cfg.head_dropout).to(device)
+        trainable = spec.prepare(base, method_cfg, cfg)
+        data = _batches(train_enc, len(train_ex), cfg.batch_size, base.tokenizer.pad_token_id,
+                        torch.Generator().manual_seed(cfg.seed), device)
+
+        def evaluate() -> dict[str, float]:
+            return {f"eval_{k}": v for k, v in evaluate_task(base, head, pack, base.tokenizer, eval_ex, cfg.max_seq_len).items()}
+
+        base.model.train()
+        head.train()
+        done, summary = 0, {}
+        for phase in trainable.phases:
+            params_ = trainable.begin_phase(phase) + list(head.parameters())
+            result = train_loop(
+                params_, data, lambda b: task_loss(base, head, b), cfg, phase.steps, tracker.log_metrics, evaluate,
+                after_step=lambda step, p=phase: trainable.after_step(p, step),
+                desc=f"{req.task}/{req.lang} {phase.name}", step_offset=done,
+            )
+            done += phase.steps
+            tracker.log_metrics({f"{phase.name}_steps_per_second": result.steps_per_second,
+                                 **trainable.end_phase(phase)}, done)
+            summary[phase.name] = {"steps": phase.steps, "last_loss": result.last_loss, "seconds": result.seconds}
+        metrics = evaluate()
+        tracker.log_metrics(metrics, done)
+        tensors, extra = trainable.export()
+        trainable.close()
+        if active is not None:
+            active.remove()
+        head_params = sum(p.numel() for p in head.parameters())
+        tensors["head"] = head.state_dict()
+        manifest = Manifest(
+            kind="task", method=req.method, lang=req.lang, task=req.task, base=base_ref(base),
+            config=asdict(method_cfg),
+            trainable_parameters=count_parameters(tensors, extra, skip=("head",)) + head_params,
+            training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
+                      "train_data": train_desc, "metric": pack.metric, "eval": metrics},
+            extra={**extra, "labels": list(pack.labels), "head": pack.head, "head_dropout": task_cfg.head_dropout,
+                   "lang_module": lineage or None},
+        )
+        version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
+    return TaskResult(out_dir, tracker.run_id, name, version, {k.removeprefix("eval_"): v for k, v in metrics.items()},
+                      lineage.get("registered_name") or lineage.get("path"))

@@ -5,12 +5,18 @@ Nothing here touches the network: tokenizers are trained by `tokenizers` on text
 
 from __future__ import annotations
 
-import random
-from pathlib import Path
+import os
 
-import pytest
+# Tests never touch the network. huggingface_hub reads this once at import, so set it before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
-from xlpeft.models import build_tiny_base, load_base
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from xlpeft.models import build_tiny_base, load_base  # noqa: E402
 
 SW_WORDS = (
     "watu wote wamezaliwa huru hadhi na haki zao ni sawa wana akili na dhamiri hivyo yapasa "

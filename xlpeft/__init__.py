@@ -4,12 +4,15 @@ Public API::
 
     base = xlpeft.load_base("xlmr")            # frozen masked-LM encoder + fingerprint
     module = xlpeft.load_module("modules/lang-sw-adapter")
+    model = xlpeft.compose(base, ["xlpeft-lang-sw-adapter", "xlpeft-task-ner-adapter"])
 """
 
 __version__ = "0.1.0"
 
+from xlpeft.compose import compose, load_composed, save_composed  # noqa: E402
 from xlpeft.errors import XlpeftError  # noqa: E402
 from xlpeft.io import load_module, save_module  # noqa: E402
 from xlpeft.models import load_base  # noqa: E402
 
-__all__ = ["XlpeftError", "__version__", "load_base", "load_module", "save_module"]
+__all__ = ["XlpeftError", "__version__", "compose", "load_base", "load_composed", "load_module", "save_composed",
+           "save_module"]

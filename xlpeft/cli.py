@@ -87,6 +87,69 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
     )
 
 
+@cli.command("compose")
+@click.option("--lang", required=True, help="target language (its language module is used)")
+@click.option("--task", required=True, help="task pack (its task module is used)")
+@click.option("--base", default="xlmr", show_default=True, help="the base both modules were trained on")
+@click.option("--lang-method", help="adapter or sft [default: newest registered]")
+@click.option("--task-method", help="adapter or sft [default: newest registered]")
+@click.option("--eval-data", help="file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's data for --lang]")
+@click.option("--output", type=click.Path(file_okay=False), help="write the composed model here")
+def compose_cmd(lang, task, base, lang_method, task_method, eval_data, output) -> None:
+    """Compose a language module with a task module; evaluate zero-shot against the source-language baseline."""
+    from xlpeft.recipes.compose import ComposeRequest, compose_task
+
+    r = compose_task(ComposeRequest(lang=lang, task=task, base=base, lang_method=lang_method,
+                                    task_method=task_method, eval_data=eval_data, output=output))
+    if r.overlap:
+        click.echo(f"delta overlap (shared indices): total {sum(r.overlap.values())}; "
+                   + ", ".join(f"{k} {v}" for k, v in r.overlap.items()))
+    if r.metrics:
+        click.echo(f"zero-shot {task} on {lang} ({r.evaluated_on}):")
+        click.echo(f"  {lang} language module + task module: {r.metric} {r.metrics[r.metric]:.4f}")
+        click.echo(f"  baseline ({r.baseline_lang or 'no'} language module): {r.metric} {r.baseline[r.metric]:.4f}")
+    else:
+        click.echo(f"composed; no {task} evaluation data for {lang} (pass --eval-data to score it)")
+    if r.output:
+        click.echo(f"  composed model written to {r.output}")
+    click.echo(f"  MLflow run {r.run_id}")
+
+
+@cli.command("evaluate")
+@click.option("--task", required=True, help="task pack")
+@click.option("--langs", required=True, help="comma-separated target languages, e.g. sw,yo,ha")
+@click.option("--base", default="xlmr", show_default=True)
+@click.option("--eval-dir", type=click.Path(file_okay=False), help="folder of <lang>.conll files overriding the pack's data")
+def evaluate_cmd(task, langs, base, eval_dir) -> None:
+    """Language x method transfer matrix for every registered module; table and heat-map go to MLflow."""
+    from xlpeft.recipes.compose import evaluate_matrix
+
+    matrix, run_id = evaluate_matrix(task, [x.strip() for x in langs.split(",") if x.strip()], base, eval_dir)
+    click.echo(matrix.format())
+    click.echo(f"MLflow run {run_id} (artifacts: evaluation/matrix.png, matrix.json)")
+
+
+@cli.command("predict")
+@click.option("--lang", required=True)
+@click.option("--task", required=True)
+@click.option("--base", default="xlmr", show_default=True)
+@click.option("--lang-method", help="adapter or sft [default: newest registered]")
+@click.option("--task-method", help="adapter or sft [default: newest registered]")
+def predict_cmd(lang, task, base, lang_method, task_method) -> None:
+    """Tag raw text from stdin (one sentence a line); prints CoNLL `token<TAB>tag`, or one label a line for NLI."""
+    from xlpeft.data.tasks import TokenExample
+    from xlpeft.recipes.compose import predict_lines
+
+    lines = sys.stdin.read().splitlines()
+    if not any(line.strip() for line in lines):
+        raise XlpeftError("predict reads text from standard input; e.g. echo 'Juma alikwenda Nairobi' | xlpeft predict ...")
+    for example, pred in predict_lines(lang, task, base, lines, lang_method, task_method):
+        if isinstance(example, TokenExample):
+            click.echo("\n".join(f"{t}\t{p}" for t, p in zip(example.tokens, pred, strict=True)) + "\n")
+        else:
+            click.echo(pred)
+
+
 @cli.command("prepare-base")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="rebuild even if cached")

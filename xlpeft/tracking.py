@@ -154,10 +154,10 @@ def list_registered(prefix: str = "xlpeft-") -> list[str]:
     return sorted(m.name for m in c.search_registered_models() if m.name.startswith(prefix))
 
 
-def find_module(name: str, fingerprint: str | None = None, download: bool = True) -> tuple[Path, RegisteredModule]:
+def find_module(name: str, fingerprint: str | None = None, fetch: bool = True) -> tuple[Path, RegisteredModule]:
     """Newest version of ``name`` trained on the base ``fingerprint``, downloaded to the local cache.
 
-    With ``download=False`` only the registry is consulted (the returned path may not exist yet).
+    With ``fetch=False`` only the registry is consulted (the returned path may not exist yet).
 
     Raises:
         XlpeftError: nothing registered under ``name`` for that base; the message lists what exists.
@@ -171,11 +171,40 @@ def find_module(name: str, fingerprint: str | None = None, download: bool = True
             f"no registered module {name!r}{detail} in {tracking_uri()}; the registry holds: {held}. "
             "Train it first (xlpeft train-lang / train-task) or pass a module directory"
         )
-    chosen = matching[0]
+    if not fetch:
+        return Path(), matching[0]
+    return download(matching[0])
+
+
+def find_newest(kind: str, name: str, fingerprint: str, method: str | None = None) -> tuple[Path, RegisteredModule]:
+    """Newest registered ``kind`` module for ``name`` (lang or task) on this base, of ``method`` or any method.
+
+    Raises:
+        XlpeftError: none registered; the message lists what the registry holds for this base.
+    """
+    from xlpeft.registry import method_names
+
+    candidates = []
+    for m in [method] if method else method_names():
+        versions = list_versions(registered_name(kind, name, m))
+        candidates += [v for v in versions if v.tags.get("xlpeft.base_fingerprint") == fingerprint]
+    if not candidates:
+        held = [n for n in list_registered()
+                if any(v.tags.get("xlpeft.base_fingerprint") == fingerprint for v in list_versions(n))]
+        wanted = registered_name(kind, name, method or "*")
+        raise XlpeftError(
+            f"no registered {kind} module {wanted} on base fingerprint {fingerprint} in {tracking_uri()}; "
+            f"for this base the registry holds: {', '.join(held) or 'nothing'}"
+        )
+    return download(max(candidates, key=lambda v: (v.created, int(v.version))))
+
+
+def download(chosen: RegisteredModule) -> tuple[Path, RegisteredModule]:
+    """Fetch a registered module's artifacts into the local cache (once per run id)."""
     from xlpeft.models import cache_dir
 
     target = cache_dir() / "registry" / chosen.run_id
-    if download and not (target / "module" / "xlpeft.json").is_file():
+    if not (target / "module" / "xlpeft.json").is_file():
         tmp = target.with_name(f".{chosen.run_id}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

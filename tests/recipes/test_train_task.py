@@ -10,11 +10,12 @@ from xlpeft import load_module, tracking
 from xlpeft.compose import activate
 from xlpeft.data.tasks import TokenExample
 from xlpeft.errors import XlpeftError
+from xlpeft.evaluation import predict
 from xlpeft.methods.heads import build_head
 from xlpeft.models import load_base
 from xlpeft.packs import load_task_pack
 from xlpeft.recipes.train_lang import LangRequest, train_language
-from xlpeft.recipes.train_task import TaskRequest, predict, train_task
+from xlpeft.recipes.train_task import TaskRequest, task_logits, train_task
 
 SETS = {"max_seq_len": "48", "lr": "3e-3", "log_every": "5"}
 
@@ -63,14 +64,18 @@ def test_reloaded_task_module_predicts_the_same(workdir, base_dirs, lang_en, ner
     head = build_head("token_classification", base.hidden_size, len(pack.labels))
     head.load_state_dict(task.tensors["head"])
     examples = [TokenExample(tuple(t for t, _ in s), tuple(g for _, g in s)) for s in make_ner(20, seed=9)]
-    first = predict(base, head, pack, base.tokenizer, examples)
+    base.model.eval()
+    head.eval()
+    first = predict(lambda b: task_logits(base, head, b), pack, base.tokenizer, examples)
     active.remove()
     # a second, independent load gives the same predictions
     base2 = load_base(base_dir)
     active2 = activate(base2, [load_module(lang_en.path), load_module(result.path)])
     head2 = build_head("token_classification", base2.hidden_size, len(pack.labels))
     head2.load_state_dict(load_module(result.path).tensors["head"])
-    assert predict(base2, head2, pack, base2.tokenizer, examples) == first
+    base2.model.eval()
+    head2.eval()
+    assert predict(lambda b: task_logits(base2, head2, b), pack, base2.tokenizer, examples) == first
     active2.remove()
 
 

@@ -121,9 +121,9 @@ def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterMod
     inv = next((m.invertible for m in stack if m.invertible is not None), None)
     if inv is not None:
         handles.append(model.get_input_embeddings().register_forward_hook(lambda mod, args, out: inv(out)))
-        handles.append(
-            model.get_output_embeddings().register_forward_pre_hook(lambda mod, args: (inv.inverse(args[0]),) + args[1:])
-        )
+        decoder = model.get_output_embeddings()  # None for task models: the inverse only precedes the MLM decoder
+        if decoder is not None:
+            handles.append(decoder.register_forward_pre_hook(lambda mod, args: (inv.inverse(args[0]),) + args[1:]))
     return Attachment(handles)
 
 

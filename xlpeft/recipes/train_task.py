@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from xlpeft import tracking
 from xlpeft.compose import activate
 from xlpeft.config import check_fields
-from xlpeft.data.tasks import TaskSource, collate, encode_pairs, encode_tokens, parse_task_data, read_source
+from xlpeft.data.tasks import TaskSource, collate, parse_task_data, read_source
 from xlpeft.errors import XlpeftError
+from xlpeft.evaluation import encode, predict, score
 from xlpeft.io import LoadedModule, Manifest, load_module
 from xlpeft.methods.heads import build_head
-from xlpeft.metrics import accuracy, span_f1
 from xlpeft.models import load_base
 from xlpeft.packs import TaskPack, load_task_pack
 from xlpeft.recipes.common import base_ref, count_parameters, publish, resolve_configs, run_tags
@@ -73,7 +73,7 @@ def find_language_module(lang: str, fingerprint: str) -> tuple[Path, tracking.Re
     for method in method_names():
         try:
             found.append(tracking.find_module(tracking.registered_name("language", lang, method), fingerprint,
-                                              download=False))
+                                              fetch=False))
         except XlpeftError:
             continue
     if not found:
@@ -123,13 +123,6 @@ def load_examples(pack: TaskPack, lang: str, train_spec: str | None, eval_spec: 
     return train, eval_, [train_src.describe()]
 
 
-def encode(pack: TaskPack, tokenizer, examples: list, max_len: int):
-    label2id = {label: i for i, label in enumerate(pack.labels)}
-    if pack.head == "token_classification":
-        return encode_tokens(tokenizer, examples, label2id, max_len)
-    return encode_pairs(tokenizer, examples, label2id, max_len)
-
-
 def task_logits(base, head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = base.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     return head(hidden)  # (B, T, L) or (B, L)
@@ -140,43 +133,16 @@ def task_loss(base, head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100)
 
 
-@torch.no_grad()
-def predict(base, head, pack: TaskPack, tokenizer, examples: list, batch_size: int = 32,
-            max_len: int = 128) -> list[Any]:
-    """Predicted labels: per word for token tasks, one per example for sequence tasks."""
+def evaluate_task(base, head, pack: TaskPack, tokenizer, examples: list, max_len: int) -> dict[str, float]:
+    """Score base + head on examples, in eval mode, restoring the previous train/eval state."""
     was = (base.model.training, head.training)
     base.model.eval()
     head.eval()
-    enc = encode(pack, tokenizer, examples, max_len)
     device = next(head.parameters()).device
-    fallback = "O" if "O" in pack.labels else pack.labels[0]
-    out: list[Any] = []
-    for start in range(0, len(examples), batch_size):
-        idx = list(range(start, min(start + batch_size, len(examples))))
-        batch = {k: v.to(device) for k, v in collate(enc, idx, tokenizer.pad_token_id).items()}
-        best = task_logits(base, head, batch).argmax(-1).cpu()  # (B, T) or (B,)
-        for row, i in enumerate(idx):
-            if pack.head == "token_classification":
-                words = [pack.labels[int(best[row, pos])] for pos in enc.words[i]]
-                words += [fallback] * (len(examples[i].tokens) - len(words))  # words cut by max_len
-                out.append(words)
-            else:
-                out.append(pack.labels[int(best[row])])
+    preds = predict(lambda b: task_logits(base, head, b), pack, tokenizer, examples, device, max_len=max_len)
     base.model.train(was[0])
     head.train(was[1])
-    return out
-
-
-def score(pack: TaskPack, examples: list, predictions: list) -> dict[str, float]:
-    if pack.metric == "span_f1":
-        return span_f1([list(e.tags) for e in examples], predictions)
-    gold = [t for e in examples for t in e.tags] if pack.head == "token_classification" else [e.label for e in examples]
-    pred = [t for p in predictions for t in p] if pack.head == "token_classification" else predictions
-    return accuracy(gold, pred)
-
-
-def evaluate_task(base, head, pack: TaskPack, tokenizer, examples: list, max_len: int) -> dict[str, float]:
-    return score(pack, examples, predict(base, head, pack, tokenizer, examples, max_len=max_len))
+    return score(pack, examples, preds)
 
 
 def _batches(enc, n: int, batch_size: int, pad_id: int, generator: torch.Generator, device):

@@ -1,0 +1,179 @@
+"""Composition: order and arithmetic, fingerprint refusal, lineage, save/reload, the compose/evaluate/predict CLI."""
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import EN_WORDS, SW_WORDS, make_lines, make_ner, write_conll
+from xlpeft import compose, load_module, tracking
+from xlpeft.compose import Composition, Slot, activate, save_composed
+from xlpeft.errors import XlpeftError
+from xlpeft.methods.heads import build_head
+from xlpeft.models import load_base
+from xlpeft.recipes.train_lang import LangRequest, train_language
+from xlpeft.recipes.train_task import TaskRequest, task_logits, train_task
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, base_dirs):
+    """One MLflow store with en/sw language adapters and an English NER task adapter on tiny-bert."""
+    root = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.setenv("XLPEFT_CACHE", str(root / "cache"))
+        base = str(base_dirs["tiny-bert"])
+        for lang, words in (("en", EN_WORDS), ("sw", SW_WORDS)):
+            corpus = root / f"{lang}.txt"
+            corpus.write_text("\n".join(make_lines(words, 150)), encoding="utf-8")
+            train_language(LangRequest(lang=lang, base=base, corpus=(str(corpus),), max_steps=6,
+                                       sets={"max_seq_len": "32", "lr": "1e-2"}))
+        write_conll(root / "train.conll", make_ner(120, seed=1))
+        write_conll(root / "sw.conll", make_ner(30, seed=5))
+        train_task(TaskRequest(task="ner", base=base, train_data=str(root / "train.conll"), max_steps=40,
+                               batch_size=16, sets={"max_seq_len": "48", "lr": "3e-3"}))
+        yield {"root": root, "base": base, "mp": mp}
+
+
+@pytest.fixture
+def env(store, monkeypatch):
+    monkeypatch.chdir(store["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store['root'] / 'mlflow.db'}")
+    monkeypatch.setenv("XLPEFT_CACHE", str(store["root"] / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return store
+
+
+def _batch(base, n=3, t=12):
+    ids = torch.randint(5, len(base.tokenizer), (n, t), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_adapter_stack_equals_manual_layer_by_layer(env):
+    base = load_base(env["base"])
+    lang, task = load_module("modules/lang-sw-adapter"), load_module("modules/task-ner-adapter")
+    model = compose(base, [lang, task])
+    assert type(model).__name__ == "BertForTokenClassification"
+    assert model.xlpeft_composition.describe() == "language:sw/adapter(stack) + task:ner/adapter(stack)"
+    batch = _batch(base)
+    with torch.no_grad():
+        got = model(**batch).logits
+    # by hand: the same two adapters hooked on the MLM base, bottom first, and the saved head
+    active = activate(base, [lang, task])
+    head = build_head("token_classification", base.hidden_size, 7)
+    head.load_state_dict(task.tensors["head"])
+    base.model.eval()
+    head.eval()
+    with torch.no_grad():
+        expected = task_logits(base, head, batch)
+    active.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # and the order matters: task below language is refused
+    with pytest.raises(XlpeftError, match="task module must sit on top"):
+        compose(base, [task, lang])
+
+
+def test_language_only_composition_is_an_mlm(env):
+    base = load_base(env["base"])
+    model = compose(base, ["xlpeft-lang-sw-adapter"])
+    assert type(model).__name__ == "BertForMaskedLM"
+    batch = _batch(base)
+    active = activate(base, [load_module("modules/lang-sw-adapter")])
+    with torch.no_grad():
+        expected = base.model.eval()(**batch).logits
+        got = model(**batch).logits
+    active.remove()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        bare = base.model(**batch).logits
+    assert not torch.allclose(got, bare, atol=1e-4), "the language adapter should change the MLM output"
+
+
+def test_fingerprint_mismatch_names_both(env, base_dirs):
+    other = load_base(str(base_dirs["tiny-xlmr"]))
+    mine = load_base(env["base"]).fingerprint
+    with pytest.raises(XlpeftError) as err:
+        compose(other, ["modules/lang-sw-adapter"])
+    assert mine in str(err.value) and other.fingerprint in str(err.value)
+
+
+def test_composition_is_data():
+    comp = Composition((Slot("language", "sft", "sw", "x", "sum"), Slot("task", "adapter", "ner", "y", "stack")), "fp")
+    assert Composition.from_dict(json.loads(json.dumps(comp.to_dict()))) == comp
+    with pytest.raises(XlpeftError, match="at most one language"):
+        Composition((Slot("language", "sft", "sw", "x", "sum"), Slot("language", "sft", "yo", "y", "sum")), "fp")
+
+
+def test_saved_composition_reloads_to_identical_logits(env, tmp_path):
+    base = load_base(env["base"])
+    model = compose(base, ["xlpeft-lang-sw-adapter", "xlpeft-task-ner-adapter"])
+    out = save_composed(model, tmp_path / "composed", base.tokenizer)
+    again = compose(str(out), [])
+    batch = _batch(base)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+    assert not any(k.startswith("xlpeft_adapters") for k in json.loads(
+        (out / "model.safetensors.index.json").read_text())["weight_map"]) if (out / "model.safetensors.index.json").exists() else True
+
+
+def test_compose_cli_logs_lineage_and_baseline(env, capsys):
+    from xlpeft.cli import main
+
+    main(["compose", "--lang", "sw", "--task", "ner", "--base", env["base"], "--eval-data", "sw.conll",
+          "--output", "out/sw-ner"])
+    out = capsys.readouterr().out
+    assert "zero-shot ner on sw" in out and "baseline (en language module)" in out
+    run_id = out.strip().split()[-1]
+    run = tracking.client().get_run(run_id)
+    tags = run.data.tags
+    assert tags["xlpeft.kind"] == "composition" and tags["xlpeft.method"] == "adapter+adapter"
+    lang_reg = tracking.list_versions("xlpeft-lang-sw-adapter")[0]
+    task_reg = tracking.list_versions("xlpeft-task-ner-adapter")[0]
+    assert tags["xlpeft.parent.lang_run"] == lang_reg.run_id
+    assert tags["xlpeft.parent.task_run"] == task_reg.run_id
+    assert tags["xlpeft.baseline_lang"] == "en"
+    assert {"eval_f1", "baseline_f1"} <= set(run.data.metrics)
+    assert any(a.path == "composed/xlpeft_composition.json"
+               for a in tracking.client().list_artifacts(run_id, "composed"))
+    assert (env["root"] / "out/sw-ner/config.json").is_file()
+
+
+def test_compose_cli_errors_list_registry(env, capsys):
+    from xlpeft.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["compose", "--lang", "yo", "--task", "ner", "--base", env["base"]])
+    err = capsys.readouterr().err
+    assert err.startswith("Error: no registered language module xlpeft-lang-yo-*")
+    assert "xlpeft-lang-sw-adapter" in err and "xlpeft-task-ner-adapter" in err
+
+
+def test_evaluate_matrix_table_and_heatmap(env, capsys, tmp_path):
+    from xlpeft.cli import main
+
+    write_conll(tmp_path / "sw.conll", make_ner(20, seed=7))
+    main(["evaluate", "--task", "ner", "--langs", "sw,yo,en", "--base", env["base"], "--eval-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "adapter+adapter" in out and out.splitlines()[1].startswith("sw")
+    assert "yo: skipped (no language module registered for yo" in out
+    assert "en: skipped (could not load Hugging Face dataset" in out  # offline: the pack's WikiANN
+    run_id = out.strip().split()[out.strip().split().index("run") + 1]
+    paths = {a.path for a in tracking.client().list_artifacts(run_id, "evaluation")}
+    assert {"evaluation/matrix.png", "evaluation/matrix.json"} <= paths
+    local = tracking.client().download_artifacts(run_id, "evaluation/matrix.png", str(tmp_path))
+    assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_reads_stdin(env, capsys, monkeypatch):
+    import io
+
+    from xlpeft.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Amina visited Nairobi.\n\nJuma met Kenyatta in Lagos\n"))
+    main(["predict", "--lang", "sw", "--task", "ner", "--base", env["base"]])
+    blocks = [b for b in capsys.readouterr().out.strip().split("\n\n") if b]
+    assert len(blocks) == 2
+    first = [line.split("\t") for line in blocks[0].splitlines()]
+    assert [t for t, _ in first] == ["Amina", "visited", "Nairobi", "."]
+    assert all(tag in ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC") for _, tag in first)

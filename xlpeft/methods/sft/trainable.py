@@ -1,0 +1,245 @@
+"""Training an LT-SFT through the :class:`~xlpeft.registry.Trainable` protocol, and activating a saved one.
+
+Phase 1 ("full") fine-tunes every maskable weight in place, keeping a copy of theta0. At its end
+the K entries are selected, the weights are reset to theta0 (an exact copy back), and phase 2
+("sparse") trains only those entries.
+
+Phase 2 mechanism. Per parameter with selected entries the optimiser sees one values vector
+``v`` (K_i,), zero-initialised; the index vector ``idx`` (K_i,) and theta0 at those entries are
+kept beside it. The weight itself stays a dense Parameter holding ``theta0 + scatter(idx, v)``:
+
+* backward: the weight has ``requires_grad`` so autograd produces its dense gradient as for any
+  matmul; a post-accumulate-grad hook gathers ``grad[idx]`` into ``v.grad`` and drops the dense
+  gradient at once, so only one tensor's dense gradient lives at a time and nothing is multiplied
+  by a dense mask;
+* step: AdamW updates ``v`` only (its state is 2 x K floats), then ``after_step`` writes
+  ``theta0[idx] + v`` back into the weight with ``index_copy_``. Entries outside ``idx`` are never
+  written, so they stay bit-identical to theta0.
+
+Why in place rather than a forward pre-hook that builds ``theta0 + scatter(v)`` per call: that
+tensor would be a second dense copy of every masked weight, kept alive by autograd from forward
+to backward (+1x model memory); in place costs O(K), needs no module surgery, and a tied weight
+(MLM decoder = word embeddings) sees the delta automatically because it is the same tensor. The
+evaluation at the end of training also sees the trained delta with no extra step.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from functools import partial
+
+import torch
+from torch import nn
+
+from xlpeft.errors import XlpeftError
+from xlpeft.methods.sft.config import SFTConfig, default_num_params, layer_params, split_steps
+from xlpeft.methods.sft.delta import AppliedDelta, SparseDelta
+from xlpeft.methods.sft.memory import PeakMemory
+from xlpeft.methods.sft.selection import MovementScores, random_scores, top_k_indices
+from xlpeft.registry import Phase
+
+
+def maskable_parameters(base, config: SFTConfig) -> dict[str, nn.Parameter]:
+    """The weights a delta may touch, by canonical name, in the model's order.
+
+    A weight's canonical name is its first name outside the MLM head: the decoder weight tied to
+    the word embeddings is listed once, as ``<encoder>.embeddings.word_embeddings.weight``, even
+    where ``named_parameters()`` would name it ``lm_head.decoder.weight`` (XLM-R), so a delta
+    also applies to a classification model built on the same encoder. Excluded: the MLM head's own
+    weights (transform, its LayerNorm, output bias); LayerNorms if ``freeze_layer_norm``; the
+    embeddings module if not ``include_embeddings``.
+    """
+    model = base.model
+    frozen: set[int] = set()
+    if config.freeze_layer_norm:
+        frozen |= {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    if not config.include_embeddings:
+        frozen |= {id(p) for p in base.encoder.embeddings.parameters()}
+    head = base.arch.mlm_head + "."
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name.startswith(head) or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) not in frozen and p.is_floating_point():
+            out[name] = p
+    return out
+
+
+class SFTTrainable:
+    """One LT-SFT being trained on ``base`` (its weights are changed in place until :meth:`close`)."""
+
+    def __init__(self, base, config: SFTConfig, train_cfg) -> None:
+        self.model = base.model
+        self.config = config
+        self.params = maskable_parameters(base, config)
+        if not self.params:
+            raise XlpeftError("sft: no maskable parameters (all frozen by freeze_layer_norm/include_embeddings?)")
+        self.num_maskable = sum(p.numel() for p in self.params.values())
+        if config.selection == "bias":
+            self.num_params = sum(p.numel() for n, p in self.params.items() if n.endswith(".bias"))
+        elif config.num_params is None:
+            self.num_params = min(self.num_maskable, default_num_params(config.reference_num_params, layer_params(base.layers)))
+        elif config.num_params > self.num_maskable:
+            raise XlpeftError(
+                f"num_params={config.num_params} but this model has {self.num_maskable} maskable entries; "
+                "lower num_params (or leave it unset for the scaled default)"
+            )
+        else:
+            self.num_params = config.num_params
+        full, sparse = split_steps(config, train_cfg.max_steps)
+        # random / bias selections need no phase 1: it is left out rather than run for 0 steps
+        self.phases = ([Phase("full", full)] if full else []) + [Phase("sparse", sparse)]
+        self.seed = train_cfg.seed
+        # LT-SFT's L1 term is l1 * sum|delta| / (all model parameters); its gradient is added to v.grad.
+        self.l1_scale = config.l1 / sum(p.numel() for p in self.model.parameters())
+        self.memory = PeakMemory(next(self.model.parameters()).device)
+        self._theta0: dict[str, torch.Tensor] = {}
+        self._movement: MovementScores | None = None
+        self.indices: dict[str, torch.Tensor] = {}
+        self._base_values: dict[str, torch.Tensor] = {}  # theta0 at ``indices``: exact restore
+        self.values: dict[str, nn.Parameter] = {}
+        self._hooks: list = []
+        self._pending: dict[str, float] = {}  # selection metrics not reported yet
+
+    # ---- the Trainable protocol
+    def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
+        if phase.name == "full":
+            self.memory.start()
+            self._theta0 = {n: p.detach().clone() for n, p in self.params.items()}
+            if self.config.selection == "movement":
+                self._movement = MovementScores(self.params, self._theta0)
+            for p in self.params.values():
+                p.requires_grad_(True)
+            return list(self.params.values())
+        if phase.name == "sparse":
+            if not self.indices:
+                self._select()  # random / bias: nothing to learn from a phase 1
+            self.memory.start()
+            for name, idx in self.indices.items():
+                p = self.params[name]
+                self._base_values[name] = p.detach().view(-1)[idx].clone()  # (K_i,)
+                self.values[name] = nn.Parameter(torch.zeros(len(idx), dtype=p.dtype, device=p.device))
+                p.requires_grad_(True)
+                self._hooks.append(p.register_post_accumulate_grad_hook(partial(self._gather, name)))
+            return list(self.values.values())
+        raise XlpeftError(f"sft has phases full and sparse; got {phase.name!r}")
+
+    def after_step(self, phase: Phase, step: int) -> None:
+        if phase.name == "full" and self._movement is not None:
+            self._movement.update()
+        elif phase.name == "sparse":
+            self._write_back()
+
+    def end_phase(self, phase: Phase) -> dict[str, float]:
+        peak = self.memory.stop()
+        if phase.name == "full":
+            for p in self.params.values():
+                p.grad = None  # the last step's dense gradients (1x the model): selection does not need them
+            gc.collect()  # phase 1's optimizer (2x the model) is garbage now, unless held in a cycle
+            self._select()
+            self._reset()
+            return {"full_peak_memory_mb": peak, **self._pop_pending()}
+        return {"sparse_peak_memory_mb": peak, **self._pop_pending()}
+
+    def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+        if not self.values:
+            raise XlpeftError("sft: nothing to export before the sparse phase has run")
+        delta = self.delta()
+        extra = {
+            "num_params": self.num_params, "selection": self.config.selection,
+            "per_tensor_counts": delta.counts(), "maskable_parameters": self.num_maskable,
+            "trainable_parameters": delta.num_params,
+        }
+        return {"delta": delta.to_tensors()}, extra
+
+    def close(self) -> None:
+        """Restore theta0 exactly, freeze the base again, remove hooks; safe to call in any state."""
+        self.memory.stop()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        if self._theta0:  # closed during phase 1
+            self._reset()
+        with torch.no_grad():
+            for name, idx in self.indices.items():
+                if name in self._base_values:
+                    self.params[name].view(-1).index_copy_(0, idx, self._base_values[name])
+        for p in self.params.values():
+            p.requires_grad_(False)
+            p.grad = None
+        self._base_values.clear()
+
+    # ---- helpers
+    def delta(self) -> SparseDelta:
+        """The delta trained so far, on CPU."""
+        return SparseDelta({n: (idx.cpu(), self.values[n].detach().cpu().clone()) for n, idx in self.indices.items()})
+
+    def _gather(self, name: str, p: nn.Parameter) -> None:
+        """Post-accumulate-grad hook: move ``grad[idx]`` into ``v.grad``; the dense gradient is dropped."""
+        v = self.values[name]
+        g = p.grad.view(-1).index_select(0, self.indices[name])  # (K_i,)
+        if v.grad is None:  # first micro-batch of the step: add the L1 (sub)gradient once
+            v.grad = (g + self.l1_scale * v.detach().sign()) if self.l1_scale else g
+        else:
+            v.grad += g
+        p.grad = None
+
+    @torch.no_grad()
+    def _write_back(self) -> None:
+        for name, idx in self.indices.items():
+            self.params[name].view(-1).index_copy_(0, idx, self._base_values[name] + self.values[name])
+
+    def _select(self) -> None:
+        start = time.perf_counter()
+        self.memory.start()
+        if self.config.selection == "bias":
+            chosen = {n: torch.arange(p.numel()) for n, p in self.params.items() if n.endswith(".bias")}
+        else:
+            numels = {n: p.numel() for n, p in self.params.items()}
+            chosen = top_k_indices(numels, self._scorer(), self.num_params, generator=torch.Generator().manual_seed(self.seed))
+        device = next(iter(self.params.values())).device
+        self.indices = {n: idx.to(device) for n, idx in chosen.items() if len(idx)}
+        self._movement = None
+        self._pending = {
+            "selection_seconds": time.perf_counter() - start, "selection_peak_memory_mb": self.memory.stop(),
+            "selected_params": float(sum(len(i) for i in self.indices.values())),
+        }
+
+    def _scorer(self):
+        selection = self.config.selection
+        if selection == "magnitude":  # LT-SFT: |theta1 - theta0|
+            return lambda n: (self.params[n].detach() - self._theta0[n]).abs()
+        if selection == "movement":
+            return self._movement
+        positions = {n: i for i, n in enumerate(self.params)}
+        return lambda n: random_scores(self.params[n].numel(), self.seed, positions[n], self.params[n].device)
+
+    @torch.no_grad()
+    def _reset(self) -> None:
+        for name, p in self.params.items():
+            p.copy_(self._theta0[name])
+            p.requires_grad_(False)
+            p.grad = None
+        self._theta0 = {}
+        self._movement = None
+
+    def _pop_pending(self) -> dict[str, float]:
+        out, self._pending = self._pending, {}
+        return out
+
+
+def prepare_sft(base, config: SFTConfig, train_cfg) -> SFTTrainable:
+    """Start training a sparse delta on ``base`` (on top of whatever is already applied to its weights)."""
+    return SFTTrainable(base, config, train_cfg)
+
+
+def activate_sft(base, loaded) -> AppliedDelta:
+    """Add a saved module's delta to ``base``'s weights in place; the handle's ``remove()`` subtracts it."""
+    tensors = loaded.tensors.get("delta")
+    if tensors is None:
+        raise XlpeftError(f"sft module {loaded.path} has no delta.safetensors; it is incomplete, retrain it")
+    return AppliedDelta(SparseDelta.from_tensors(tensors), base.model)
+

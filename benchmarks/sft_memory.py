@@ -1,0 +1,200 @@
+"""Memory and speed of LT-SFT's phases against full fine-tuning, on an mBERT-base-shaped model.
+
+    .venv/bin/python benchmarks/sft_memory.py                  # CPU, 5 steps a phase, batch 8 x 128, K = 7.6M
+    .venv/bin/python benchmarks/sft_memory.py --device cuda --steps 10
+
+The model is ``BertForMaskedLM`` built from a config with mBERT-base's shapes (vocabulary 119,547,
+hidden 768, 12 layers) and random weights: nothing is downloaded, and memory and speed do not
+depend on the values. Every row runs the code ``train-lang`` runs (``train_loop``, ``mlm_loss``,
+``SFTTrainable``) on random token ids with 15% of positions masked:
+
+  (a) full fine-tuning: AdamW on every maskable weight (the same set LT-SFT's phase 1 trains);
+  (b) LT-SFT phase 1: the same, plus the theta0 copy (and movement scores with --selection movement);
+  (c) selection of K entries (streamed top-K), timed;
+  (d) LT-SFT phase 2: AdamW on the K selected entries only.
+
+How it measures:
+
+* peak memory: the process's resident set size sampled every 5 ms over the phase by
+  :class:`~xlpeft.methods.sft.memory.PeakMemory` (``torch.cuda.max_memory_allocated`` on CUDA);
+  between rows freed memory goes back to the OS (``gc.collect`` + glibc's ``malloc_trim``) so a
+  row does not inherit the previous row's peak. glibc raises its mmap threshold as large blocks
+  are freed, after which freed activations and per-tensor gradients stay in its heap and count
+  in RSS (about +1.2 GiB on phase 2 here, depending on what ran before), so the script
+  re-executes itself with ``MALLOC_MMAP_THRESHOLD_=131072`` (fixed at 128 KiB) to make RSS track
+  live tensors; ``--default-malloc`` keeps glibc's behaviour;
+* steps/s: one over the median wall time of a step, the first step (which allocates AdamW's
+  state) excluded; CPU s/step: the median process CPU time of a step, which other processes on a
+  shared machine disturb less than wall time (compare phases by it when the machine is busy);
+* grads kept: gradients alive from backward to the next step (dense for (a) and (b); in (d) each
+  weight's dense gradient lives only until its K_i entries are gathered, then ``v.grad`` is kept);
+* optimizer state: computed, AdamW keeps two fp32 buffers per trainable entry;
+* method state: what the method keeps beside the model: theta0 (and movement scores) in phase 1;
+  indices (int64) + values + theta0 at the indices in phase 2.
+
+Not part of ``make test``; about 1-2 minutes on 2 CPU cores with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from xlpeft.config import TrainConfig  # noqa: E402
+from xlpeft.methods.sft import PeakMemory, SFTConfig, SFTTrainable, maskable_parameters  # noqa: E402
+from xlpeft.methods.sft.memory import rss_bytes  # noqa: E402
+from xlpeft.models import ARCHITECTURES, Base  # noqa: E402
+from xlpeft.training import mlm_loss, train_loop  # noqa: E402
+
+MB = 2**20
+MASK_ID = 103  # [MASK] in mBERT's vocabulary
+
+
+def release_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def build_base(device: str) -> Base:
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=119_547, hidden_size=768, num_hidden_layers=12,
+                                       num_attention_heads=12, intermediate_size=3072))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Base(name="mbert-base-shaped (random)", path=Path("."), model=model.to(device),
+                tokenizer=SimpleNamespace(pad_token_id=0), fingerprint="random", arch=ARCHITECTURES["bert"])
+
+
+def mlm_batches(batch: int, seq: int, vocab: int, device: str, seed: int = 0):
+    """Endless (input_ids, labels) with 15% of positions masked; no padding."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(1000, vocab, (batch, seq), generator=g)  # (B, T)
+        masked = torch.rand((batch, seq), generator=g) < 0.15
+        yield ids.masked_fill(masked, MASK_ID).to(device), ids.masked_fill(~masked, -100).to(device)
+
+
+def run_phase(base, params, cfg, steps, data, after_step=None) -> tuple[float, float]:
+    """(steps/s, CPU seconds per step) from median step times; the first step (AdamW allocates its state) is excluded."""
+    stamps = []
+
+    def stamp(step: int) -> None:
+        if after_step is not None:
+            after_step(step)
+        stamps.append((time.perf_counter(), time.process_time()))
+
+    train_loop(params, data, lambda b: mlm_loss(base, *b), cfg, steps, lambda *_: None, after_step=stamp, desc="bench")
+    pairs = list(zip(stamps, stamps[1:], strict=False))
+    wall = statistics.median(b[0] - a[0] for a, b in pairs)
+    cpu = statistics.median(b[1] - a[1] for a, b in pairs)
+    return 1.0 / wall, cpu
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="optimizer steps per training phase (>= 2)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--k", type=int, default=7_600_000, help="entries kept (LT-SFT language SFT: 7.6M)")
+    ap.add_argument("--selection", default="magnitude", choices=("magnitude", "movement"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
+    args = ap.parse_args()
+    if args.device == "cpu" and not args.default_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
+
+    base = build_base(args.device)
+    model_mb = sum(p.numel() * p.element_size() for p in base.model.parameters()) / MB
+    release_memory()
+    idle_mb = rss_bytes() / MB if args.device == "cpu" else torch.cuda.memory_allocated() / MB
+    cfg = TrainConfig(lr=5e-5, max_steps=2 * args.steps, batch_size=args.batch, log_every=10**6, device=args.device)
+    sft_cfg = SFTConfig(num_params=args.k, selection=args.selection, full_steps=args.steps, sparse_steps=args.steps)
+    maskable = maskable_parameters(base, sft_cfg)
+    n = sum(p.numel() for p in maskable.values())
+    data = mlm_batches(args.batch, args.seq, base.model.config.vocab_size, args.device)
+    base.model.train()
+    rows: list[dict] = []
+
+    # (a) full fine-tuning of the maskable weights
+    meter = PeakMemory(args.device)
+    meter.start()
+    for p in maskable.values():
+        p.requires_grad_(True)
+    speed = run_phase(base, list(maskable.values()), cfg, args.steps, data)
+    rows.append(dict(name="(a) full fine-tuning", trainable=n, grads=4 * n, optimizer=8 * n, state=0, peak=meter.stop(),
+                     speed=speed))
+    for p in maskable.values():
+        p.requires_grad_(False)
+        p.grad = None
+    release_memory()
+
+    # (b) - (d): LT-SFT through the Trainable protocol, as train-lang runs it
+    trainable = SFTTrainable(base, sft_cfg, cfg)
+    full, sparse = trainable.phases
+    params = trainable.begin_phase(full)
+    speed = run_phase(base, params, cfg, full.steps, data, lambda step: trainable.after_step(full, step))
+    release_memory()
+    metrics = trainable.end_phase(full)  # selection happens here, after phase 1's peak is taken
+    state = 4 * n * (2 if args.selection == "movement" else 1)  # theta0 (+ movement scores)
+    rows.append(dict(name=f"(b) LT-SFT phase 1 ({args.selection})", trainable=n, grads=4 * n, optimizer=8 * n, state=state,
+                     peak=metrics["full_peak_memory_mb"], speed=speed))
+    rows.append(dict(name=f"(c) selection of K={args.k:,}", trainable=0, grads=0, optimizer=0, state=0,
+                     peak=metrics["selection_peak_memory_mb"], seconds=metrics["selection_seconds"]))
+    release_memory()
+    params = trainable.begin_phase(sparse)
+    k = sum(p.numel() for p in params)
+    speed = run_phase(base, params, cfg, sparse.steps, data, lambda step: trainable.after_step(sparse, step))
+    metrics = trainable.end_phase(sparse)
+    rows.append(dict(name="(d) LT-SFT phase 2 (sparse)", trainable=k, grads=4 * k, optimizer=8 * k, state=16 * k,
+                     peak=metrics["sparse_peak_memory_mb"], speed=speed))
+    trainable.close()
+    print_table(args, rows, n, model_mb, idle_mb)
+
+
+def print_table(args, rows: list[dict], n: int, model_mb: float, idle_mb: float) -> None:
+    where = "peak RSS MiB" if args.device == "cpu" else "peak CUDA alloc MiB"
+    print(f"mBERT-base-shaped BertForMaskedLM, random weights, {args.device}, {torch.get_num_threads()} threads; "
+          f"batch {args.batch} x {args.seq} tokens, {args.steps} steps/phase, torch {torch.__version__}, "
+          f"MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset (glibc default)')}")
+    print(f"maskable entries {n:,} (LayerNorms and MLM head frozen; decoder tied to the embeddings); "
+          f"weights {model_mb:,.0f} MiB; {'RSS' if args.device == 'cpu' else 'allocated'} with the model loaded: "
+          f"{idle_mb:,.0f} MiB")
+    columns = ["phase", "trainable entries", "grads kept MiB", "optimizer state MiB", "method state MiB", where, "steps/s",
+               "CPU s/step", "peak vs (a)", "CPU s/step vs (a)"]
+    ref = rows[0]
+    table = []
+    for r in rows:
+        timing = (["", f"{r['seconds']:.1f} s in all", ""] if "seconds" in r else
+                  [f"{r['speed'][0]:.3f}", f"{r['speed'][1]:.1f}", f"{r['speed'][1] / ref['speed'][1]:.2f}x"])
+        table.append([r["name"], f"{r['trainable']:,}", f"{r['grads'] / MB:,.0f}", f"{r['optimizer'] / MB:,.0f}",
+                      f"{r['state'] / MB:,.0f}",
+                      f"{r['peak']:,.0f}", *timing[:2], f"{r['peak'] / ref['peak']:.2f}x", timing[2]])
+    widths = [max(len(row[i]) for row in [columns, *table]) for i in range(len(columns))]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in table:
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    main()
+    print(f"total {time.perf_counter() - start:.0f} s")

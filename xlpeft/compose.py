@@ -223,16 +223,15 @@ def compose(base, modules: list[str | Path | LoadedModule], force: bool = False)
 
 
 def delta_overlap(lower: LoadedModule, upper: LoadedModule) -> dict[str, int]:
-    """Shared indices per transformer layer (and ``embeddings``/``other``) between two sparse deltas."""
-    a, b = lower.tensors.get("delta", {}), upper.tensors.get("delta", {})
+    """Shared indices between two sparse deltas, per transformer layer (``layer_03``), ``embeddings`` or ``other``."""
+    from xlpeft.methods.sft import SparseDelta
+
+    shared = SparseDelta.from_tensors(lower.tensors["delta"]).overlap(SparseDelta.from_tensors(upper.tensors["delta"]))
     per_layer: dict[str, int] = {}
-    for key, idx in a.items():
-        if not key.endswith(".indices") or key not in b:
-            continue
-        shared = int(torch.isin(idx, b[key]).sum())
-        match = re.search(r"layer\.(\d+)\.", key)
-        bucket = f"layer_{int(match.group(1)):02d}" if match else ("embeddings" if "embeddings" in key else "other")
-        per_layer[bucket] = per_layer.get(bucket, 0) + shared
+    for name, count in shared.items():
+        match = re.search(r"layer\.(\d+)\.", name)
+        bucket = f"layer_{int(match.group(1)):02d}" if match else ("embeddings" if "embeddings" in name else "other")
+        per_layer[bucket] = per_layer.get(bucket, 0) + count
     return dict(sorted(per_layer.items()))
 
 

@@ -94,13 +94,14 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
 @click.option("--lang-method", help="adapter or sft [default: newest registered]")
 @click.option("--task-method", help="adapter or sft [default: newest registered]")
 @click.option("--eval-data", help="file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's data for --lang]")
+@click.option("--split", help="task-pack split to evaluate on, e.g. sample_test [default: test, else validation]")
 @click.option("--output", type=click.Path(file_okay=False), help="write the composed model here")
-def compose_cmd(lang, task, base, lang_method, task_method, eval_data, output) -> None:
+def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, output) -> None:
     """Compose a language module with a task module; evaluate zero-shot against the source-language baseline."""
     from xlpeft.recipes.compose import ComposeRequest, compose_task
 
     r = compose_task(ComposeRequest(lang=lang, task=task, base=base, lang_method=lang_method,
-                                    task_method=task_method, eval_data=eval_data, output=output))
+                                    task_method=task_method, eval_data=eval_data, output=output, split=split))
     if r.overlap:
         click.echo(f"delta overlap (shared indices): total {sum(r.overlap.values())}; "
                    + ", ".join(f"{k} {v}" for k, v in r.overlap.items()))
@@ -119,14 +120,19 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, output) -
 @click.option("--task", required=True, help="task pack")
 @click.option("--langs", required=True, help="comma-separated target languages, e.g. sw,yo,ha")
 @click.option("--base", default="xlmr", show_default=True)
-@click.option("--eval-dir", type=click.Path(file_okay=False), help="folder of <lang>.conll files overriding the pack's data")
-def evaluate_cmd(task, langs, base, eval_dir) -> None:
+@click.option("--eval-dir", type=click.Path(file_okay=False),
+              help="folder of <lang>.conll or <lang>.test.conll files overriding the pack's data")
+@click.option("--split", help="task-pack split to evaluate on, e.g. sample_test [default: test, else validation]")
+def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
     """Language x method transfer matrix for every registered module; table and heat-map go to MLflow."""
     from xlpeft.recipes.compose import evaluate_matrix
 
-    matrix, run_id = evaluate_matrix(task, [x.strip() for x in langs.split(",") if x.strip()], base, eval_dir)
+    from xlpeft.tracking import tracking_uri
+
+    matrix, run_id = evaluate_matrix(task, [x.strip() for x in langs.split(",") if x.strip()], base, eval_dir, split)
     click.echo(matrix.format())
     click.echo(f"MLflow run {run_id} (artifacts: evaluation/matrix.png, matrix.json)")
+    click.echo(f"browse runs, artifacts and the registry: mlflow ui --backend-store-uri {tracking_uri()}")
 
 
 @cli.command("predict")

@@ -31,6 +31,7 @@ class ComposeRequest:
     task_method: str | None = None
     eval_data: str | None = None
     output: str | None = None
+    split: str | None = None  # a split of the task pack for --lang (default: test, else validation)
 
 
 @dataclass
@@ -50,10 +51,13 @@ def resolve(kind: str, name: str, method: str | None, fingerprint: str) -> tuple
     return load_module(path), reg
 
 
-def eval_examples(pack: TaskPack, lang: str, spec: str | None) -> tuple[list | None, str | None]:
-    """--eval-data, else the pack's test (or validation) data for ``lang``, else nothing."""
+def eval_examples(pack: TaskPack, lang: str, spec: str | None,
+                  split: str | None = None) -> tuple[list | None, str | None]:
+    """--eval-data, else the pack's ``split`` (default test, else validation) for ``lang``, else nothing."""
     if spec:
         source = parse_task_data(spec)
+    elif split:
+        source = pack.source(lang, split)
     else:
         splits = pack.sources.get(lang, {})
         split = next((s for s in ("test", "validation") if s in splits), None)
@@ -92,7 +96,7 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
     base = load_base(req.base)
     lang_mod, lang_reg = resolve("language", req.lang, req.lang_method, base.fingerprint)
     task_mod, task_reg = resolve("task", req.task, req.task_method, base.fingerprint)
-    examples, evaluated_on = eval_examples(pack, req.lang, req.eval_data)
+    examples, evaluated_on = eval_examples(pack, req.lang, req.eval_data, req.split)
     overlap = {}
     if lang_mod.manifest.method == "sft" and task_mod.manifest.method == "sft":
         overlap = delta_overlap(lang_mod, task_mod)
@@ -149,7 +153,8 @@ class Matrix:
         return "\n".join(lines)
 
 
-def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str | None = None) -> tuple[Matrix, str]:
+def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str | None = None,
+                    split: str | None = None) -> tuple[Matrix, str]:
     """Every registered language module for ``langs`` with every task module for ``task``: a transfer matrix."""
     pack = load_task_pack(task)
     base = load_base(base_name)
@@ -175,9 +180,12 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
         if not lang_mods:
             matrix.skipped[lang] = f"no language module registered for {lang} on this base"
             continue
-        local = Path(eval_dir) / f"{lang}.conll" if eval_dir else None
+        local = next((Path(eval_dir) / f"{lang}{suffix}" for suffix in (".conll", ".test.conll")
+                      if eval_dir and (Path(eval_dir) / f"{lang}{suffix}").is_file()), None)
         try:
-            examples, _ = eval_examples(pack, lang, str(local) if local and local.is_file() else None)
+            if local is None and split and split not in pack.sources.get(lang, {}):
+                raise XlpeftError(f"the {task} pack has no {split} split for {lang}")
+            examples, _ = eval_examples(pack, lang, str(local) if local else None, split)
         except XlpeftError as exc:  # e.g. the pack's hub dataset while offline: report it, keep the other rows
             matrix.skipped[lang] = str(exc)
             continue

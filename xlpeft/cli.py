@@ -126,7 +126,6 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, ou
 def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
     """Language x method transfer matrix for every registered module; table and heat-map go to MLflow."""
     from xlpeft.recipes.compose import evaluate_matrix
-
     from xlpeft.tracking import tracking_uri
 
     matrix, run_id = evaluate_matrix(task, [x.strip() for x in langs.split(",") if x.strip()], base, eval_dir, split)

@@ -80,12 +80,26 @@ def test_top_k_lowers_threshold_when_the_sample_overestimates(monkeypatch):
         calls.append(1)
         return torch.sort(torch.cat([s.reshape(-1) for s in scores.values()]), descending=True).values[:200]
 
-    original = selection_mod._candidates
+    original = selection_mod._count
     monkeypatch.setattr(selection_mod, "_sample", biased)
-    monkeypatch.setattr(selection_mod, "_candidates", lambda *a: calls.append(2) or original(*a))
+    monkeypatch.setattr(selection_mod, "_count", lambda *a: calls.append(2) or original(*a))
     got = top_k_indices({n: s.numel() for n, s in scores.items()}, scores.__getitem__, 3000, sample_size=100)
-    assert calls.count(2) > 1, "a second candidates pass with a lower threshold was expected"
+    assert calls.count(2) > 1, "a second counting pass with a lower threshold was expected"
     _assert_same(got, _dense_top_k(scores, 3000))
+
+
+@pytest.mark.parametrize("sample_size", [1 << 20, 50])
+def test_top_k_when_most_scores_tie_at_zero(sample_size):
+    """Entries that never moved all score 0; K beyond the moved ones is filled with the first zeros."""
+    g = torch.Generator().manual_seed(4)
+    scores = {n: torch.zeros(s) for n, s in {"a": (100, 30), "b": (500,), "c": (40, 40)}.items()}
+    scores["b"][torch.randperm(500, generator=g)[:60]] = torch.rand(60, generator=g) + 0.1
+    scores["c"].view(-1)[torch.randperm(1600, generator=g)[:40]] = torch.rand(40, generator=g) + 0.1
+    numels = {n: s.numel() for n, s in scores.items()}
+    for k in (50, 100, 2000, 4000):
+        got = top_k_indices(numels, scores.__getitem__, k, sample_size=sample_size)
+        assert sum(len(i) for i in got.values()) == k
+        _assert_same(got, _dense_top_k(scores, k))
 
 
 def test_magnitude_selection_is_the_dense_top_k_on_a_tiny_model(base):

@@ -6,11 +6,18 @@ time by a callable and never concatenated:
 
 1. sample: about ``sample_size`` scores drawn uniformly across tensors give a threshold ``lo``
    a little below the K-th largest score (a rank with 5% slack);
-2. candidates: one pass keeps the scores >= ``lo`` of every tensor (about 1.05 K of them, with
-   their flat indices); if fewer than K survive, ``lo`` is lowered and the pass repeated;
-3. exact refinement: the K-th largest candidate ``v`` is found with ``kthvalue``; every entry
-   above ``v`` is kept, and the entries equal to ``v`` fill the remaining places in (tensor
-   order, flat index) order, so exactly K entries are kept and ties are broken deterministically.
+2. count: one pass counts the scores > ``lo`` and >= ``lo``; if fewer than K reach ``lo``, it is
+   lowered and the pass repeated;
+3. exact refinement, holding O(K) entries at most:
+   * fewer than K scores exceed ``lo``: the K-th largest *is* ``lo``, so the result is every
+     entry above it plus the first entries equal to it (the common case when many scores tie,
+     e.g. the zero |delta| of never-seen embedding rows);
+   * otherwise the ~1.05 K entries above ``lo`` are gathered with their flat indices, the K-th
+     largest ``v`` among them is found with ``kthvalue``, and the entries above ``v`` plus the
+     first ones equal to ``v`` are kept.
+
+"First" is in (tensor order, flat index) order, so exactly K entries are kept and ties are
+broken deterministically.
 
 The result equals a dense reference: concatenate all scores in tensor order, stable-sort them
 descending, take the first K (``tests/methods/test_sft.py`` checks this).
@@ -43,13 +50,51 @@ def _sample(numels: Mapping[str, int], score: Scores, sample_size: int, generato
     return torch.cat(parts).cpu()  # (S,)
 
 
-def _candidates(numels: Mapping[str, int], score: Scores, lo: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per tensor, (flat indices ascending, scores) of the entries scoring >= ``lo``."""
+def _count(numels: Mapping[str, int], score: Scores, lo: float) -> tuple[int, int]:
+    """(scores > ``lo``, scores >= ``lo``) over all tensors, storing nothing."""
+    above = reached = 0
+    for name in numels:
+        flat = score(name).reshape(-1)
+        above += int((flat > lo).sum())
+        reached += int((flat >= lo).sum())
+    return above, reached
+
+
+def _above(numels: Mapping[str, int], score: Scores, lo: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per tensor, (flat indices ascending, scores) of the entries scoring > ``lo``."""
     out = {}
     for name in numels:
         flat = score(name).reshape(-1)
-        idx = torch.nonzero(flat >= lo).squeeze(1)  # (c,) ascending
+        idx = torch.nonzero(flat > lo).squeeze(1)  # (c,) ascending
         out[name] = (idx, flat[idx].float())
+    return out
+
+
+def _first_equal(flat: torch.Tensor, value: float, limit: int, chunk: int = 1 << 22) -> torch.Tensor:
+    """Flat indices of the first ``limit`` entries equal to ``value``, scanning in chunks (bounded memory)."""
+    found = []
+    for start in range(0, len(flat), chunk):
+        if limit <= 0:
+            break
+        hits = torch.nonzero(flat[start:start + chunk] == value).squeeze(1)[:limit] + start
+        found.append(hits)
+        limit -= len(hits)
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=flat.device)
+
+
+def _keep(parts, threshold: float, ties: int) -> dict[str, torch.Tensor]:
+    """Entries scoring > ``threshold``, plus the first ``ties`` scoring == ``threshold`` in tensor order.
+
+    ``parts`` yields (name, flat scores, their flat indices or None for all of them) tensor by tensor.
+    """
+    out = {}
+    for name, vals, idx in parts:
+        tied = _first_equal(vals, threshold, ties)
+        ties -= len(tied)
+        above = torch.nonzero(vals > threshold).squeeze(1)
+        if idx is not None:  # vals are a gathered subset: map positions back to flat indices
+            above, tied = idx[above], idx[tied]
+        out[name] = torch.sort(torch.cat([above, tied])).values.cpu()
     return out
 
 
@@ -67,7 +112,7 @@ def top_k_indices(
         numels: tensor name -> number of entries, in the order that breaks ties (earlier first).
         score: tensor name -> its scores; called a few times per tensor, must return the same values.
         k: entries to keep; ``k >= total`` keeps everything.
-        sample_size: scores sampled to estimate the threshold (memory of the candidates is ~1.05 k).
+        sample_size: scores sampled to estimate the threshold (what is held at once is O(k)).
         generator: for the sample (the result does not depend on it, only the work done).
 
     Returns:
@@ -84,23 +129,18 @@ def top_k_indices(
     rank = k if s == total else min(s, math.ceil(1.05 * k * s / total) + 16)  # slack for sampling error
     while True:
         lo = float("-inf") if rank >= s else float(torch.topk(sample, rank).values[-1])
-        cands = _candidates(numels, score, lo)
-        found = sum(len(i) for i, _ in cands.values())
-        if found >= k:
+        above, reached = _count(numels, score, lo)
+        if reached >= k:
             break
         if rank >= s:
-            raise XlpeftError(f"only {found} of {total} scores are comparable (NaN scores?); cannot keep {k}")
+            raise XlpeftError(f"only {reached} of {total} scores are comparable (NaN scores?); cannot keep {k}")
         rank = min(s, 2 * rank)  # the sample overestimated the threshold: lower it
-    values = torch.cat([v for _, v in cands.values()])  # (found,), ~1.05 k
-    kth = float(torch.kthvalue(values.cpu(), found - k + 1).values)  # the k-th largest score
-    ties_left = k - int((values > kth).sum())
-    out = {}
-    for name, (idx, vals) in cands.items():
-        above = idx[vals > kth]
-        tied = idx[vals == kth][:ties_left]
-        ties_left -= len(tied)
-        out[name] = torch.sort(torch.cat([above, tied])).values.cpu()
-    return out
+    if above < k:  # the k-th largest score is lo itself
+        return _keep(((name, score(name).reshape(-1), None) for name in numels), lo, k - above)
+    cands = _above(numels, score, lo)  # ~1.05 k entries
+    values = torch.cat([v for _, v in cands.values()]).cpu()  # (above,)
+    kth = float(torch.kthvalue(values, above - k + 1).values)  # the k-th largest score
+    return _keep(((n, v, i) for n, (i, v) in cands.items()), kth, k - int((values > kth).sum()))
 
 
 def random_scores(numel: int, seed: int, position: int, device: torch.device | str = "cpu") -> torch.Tensor:

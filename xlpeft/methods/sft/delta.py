@@ -117,7 +117,7 @@ class SparseDelta:
     def overlap(self, other: SparseDelta) -> dict[str, int]:
         """Per parameter both deltas touch, how many indices they share."""
         return {
-            name: int(torch.isin(idx, other.entries[name][0]).sum())
+            name: int(torch.count_nonzero(torch.isin(idx, other.entries[name][0])))
             for name, (idx, _) in self.entries.items()
             if name in other.entries
         }

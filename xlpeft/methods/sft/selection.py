@@ -55,8 +55,8 @@ def _count(numels: Mapping[str, int], score: Scores, lo: float) -> tuple[int, in
     above = reached = 0
     for name in numels:
         flat = score(name).reshape(-1)
-        above += int((flat > lo).sum())
-        reached += int((flat >= lo).sum())
+        above += int(torch.count_nonzero(flat > lo))  # not .sum(): that widens the mask to int64 first
+        reached += int(torch.count_nonzero(flat >= lo))
     return above, reached
 
 
@@ -140,7 +140,7 @@ def top_k_indices(
     cands = _above(numels, score, lo)  # ~1.05 k entries
     values = torch.cat([v for _, v in cands.values()]).cpu()  # (above,)
     kth = float(torch.kthvalue(values, above - k + 1).values)  # the k-th largest score
-    return _keep(((n, v, i) for n, (i, v) in cands.items()), kth, k - int((values > kth).sum()))
+    return _keep(((n, v, i) for n, (i, v) in cands.items()), kth, k - int(torch.count_nonzero(values > kth)))
 
 
 def random_scores(numel: int, seed: int, position: int, device: torch.device | str = "cpu") -> torch.Tensor:

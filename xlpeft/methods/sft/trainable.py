@@ -211,7 +211,7 @@ class SFTTrainable:
     def _scorer(self):
         selection = self.config.selection
         if selection == "magnitude":  # LT-SFT: |theta1 - theta0|
-            return lambda n: (self.params[n].detach() - self._theta0[n]).abs()
+            return lambda n: (self.params[n].detach() - self._theta0[n]).abs_()
         if selection == "movement":
             return self._movement
         positions = {n: i for i, n in enumerate(self.params)}

@@ -288,6 +288,16 @@ def test_export_respects_k_and_keeps_tied_head_out(base):
         assert len(torch.unique(idx)) == len(idx) and int(idx.max()) < maskable[name].numel()
 
 
+def test_maskable_switches(base):
+    default = maskable_parameters(base, SFTConfig())
+    no_emb = maskable_parameters(base, SFTConfig(include_embeddings=False))
+    with_ln = maskable_parameters(base, SFTConfig(freeze_layer_norm=False))
+    assert not any(".embeddings." in n for n in no_emb) and any(".embeddings." in n for n in default)
+    layer_norms = [n for n in with_ln if n not in default]
+    assert layer_norms and all("LayerNorm" in n for n in layer_norms)
+    assert not any(n.startswith(base.arch.mlm_head + ".") for n in with_ln)  # the head's own LayerNorm stays out
+
+
 def test_close_during_phase1_restores_base(base):
     before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
     trainable = SFTTrainable(base, SFTConfig(num_params=10, selection="movement"), TrainConfig(max_steps=4))

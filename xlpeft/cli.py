@@ -40,14 +40,17 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--seed", type=int, help="random seed [default: 42]")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--output", help="module directory [default: modules/lang-<lang>-<method>]")
-def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, output) -> None:
+@click.option("--resume", is_flag=True, help="continue the newest unfinished run of this same command from its checkpoint")
+def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, output, resume) -> None:
     """Train a language module with masked-language modelling."""
     from xlpeft.config import parse_sets
     from xlpeft.recipes.train_lang import LangRequest, train_language
 
     req = LangRequest(lang=lang, method=method, base=base, corpus=tuple(corpus), sets=parse_sets(sets),
-                      output=output, max_steps=max_steps, batch_size=batch_size, seed=seed)
+                      output=output, max_steps=max_steps, batch_size=batch_size, seed=seed, resume=resume)
     result = train_language(req)
+    if not result.version:  # a data-parallel rank other than 0
+        return
     m = result.metrics
     click.echo(
         f"language module {lang}/{method}: eval loss {m['eval_loss']:.4f}, perplexity {m['eval_perplexity']:.2f}\n"
@@ -69,15 +72,20 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help=SET_HELP + "; also lang_module=auto|none|PATH, head_dropout")
 @click.option("--output", help="module directory [default: modules/task-<task>-<method>]")
-def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch_size, seed, sets, output) -> None:
+@click.option("--resume", is_flag=True, help="continue the newest unfinished run of this same command from its checkpoint")
+def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch_size, seed, sets, output,
+               resume) -> None:
     """Train a task module (+ head) over the source language's module."""
     from xlpeft.config import parse_sets
     from xlpeft.recipes.train_task import TaskRequest
     from xlpeft.recipes.train_task import train_task as run_train_task
 
     req = TaskRequest(task=task, lang=lang, method=method, base=base, train_data=train_data, eval_data=eval_data,
-                      sets=parse_sets(sets), output=output, max_steps=max_steps, batch_size=batch_size, seed=seed)
+                      sets=parse_sets(sets), output=output, max_steps=max_steps, batch_size=batch_size, seed=seed,
+                      resume=resume)
     result = run_train_task(req)
+    if not result.version:  # a data-parallel rank other than 0
+        return
     headline = {k: v for k, v in result.metrics.items() if k in ("f1", "precision", "recall", "accuracy")}
     click.echo(
         f"task module {task}/{method} ({lang}, over {result.lang_module or 'no language module'}): "

@@ -140,6 +140,7 @@ class TrainConfig:
     eval_batches: int = field(default=50, metadata={"help": "at most this many eval batches", "min": 1})
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps", "min": 1})
     max_corpus_lines: int = field(default=0, metadata={"help": "read at most N corpus lines (0: all)", "min": 0})
+    checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0: never)", "min": 0})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, masking and data order"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
 

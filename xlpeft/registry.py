@@ -30,6 +30,12 @@ class Trainable(Protocol):
     def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
         """Prepare the phase; return the parameters the optimizer should update."""
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue the current phase exactly (for checkpoints)."""
+
+    def resume_phase(self, phase: Phase, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
+        """Enter ``phase`` in the state ``state_dict()`` captured (instead of ``begin_phase``)."""
+
     def after_step(self, phase: Phase, step: int) -> None:
         """Called after every optimizer step (e.g. to accumulate movement scores)."""
 

@@ -61,6 +61,16 @@ class LoopResult:
     steps_per_second: float
 
 
+@dataclass
+class Resume:
+    """Where an interrupted phase left off: its step, optimizer/scheduler state and loss window."""
+
+    step: int
+    optimizer: tuple[dict[str, torch.Tensor], dict]  # (tensors, meta) from checkpoint.optimizer_state
+    scheduler: dict
+    window: list[float]
+
+
 def train_loop(
     params: list[nn.Parameter],
     batches: Iterator,
@@ -72,6 +82,10 @@ def train_loop(
     after_step: Callable[[int], None] | None = None,
     desc: str = "train",
     step_offset: int = 0,
+    resume: Resume | None = None,
+    checkpoint: Callable[[int, torch.optim.Optimizer, object, list[float]], None] | None = None,
+    sync_grads: Callable[[list[nn.Parameter]], None] | None = None,
+    progress: bool = True,
 ) -> LoopResult:
     """Run ``steps`` optimizer steps of AdamW on ``params``.
 
@@ -79,26 +93,38 @@ def train_loop(
         params: the only parameters updated; everything else stays frozen.
         batches: endless iterator of micro-batches, consumed ``cfg.grad_accum`` per step.
         loss_fn: micro-batch -> scalar loss.
-        cfg: optimisation settings (lr, warm-up, accumulation, clipping, logging).
+        cfg: optimisation settings (lr, warm-up, accumulation, clipping, logging, checkpoints).
         steps: optimizer steps for this phase.
         log: receives metric dicts with the global step (``step_offset + step``).
         evaluate: called every ``cfg.eval_every`` steps (if > 0); its metrics are logged.
         after_step: method hook after each optimizer step (e.g. movement scores).
+        resume: continue an interrupted phase from its checkpointed step.
+        checkpoint: called every ``cfg.checkpoint_every`` steps with (step, optimizer, scheduler, loss window).
+        sync_grads: averages gradients across data-parallel ranks before clipping.
     """
+    from xlpeft.checkpoint import restore_optimizer
+
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
     window: list[float] = []
+    start_step = 0
+    if resume is not None:
+        restore_optimizer(optimizer, *resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        window, start_step = list(resume.window), resume.step
     last_loss = math.nan
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True)
-    for step in range(1, steps + 1):
+    bar = tqdm(total=steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, disable=not progress)
+    for step in range(start_step + 1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
             loss = loss_fn(next(batches)) / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
+        if sync_grads is not None:
+            sync_grads(params)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -115,9 +141,12 @@ def train_loop(
             log({"loss": last_loss, "lr": lr}, step_offset + step)
         if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step != steps:
             log(evaluate(), step_offset + step)
+        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != steps:
+            checkpoint(step, optimizer, scheduler, window)
     bar.close()
     seconds = time.perf_counter() - start
-    return LoopResult(steps=steps, last_loss=last_loss, seconds=seconds, steps_per_second=steps / max(seconds, 1e-9))
+    done = max(steps - start_step, 1)
+    return LoopResult(steps=steps, last_loss=last_loss, seconds=seconds, steps_per_second=done / max(seconds, 1e-9))
 
 
 @torch.no_grad()

@@ -120,13 +120,41 @@ def mask_tokens(input_ids: torch.Tensor, tokenizer, probability: float,
     return inputs, labels
 
 
-def batches(blocks: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+class BlockBatches:
+    """Endless shuffled batches (B, T) over blocks, one fresh permutation per epoch; resumable.
+
+    The position (epoch permutation + offset) and the generator state are part of
+    :meth:`state_dict`, so a resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, blocks: torch.Tensor, batch_size: int, generator: torch.Generator) -> None:
+        self.blocks, self.batch_size, self.generator = blocks, batch_size, generator
+        self.order: torch.Tensor | None = None
+        self.offset = 0
+
+    def __iter__(self) -> BlockBatches:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        n = self.blocks.shape[0]
+        size = min(self.batch_size, n)
+        if self.order is None or self.offset + size > n:
+            self.order = torch.randperm(n, generator=self.generator)
+            self.offset = 0
+        idx = self.order[self.offset:self.offset + size]
+        self.offset += size
+        return self.blocks[idx]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        order = self.order if self.order is not None else torch.empty(0, dtype=torch.long)
+        return {"data.order": order, "data.offset": torch.tensor(self.offset), "rng.data": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.order = state["data.order"] if len(state["data.order"]) else None
+        self.offset = int(state["data.offset"])
+        self.generator.set_state(state["rng.data"])
+
+
+def batches(blocks: torch.Tensor, batch_size: int, generator: torch.Generator) -> BlockBatches:
     """Endless shuffled batches (B, T) over the blocks; each epoch a fresh permutation from ``generator``."""
-    n = blocks.shape[0]
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            if len(idx) < min(batch_size, n):
-                break
-            yield blocks[idx]
+    return BlockBatches(blocks, batch_size, generator)

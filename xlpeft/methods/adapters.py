@@ -145,6 +145,13 @@ class AdapterTrainable:
         self.module.train()
         return list(self.module.parameters())
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def resume_phase(self, phase, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
+        self.module.load_state_dict(state, strict=True)
+        return self.begin_phase(phase)
+
     def after_step(self, phase, step: int) -> None:
         pass
 

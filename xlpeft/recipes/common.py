@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from xlpeft.checkpoint import optimizer_state, restore_rng, rng_state, save_checkpoint
 from xlpeft.config import TrainConfig, split_overrides
+from xlpeft.distributed import Dist
 from xlpeft.io import Manifest, load_module, save_module
 from xlpeft.registry import get_method
+from xlpeft.training import Resume, train_loop
 
 
 def resolve_configs(method: str, kind: str, sets: dict[str, Any], cli: dict[str, Any],
@@ -59,3 +65,173 @@ def count_parameters(tensors: dict[str, dict], extra: dict[str, Any], skip: tupl
 
 def config_dict(obj: Any) -> dict[str, Any]:
     return asdict(obj)
+
+
+# ---- running a method's phases, with checkpoints, resume and data parallelism
+
+class NullTracker:
+    """Stands in for the MLflow run on data-parallel ranks other than 0."""
+
+    run_id = ""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+@dataclass
+class PhaseRun:
+    """Everything the phase loop needs; one object so both recipes drive it the same way."""
+
+    trainable: Any  # registry.Trainable
+    extras: dict[str, nn.Module]  # dense modules trained alongside (a task head)
+    data: Any  # resumable batch iterator with state_dict/load_state_dict
+    generators: dict[str, torch.Generator]  # other RNGs to checkpoint (masking)
+    loss_fn: Any
+    evaluate: Any
+    cfg: TrainConfig
+    tracker: Any
+    desc: str
+    checkpoint_dir: Path | None
+    dist: Dist
+
+
+def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | None = None,
+               state: dict[str, Any] | None = None) -> tuple[int, dict]:
+    """Train every phase of the method; return (total steps, per-phase summary).
+
+    With ``resume`` (a loaded checkpoint), phases already finished are skipped, the current one
+    restarts at its checkpointed step with the exact optimizer, scheduler, RNG and data state.
+    ``state`` is recipe data carried in every checkpoint (e.g. the loss before training).
+    """
+    phases = run.trainable.phases
+    start_phase, resume_state = 0, None
+    summary: dict[str, Any] = {}
+    if resume is not None:
+        tensors, meta = resume
+        start_phase = meta["phase"]
+        summary = {k: v for k, v in meta["summary"].items() if k not in (state or {})}
+        run.data.load_state_dict(tensors)
+        restore_rng(tensors, run.generators)
+        for name, module in run.extras.items():
+            module.load_state_dict(_unprefix(tensors, f"extra.{name}."))
+        resume_state = Resume(meta["step"], (tensors, meta["optimizer"]), meta["scheduler"], meta["window"])
+    done = sum(p.steps for p in phases[:start_phase])
+    for index in range(start_phase, len(phases)):
+        phase = phases[index]
+        if resume_state is not None and index == start_phase:
+            params = run.trainable.resume_phase(phase, _unprefix(resume[0], "trainable."))
+        else:
+            params = run.trainable.begin_phase(phase)
+        params = params + [p for m in run.extras.values() for p in m.parameters()]
+
+        def checkpoint(step: int, optimizer, scheduler, window, index=index, done=done) -> None:
+            if run.checkpoint_dir is None or not run.dist.main:
+                return
+            tensors = {f"trainable.{k}": v for k, v in run.trainable.state_dict().items()}
+            for name, module in run.extras.items():
+                tensors.update({f"extra.{name}.{k}": v for k, v in module.state_dict().items()})
+            opt_tensors, opt_meta = optimizer_state(optimizer)
+            tensors.update(opt_tensors)
+            tensors.update(rng_state(run.generators))
+            tensors.update(run.data.state_dict())
+            meta = {"phase": index, "step": step, "done": done + step, "optimizer": opt_meta,
+                    "scheduler": scheduler.state_dict(), "window": list(window), "summary": {**summary, **(state or {})}}
+            save_checkpoint(run.checkpoint_dir, tensors, meta)
+            run.tracker.log_metrics({"checkpoint_step": done + step}, done + step)
+
+        result = train_loop(
+            params, run.data, run.loss_fn, run.cfg, phase.steps, run.tracker.log_metrics, run.evaluate,
+            after_step=lambda step, p=phase: run.trainable.after_step(p, step), desc=f"{run.desc} {phase.name}",
+            step_offset=done, resume=resume_state if index == start_phase else None, checkpoint=checkpoint,
+            sync_grads=run.dist.sync_grads if run.dist.active else None, progress=run.dist.main,
+        )
+        done += phase.steps
+        metrics = {f"{phase.name}_steps_per_second": result.steps_per_second, **run.trainable.end_phase(phase)}
+        run.tracker.log_metrics(metrics, done)
+        indices = getattr(run.trainable, "indices", None)
+        if isinstance(indices, dict) and indices:  # LT-SFT: every rank must hold the same mask
+            run.dist.same_everywhere(torch.cat([i.reshape(-1).cpu() for i in indices.values()]), "the LT-SFT mask")
+        summary[phase.name] = {"steps": phase.steps, "last_loss": result.last_loss, "seconds": result.seconds}
+    return done, summary
+
+
+def _unprefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def checkpoint_dir_for(out_dir: Path, run_id: str) -> Path:
+    return out_dir.parent / ".checkpoints" / run_id
+
+
+def find_resumable(tags: dict[str, str], params: dict[str, Any]) -> tuple[str, Path] | None:
+    """The newest unfinished run with these identity tags and a checkpoint; refuse it if its config differs.
+
+    Returns:
+        (run id, checkpoint directory), or None if there is no unfinished run to continue.
+
+    Raises:
+        XlpeftError: the newest unfinished run was started with another configuration (keys named).
+    """
+    from xlpeft import tracking
+    from xlpeft.errors import XlpeftError
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name(tracking.EXPERIMENT)
+    if exp is None:
+        return None
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items() if k in tracking.TAG_KEYS)
+    runs = c.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+    unfinished = [r for r in runs if r.info.status != "FINISHED" and "xlpeft.checkpoint_dir" in r.data.tags]
+    if not unfinished:
+        return None
+    run = unfinished[0]
+    mine = tracking._flat(params)
+    differing = sorted(k for k in set(mine) | set(run.data.params) if mine.get(k) != run.data.params.get(k))
+    if differing:
+        shown = "; ".join(f"{k}: {run.data.params.get(k)!r} then, {mine.get(k)!r} now" for k in differing[:8])
+        raise XlpeftError(f"the unfinished run {run.info.run_id} was started with another configuration ({shown}); "
+                          "re-run with the same options to resume it, or drop --resume to start a new run")
+    return run.info.run_id, Path(run.data.tags["xlpeft.checkpoint_dir"])
+
+
+def open_run(run_name: str, tags: dict[str, str], params: dict[str, Any], dist: Dist,
+             resume_id: str | None = None, checkpoint_dir: Path | None = None):
+    """The MLflow run for this process: a new one, the resumed one, or a stand-in on ranks > 0."""
+    from contextlib import contextmanager, nullcontext
+
+    from xlpeft import tracking
+
+    if not dist.main:
+        return nullcontext(NullTracker())
+    if resume_id is None:
+        return tracking.tracked_run(run_name, tags, params)
+
+    @contextmanager
+    def reopened():
+        c = tracking.client()
+        c.update_run(resume_id, status="RUNNING")
+        tracker = tracking.Tracker(resume_id, c)
+        try:
+            yield tracker
+        except BaseException:
+            c.set_terminated(resume_id, status="FAILED")
+            raise
+        c.set_terminated(resume_id, status="FINISHED")
+
+    return reopened()
+
+
+def resume_or_start(resume: bool, tags: dict[str, str], params: dict[str, Any], dist: Dist) -> str | None:
+    """Decide (on rank 0, shared with every rank) which unfinished run to continue, if asked to."""
+    import click
+
+    found = None
+    if resume and dist.main:
+        found = find_resumable(tags, params)
+        if found is None:
+            click.echo("no unfinished run with a checkpoint matches this command; starting a new run", err=True)
+    if dist.active:
+        box = [found]
+        torch.distributed.broadcast_object_list(box, src=0)
+        found = box[0]
+    return found

@@ -7,20 +7,34 @@ MLflow run is opened, so a bad command leaves nothing behind in the tracking sto
 from __future__ import annotations
 
 import itertools
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from xlpeft import tracking
+from xlpeft.checkpoint import load_checkpoint
 from xlpeft.data.corpora import check_text_file, iter_lines
 from xlpeft.data.mlm import batches, mask_tokens, pack_blocks, split_blocks
+from xlpeft.distributed import init_from_env, local_device
 from xlpeft.io import Manifest
 from xlpeft.models import load_base
 from xlpeft.packs import load_language_pack
-from xlpeft.recipes.common import base_ref, count_parameters, publish, resolve_configs, run_tags
+from xlpeft.recipes.common import (
+    PhaseRun,
+    base_ref,
+    checkpoint_dir_for,
+    count_parameters,
+    open_run,
+    publish,
+    resolve_configs,
+    resume_or_start,
+    run_phases,
+    run_tags,
+)
 from xlpeft.registry import get_method
-from xlpeft.training import evaluate_mlm, mlm_loss, pick_device, train_loop
+from xlpeft.training import evaluate_mlm, mlm_loss
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,7 @@ class LangRequest:
     max_steps: int | None = None
     batch_size: int | None = None
     seed: int | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -45,12 +60,11 @@ class LangResult:
     registered_name: str
     version: str
     metrics: dict[str, float]
+    resumed_from: int | None = None
 
 
 def train_language(req: LangRequest) -> LangResult:
     """Train, save, log and register a language module; returns where it went."""
-    from xlpeft import tracking
-
     # ---- setup: validate everything before an MLflow run exists
     pack = load_language_pack(req.lang)
     spec = get_method(req.method)
@@ -61,10 +75,11 @@ def train_language(req: LangRequest) -> LangResult:
     for c in corpora:
         if c.path:
             check_text_file(Path(c.path))
-    device = pick_device(cfg.device)
+    device = local_device(cfg.device)
     base = load_base(req.base, device=device)
+    dist = init_from_env(device)
     lines = itertools.chain.from_iterable(iter_lines(c, cfg.max_corpus_lines) for c in corpora)
-    blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len)
+    blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
     out_dir = Path(req.output or f"modules/lang-{req.lang}-{req.method}")
     name = tracking.registered_name("language", req.lang, req.method)
@@ -72,52 +87,58 @@ def train_language(req: LangRequest) -> LangResult:
     params = {
         "method": asdict(method_cfg), "train": asdict(cfg), "lang": req.lang, "base": base.name,
         "corpora": ", ".join(c.describe() for c in corpora), "train_blocks": len(train_blocks),
-        "eval_blocks": len(eval_blocks),
+        "eval_blocks": len(eval_blocks), "world_size": dist.world,
     }
+    resumed = resume_or_start(req.resume, tags, params, dist)
 
     # ---- train
-    with tracking.tracked_run(f"lang-{req.lang}-{req.method}", tags, params) as tracker:
+    with open_run(f"lang-{req.lang}-{req.method}", tags, params, dist, resumed and resumed[0]) as tracker:
+        ckpt_dir = resumed[1] if resumed else checkpoint_dir_for(out_dir, tracker.run_id or "rank")
+        if dist.main and not resumed:
+            tracker.set_tags({"xlpeft.checkpoint_dir": str(ckpt_dir.resolve())})
+        checkpoint = load_checkpoint(ckpt_dir) if resumed else None
         torch.manual_seed(cfg.seed)
         trainable = spec.prepare(base, method_cfg, cfg)
         mask_gen = torch.Generator().manual_seed(cfg.seed)
         data = batches(train_blocks, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
 
         def loss_fn(batch: torch.Tensor) -> torch.Tensor:
-            inputs, labels = mask_tokens(batch, base.tokenizer, cfg.mlm_probability, mask_gen)
-            return mlm_loss(base, inputs.to(device), labels.to(device))
+            inputs, labels = mask_tokens(batch, base.tokenizer, cfg.mlm_probability, mask_gen)  # same on every rank
+            return mlm_loss(base, dist.shard(inputs).to(device), dist.shard(labels).to(device))
 
         def evaluate() -> dict[str, float]:
             return evaluate_mlm(base, eval_blocks, base.tokenizer, cfg)
 
-        before = evaluate()
-        tracker.log_metrics({f"{k}_before": v for k, v in before.items()}, 0)
+        if checkpoint is None:
+            before = evaluate()
+            tracker.log_metrics({f"{k}_before": v for k, v in before.items()}, 0)
+        else:
+            before = checkpoint[1]["summary"]["_before"]
+            import click
+
+            click.echo(f"resuming MLflow run {tracker.run_id} at step {checkpoint[1]['done']} from {ckpt_dir}", err=True)
         base.model.train()
-        done = 0
-        summary: dict[str, Any] = {}
-        for phase in trainable.phases:
-            params_ = trainable.begin_phase(phase)
-            result = train_loop(
-                params_, data, loss_fn, cfg, phase.steps, tracker.log_metrics, evaluate,
-                after_step=lambda step, p=phase: trainable.after_step(p, step), desc=f"{req.lang} {phase.name}",
-                step_offset=done,
-            )
-            done += phase.steps
-            phase_metrics = {f"{phase.name}_steps_per_second": result.steps_per_second, **trainable.end_phase(phase)}
-            tracker.log_metrics(phase_metrics, done)
-            summary[phase.name] = {"steps": phase.steps, "last_loss": result.last_loss, "seconds": result.seconds}
+        run = PhaseRun(trainable, {}, data, {"mask": mask_gen}, loss_fn, evaluate, cfg, tracker,
+                       req.lang, ckpt_dir if dist.main else None, dist)
+        done, summary = run_phases(run, checkpoint, state={"_before": before})
         base.model.eval()
         after = evaluate()
         tracker.log_metrics(after, done)
         tensors, extra = trainable.export()
         trainable.close()
+        version = ""
+        if dist.main:  # ---- save, verify, log, register (rank 0 only)
+            manifest = Manifest(
+                kind="language", method=req.method, lang=req.lang, base=base_ref(base), config=asdict(method_cfg),
+                trainable_parameters=count_parameters(tensors, extra),
+                training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
+                          "world_size": dist.world, "corpora": [c.describe() for c in corpora],
+                          "eval_loss_before": before["eval_loss"], **after},
+                extra=extra,
+            )
+            version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        dist.barrier()
+    return LangResult(out_dir, tracker.run_id, name, version, after,
+                      checkpoint[1]["done"] if checkpoint else None)
 
-        # ---- save, verify, log, register
-        manifest = Manifest(
-            kind="language", method=req.method, lang=req.lang, base=base_ref(base), config=asdict(method_cfg),
-            trainable_parameters=count_parameters(tensors, extra),
-            training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
-                      "corpora": [c.describe() for c in corpora], "eval_loss_before": before["eval_loss"], **after},
-            extra=extra,
-        )
-        version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
-    return LangResult(out_dir, tracker.run_id, name, version, after)

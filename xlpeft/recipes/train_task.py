@@ -7,26 +7,40 @@ is later swapped for a target language's.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 import torch.nn.functional as F
 
 from xlpeft import tracking
+from xlpeft.checkpoint import load_checkpoint
 from xlpeft.compose import activate
 from xlpeft.config import check_fields
 from xlpeft.data.tasks import TaskSource, collate, parse_task_data, read_source
+from xlpeft.distributed import init_from_env, local_device
 from xlpeft.errors import XlpeftError
 from xlpeft.evaluation import encode, predict, score
 from xlpeft.io import LoadedModule, Manifest, load_module
 from xlpeft.methods.heads import build_head
 from xlpeft.models import load_base
 from xlpeft.packs import TaskPack, load_task_pack
-from xlpeft.recipes.common import base_ref, count_parameters, publish, resolve_configs, run_tags
+from xlpeft.recipes.common import (
+    PhaseRun,
+    base_ref,
+    checkpoint_dir_for,
+    count_parameters,
+    open_run,
+    publish,
+    resolve_configs,
+    resume_or_start,
+    run_phases,
+    run_tags,
+)
 from xlpeft.registry import get_method, method_names
-from xlpeft.training import pick_device, train_loop
 
 TASK_TRAIN_DEFAULTS = {"max_seq_len": 128, "eval_fraction": 0.1}
 
@@ -55,6 +69,7 @@ class TaskRequest:
     max_steps: int | None = None
     batch_size: int | None = None
     seed: int | None = None
+    resume: bool = False
 
 
 @dataclass
@@ -145,12 +160,26 @@ def evaluate_task(base, head, pack: TaskPack, tokenizer, examples: list, max_len
     return score(pack, examples, preds)
 
 
-def _batches(enc, n: int, batch_size: int, pad_id: int, generator: torch.Generator, device):
-    while True:
-        order = torch.randperm(n, generator=generator).tolist()
-        for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
-            yield {k: v.to(device) for k, v in collate(enc, idx, pad_id).items()}
+class ExampleBatches:
+    """Endless shuffled, padded batches of encoded examples; resumable like :class:`~xlpeft.data.mlm.BlockBatches`."""
+
+    def __init__(self, enc, n: int, batch_size: int, pad_id: int, generator: torch.Generator) -> None:
+        from xlpeft.data.mlm import BlockBatches
+
+        self.enc, self.pad_id = enc, pad_id
+        self.indices = BlockBatches(torch.arange(n), batch_size, generator)  # shuffles example indices
+
+    def __iter__(self) -> ExampleBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return collate(self.enc, next(self.indices).tolist(), self.pad_id)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.indices.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.indices.load_state_dict(state)
 
 
 def train_task(req: TaskRequest) -> TaskResult:
@@ -164,7 +193,7 @@ def train_task(req: TaskRequest) -> TaskResult:
     )
     train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
                                                   cfg.eval_fraction, cfg.seed)
-    device = pick_device(cfg.device)
+    device = local_device(cfg.device)
     base = load_base(req.base, device=device)
     lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base)
     if lang_module is not None:
@@ -179,32 +208,35 @@ def train_task(req: TaskRequest) -> TaskResult:
               "lang": req.lang, "base": base.name, "train_data": ", ".join(train_desc),
               "train_examples": len(train_ex), "eval_examples": len(eval_ex), "lang_module": str(lineage or "none")}
 
+    dist = init_from_env(device)
+    resumed = resume_or_start(req.resume, tags, params, dist)
+
     # ---- train
-    with tracking.tracked_run(f"task-{req.task}-{req.method}", tags, params) as tracker:
+    with open_run(f"task-{req.task}-{req.method}", tags, params, dist, resumed and resumed[0]) as tracker:
+        ckpt_dir = resumed[1] if resumed else checkpoint_dir_for(out_dir, tracker.run_id or "rank")
+        if dist.main and not resumed:
+            tracker.set_tags({"xlpeft.checkpoint_dir": str(ckpt_dir.resolve())})
+        checkpoint = load_checkpoint(ckpt_dir) if resumed else None
+        if checkpoint is not None:
+            click.echo(f"resuming MLflow run {tracker.run_id} at step {checkpoint[1]['done']} from {ckpt_dir}", err=True)
         active = activate(base, [lang_module]) if lang_module is not None else None
         torch.manual_seed(cfg.seed)
         head = build_head(pack.head, base.hidden_size, len(pack.labels), task_cfg.head_dropout).to(device)
         trainable = spec.prepare(base, method_cfg, cfg)
-        data = _batches(train_enc, len(train_ex), cfg.batch_size, base.tokenizer.pad_token_id,
-                        torch.Generator().manual_seed(cfg.seed), device)
+        data = ExampleBatches(train_enc, len(train_ex), cfg.batch_size, base.tokenizer.pad_token_id,
+                              torch.Generator().manual_seed(cfg.seed))
+
+        def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return task_loss(base, head, {k: dist.shard(v).to(device) for k, v in batch.items()})
 
         def evaluate() -> dict[str, float]:
             return {f"eval_{k}": v for k, v in evaluate_task(base, head, pack, base.tokenizer, eval_ex, cfg.max_seq_len).items()}
 
         base.model.train()
         head.train()
-        done, summary = 0, {}
-        for phase in trainable.phases:
-            params_ = trainable.begin_phase(phase) + list(head.parameters())
-            result = train_loop(
-                params_, data, lambda b: task_loss(base, head, b), cfg, phase.steps, tracker.log_metrics, evaluate,
-                after_step=lambda step, p=phase: trainable.after_step(p, step),
-                desc=f"{req.task}/{req.lang} {phase.name}", step_offset=done,
-            )
-            done += phase.steps
-            tracker.log_metrics({f"{phase.name}_steps_per_second": result.steps_per_second,
-                                 **trainable.end_phase(phase)}, done)
-            summary[phase.name] = {"steps": phase.steps, "last_loss": result.last_loss, "seconds": result.seconds}
+        run = PhaseRun(trainable, {"head": head}, data, {}, loss_fn, evaluate, cfg, tracker,
+                       f"{req.task}/{req.lang}", ckpt_dir if dist.main else None, dist)
+        done, summary = run_phases(run, checkpoint)
         metrics = evaluate()
         tracker.log_metrics(metrics, done)
         tensors, extra = trainable.export()
@@ -213,15 +245,19 @@ def train_task(req: TaskRequest) -> TaskResult:
             active.remove()
         head_params = sum(p.numel() for p in head.parameters())
         tensors["head"] = head.state_dict()
-        manifest = Manifest(
-            kind="task", method=req.method, lang=req.lang, task=req.task, base=base_ref(base),
-            config=asdict(method_cfg),
-            trainable_parameters=count_parameters(tensors, extra, skip=("head",)) + head_params,
-            training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
-                      "train_data": train_desc, "metric": pack.metric, "eval": metrics},
-            extra={**extra, "labels": list(pack.labels), "head": pack.head, "head_dropout": task_cfg.head_dropout,
-                   "lang_module": lineage or None},
-        )
-        version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
+        version = ""
+        if dist.main:
+            manifest = Manifest(
+                kind="task", method=req.method, lang=req.lang, task=req.task, base=base_ref(base),
+                config=asdict(method_cfg),
+                trainable_parameters=count_parameters(tensors, extra, skip=("head",)) + head_params,
+                training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
+                          "world_size": dist.world, "train_data": train_desc, "metric": pack.metric, "eval": metrics},
+                extra={**extra, "labels": list(pack.labels), "head": pack.head, "head_dropout": task_cfg.head_dropout,
+                       "lang_module": lineage or None},
+            )
+            version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        dist.barrier()
     return TaskResult(out_dir, tracker.run_id, name, version, {k.removeprefix("eval_"): v for k, v in metrics.items()},
                       lineage.get("registered_name") or lineage.get("path"))

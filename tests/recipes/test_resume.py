@@ -1,0 +1,104 @@
+"""Crash and resume: kill -9 mid-run, --resume continues the same MLflow run and ends with the same module."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from xlpeft import load_module, tracking
+from xlpeft.checkpoint import CHECKPOINT
+
+STEPS = 24
+
+
+def _cmd(base_dir, corpus, out, method="adapter", extra=()):
+    return [sys.executable, "-m", "xlpeft", "train-lang", "--lang", "sw", "--method", method, "--base", str(base_dir),
+            "--corpus", str(corpus), "--max-steps", str(STEPS), "--output", str(out), "--set", "max_seq_len=32",
+            "--set", "checkpoint_every=4", "--set", "log_every=4", "--set", "lr=1e-2", *extra]
+
+
+def _env(workdir, **kw):
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "XLPEFT_CACHE": str(workdir / "cache"),
+            "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **kw}
+
+
+def _kill_after_checkpoint(cmd, env, cwd, min_step: int) -> None:
+    """Start training, wait for a checkpoint past ``min_step``, then SIGKILL it (no clean-up can run)."""
+    from safetensors import safe_open
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            for ckpt in cwd.glob(f"**/.checkpoints/*/{CHECKPOINT}"):
+                try:
+                    with safe_open(str(ckpt), "pt") as fh:
+                        import json
+
+                        if json.loads(fh.metadata()["xlpeft"])["done"] >= min_step:
+                            proc.send_signal(signal.SIGKILL)
+                            proc.wait(30)
+                            return
+                except Exception:
+                    pass  # being replaced right now
+            if proc.poll() is not None:
+                pytest.fail("training finished before it could be killed; make it longer")
+            time.sleep(0.05)
+        pytest.fail("no checkpoint appeared in time")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("adapter", ()), ("sft", ("--set", "num_params=1500"))])
+def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, method, extra):
+    base_dir = base_dirs["tiny-bert"]
+    # the reference: one uninterrupted run
+    ref = workdir / "ref"
+    subprocess.run(_cmd(base_dir, sw_corpus, ref, method, extra), env=_env(workdir, MLFLOW_TRACKING_URI=
+                   f"sqlite:///{workdir / 'ref.db'}"), cwd=workdir, check=True, capture_output=True, timeout=300)
+    # the crashed run, then --resume
+    out = workdir / "crashed"
+    _kill_after_checkpoint(_cmd(base_dir, sw_corpus, out, method, extra), _env(workdir), workdir, min_step=STEPS // 2)
+    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("xlpeft").experiment_id])
+    assert [r.info.status for r in runs] == ["RUNNING"], "SIGKILL leaves the run unfinished"
+    assert not (out / "xlpeft.json").exists() and tracking.list_registered() == [], "nothing half-registered"
+    resumed = subprocess.run(_cmd(base_dir, sw_corpus, out, method, extra) + ["--resume"], env=_env(workdir),
+                             cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed_lines = [line for line in resumed.stderr.splitlines() if line.startswith("resuming MLflow run")]
+    assert len(resumed_lines) == 1 and runs[0].info.run_id in resumed_lines[0]
+    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("xlpeft").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the same MLflow run was continued"
+    a, b = load_module(ref), load_module(out)
+    stem = "adapter" if method == "adapter" else "delta"
+    assert a.tensors[stem].keys() == b.tensors[stem].keys()
+    for key, value in a.tensors[stem].items():
+        torch.testing.assert_close(b.tensors[stem][key], value, rtol=0, atol=1e-6, msg=key)
+    assert not list(workdir.glob("**/.checkpoints/*")), "checkpoints are removed once the module is published"
+
+
+def test_finished_run_is_never_resumed_and_changed_config_is_refused(workdir, base_dirs, sw_corpus, capsys):
+    from xlpeft.cli import main
+
+    args = ["train-lang", "--lang", "sw", "--base", str(base_dirs["tiny-bert"]), "--corpus", str(sw_corpus),
+            "--max-steps", "3", "--set", "max_seq_len=32"]
+    main(args)
+    main(args + ["--resume"])
+    err = capsys.readouterr().err
+    assert "no unfinished run with a checkpoint matches this command; starting a new run" in err
+    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("xlpeft").experiment_id])
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    # an unfinished run with another config is refused, naming the key
+    c = tracking.client()
+    c.update_run(runs[0].info.run_id, status="FAILED")
+    c.set_tag(runs[0].info.run_id, "xlpeft.checkpoint_dir", str(workdir / "nowhere"))
+    with pytest.raises(SystemExit):
+        main(args[:-2] + ["--set", "max_seq_len=64", "--resume"])
+    error = [line for line in capsys.readouterr().err.split("\r") if line.startswith("Error:")]
+    assert len(error) == 1 and error[0].startswith("Error: the unfinished run") and "train.max_seq_len" in error[0]

@@ -153,6 +153,7 @@ def target_model(base, task: LoadedModule | None) -> nn.Module:
 
     labels = task.manifest.extra["labels"]
     head_kind = task.manifest.extra["head"]
+    check_head(task, base.hidden_size)
     config = copy.deepcopy(base.model.config)
     config.num_labels = len(labels)
     config.id2label = dict(enumerate(labels))
@@ -174,6 +175,23 @@ def target_model(base, task: LoadedModule | None) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(next(base.model.parameters()).device)
+
+
+def check_head(task: LoadedModule, hidden_size: int) -> None:
+    """The saved head must fit the base's hidden size and the module's label list."""
+    from xlpeft.methods.heads import build_head
+
+    extra = task.manifest.extra
+    if "head" not in task.tensors or "labels" not in extra or "head" not in extra:
+        raise XlpeftError(f"task module {task.path} has no head (head.safetensors and labels); it is incomplete")
+    expected = build_head(extra["head"], hidden_size, len(extra["labels"])).state_dict()
+    got = task.tensors["head"]
+    problems = [f"{k}: expected {tuple(v.shape)}, got {tuple(got[k].shape) if k in got else 'nothing'}"
+                for k, v in expected.items() if k not in got or got[k].shape != v.shape]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    if problems:
+        raise XlpeftError(f"task head in {task.path} does not fit a base of hidden size {hidden_size} with "
+                          f"{len(extra['labels'])} labels: {'; '.join(problems)}")
 
 
 def _copy_linear(target: nn.Linear, state: dict[str, torch.Tensor], prefix: str) -> None:

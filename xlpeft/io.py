@@ -140,4 +140,18 @@ def load_module(path: str | Path) -> LoadedModule:
             tensors[name.removesuffix(".safetensors")] = load_file(str(fpath))
         except Exception as exc:  # safetensors raises its own error types for truncation/corruption
             raise XlpeftError(f"cannot read {fpath}: {exc}; the file is corrupted, retrain or re-download it") from None
+    check_dtypes(path, tensors)
     return LoadedModule(manifest=manifest, tensors=tensors, path=path)
+
+
+def check_dtypes(path: Path, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Weights must be floating point and sparse indices int64; anything else is a corrupted or foreign file."""
+    bad = []
+    for stem, state in tensors.items():
+        for key, tensor in state.items():
+            want_int = key.endswith(".indices")
+            if (want_int and tensor.dtype != torch.int64) or (not want_int and not tensor.is_floating_point()):
+                bad.append(f"{stem}/{key} is {tensor.dtype}")
+    if bad:
+        raise XlpeftError(f"module {path} has tensors of the wrong dtype ({'; '.join(bad[:5])}); "
+                          "weights should be floating point and sparse indices int64")

@@ -143,6 +143,8 @@ class TrainConfig:
     checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0: never)", "min": 0})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, masking and data order"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+                                                     "choices": ("auto", "fp32", "bf16")})
 
     def __post_init__(self) -> None:
         check_fields(self)

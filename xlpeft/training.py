@@ -42,6 +42,16 @@ def mlm_loss(base, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.float(), labels[selected])
 
 
+def autocast_context(precision: str, device: torch.device):
+    """bf16 autocast where asked for (``auto``: on CUDA only); trainable parameters and AdamW stay fp32."""
+    import contextlib
+
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier for LambdaLR: 0 -> 1 over ``warmup`` steps, then 1 -> 0 linearly at ``total``."""
 
@@ -104,7 +114,10 @@ def train_loop(
     """
     from xlpeft.checkpoint import restore_optimizer
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    on_cuda = bool(params) and params[0].is_cuda
+    # fused AdamW: one kernel for all parameters on CUDA (the CPU build has no fused path worth taking)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=on_cuda or None)
+    autocast = autocast_context(cfg.precision, params[0].device if params else torch.device("cpu"))
     warmup = int(cfg.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(warmup, steps))
     window: list[float] = []
@@ -120,7 +133,8 @@ def train_loop(
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            loss = loss_fn(next(batches)) / cfg.grad_accum
+            with autocast():
+                loss = loss_fn(next(batches)) / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
         if sync_grads is not None:

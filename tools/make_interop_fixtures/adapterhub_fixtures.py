@@ -1,0 +1,138 @@
+"""Make the AdapterHub interop fixtures with the `adapters` library itself (run in its own venv, see README.md).
+
+    benchmarks/.venv-adapterhub/bin/python tools/make_interop_fixtures/adapterhub_fixtures.py tests/interop/fixtures
+
+For each case an adapter is added to a flexible-head model (``BertAdapterModel`` /
+``XLMRobertaAdapterModel``) built on a tiny base, its weights are drawn at random from a fixed
+seed, the logits for fixed input ids are recorded, and the adapter is written with
+``save_adapter`` exactly as AdapterHub writes it. MLM logits come from the flexible masked-LM head
+converted from the base checkpoint's own MLM head: that head applies the invertible adapter's
+inverse before the decoder (MAD-X), which a plain ``BertForMaskedLM`` + ``adapters.init`` does not.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import adapters
+import torch
+import transformers
+from adapters import (
+    BertAdapterModel,
+    DoubleSeqBnConfig,
+    DoubleSeqBnInvConfig,
+    SeqBnConfig,
+    SeqBnInvConfig,
+    XLMRobertaAdapterModel,
+)
+from adapters.composition import Stack
+from safetensors.torch import save_file
+from tiny_bases import build_base, build_model, input_batch
+
+FLEX = {"tiny-bert": BertAdapterModel, "tiny-xlmr": XLMRobertaAdapterModel}
+
+# name: (base, adapter name, config, head, weights as safetensors?)
+MLM_CASES = {
+    "seq_bn": ("tiny-bert", "sw", SeqBnConfig(reduction_factor=4), False),
+    "seq_bn_inv": ("tiny-bert", "sw", SeqBnInvConfig(reduction_factor=4), False),
+    "double_seq_bn": ("tiny-bert", "sw", DoubleSeqBnConfig(reduction_factor=4), True),
+    "double_seq_bn_inv": ("tiny-bert", "sw", DoubleSeqBnInvConfig(reduction_factor=4), False),
+    # options xlpeft expresses exactly: per-layer leave_out (identity), constant scaling (folded), gelu
+    "seq_bn_options": ("tiny-bert", "yo", SeqBnConfig(reduction_factor=8, non_linearity="gelu", scaling=2.0,
+                                                      leave_out=[0]), False),
+    "xlmr_seq_bn_inv": ("tiny-xlmr", "sw", SeqBnInvConfig(reduction_factor=4, inv_adapter_reduction_factor=4), False),
+}
+
+
+def flex_model(kind: str, base_dir: Path):
+    """The flexible-head model on ``base_dir`` whose ``default`` MLM head equals the base's own MLM head."""
+    model = FLEX[kind].from_pretrained(base_dir).eval()
+    reference = build_model(kind)  # the same weights, from the same seed
+    head = model.heads["default"]
+    with torch.no_grad():  # AdapterHub's static-to-flex conversion leaves the decoder bias out; copy it
+        head[len(head) - 1].bias.copy_(reference.get_output_embeddings().bias)
+    model.config.name_or_path = kind
+    return model
+
+
+def randomise(model, name: str, seed: int) -> None:
+    """Draw every weight of adapter/head ``name`` from N(0, 0.2^2) (AdapterHub initialises them near zero)."""
+    gen = torch.Generator().manual_seed(seed)
+    marks = (f".adapters.{name}.", f"invertible_adapters.{name}.", f"heads.{name}.")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if any(m in pname for m in marks):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+
+
+@torch.no_grad()
+def logits(model, batch) -> torch.Tensor:
+    return model(**batch).logits.detach().clone()
+
+
+def mlm_case(out: Path, bases: dict[str, Path], case: str, seed: int) -> None:
+    kind, name, config, safetensors = MLM_CASES[case]
+    batch = input_batch(kind)
+    model = flex_model(kind, bases[kind])
+    bare = logits(model, batch)
+    reference = logits(build_model(kind), batch)
+    assert torch.allclose(bare, reference, atol=1e-5), f"{case}: flex MLM head differs from the base's"
+    model.add_adapter(name, config=config)
+    randomise(model, name, seed)
+    model.set_active_adapters(name)
+    expected = logits(model, batch)
+    assert (expected - bare).abs().max() > 0.1, f"{case}: the adapter barely changes the logits"
+    target = out / "adapterhub" / case
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model.save_adapter(str(target), name, with_head=False, use_safetensors=safetensors)
+    save_file({**batch, "logits": expected, "base_logits": bare}, str(target / "expected.safetensors"))
+
+
+def task_cases(out: Path, bases: dict[str, Path]) -> None:
+    # NER: a seq_bn task adapter with a one-layer tagging head, alone and stacked over language adapters (MAD-X)
+    batch = input_batch("tiny-bert")
+    model = flex_model("tiny-bert", bases["tiny-bert"])
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    model.add_tagging_head("ner", num_labels=len(labels), id2label=dict(enumerate(labels)))
+    model.add_adapter("ner", config=SeqBnConfig(reduction_factor=4))
+    randomise(model, "ner", 101)
+    model.set_active_adapters("ner")
+    model.active_head = "ner"
+    target = out / "adapterhub" / "ner_seq_bn"
+    expected = {"logits": logits(model, batch)}
+    for lang in ("seq_bn", "seq_bn_inv"):
+        loaded = model.load_adapter(str(out / "adapterhub" / lang), load_as=f"sw_{lang}")
+        model.active_adapters = Stack(loaded, "ner")
+        model.active_head = "ner"
+        expected[f"stack_{lang}_logits"] = logits(model, batch)
+    model.set_active_adapters("ner")
+    model.save_adapter(str(target), "ner", with_head=True)
+    save_file({**batch, **expected}, str(target / "expected.safetensors"))
+
+    # NLI: a double_seq_bn task adapter with a two-layer classification head on XLM-R
+    batch = input_batch("tiny-xlmr")
+    model = flex_model("tiny-xlmr", bases["tiny-xlmr"])
+    labels = ["entailment", "neutral", "contradiction"]
+    model.add_classification_head("nli", num_labels=3, id2label=dict(enumerate(labels)))
+    model.add_adapter("nli", config=DoubleSeqBnConfig(reduction_factor=4))
+    randomise(model, "nli", 102)
+    model.set_active_adapters("nli")
+    model.active_head = "nli"
+    target = out / "adapterhub" / "nli_double_seq_bn"
+    model.save_adapter(str(target), "nli", with_head=True)
+    save_file({**batch, "logits": logits(model, batch)}, str(target / "expected.safetensors"))
+
+
+def main(out: Path) -> None:
+    transformers.logging.set_verbosity_error()
+    bases = {kind: build_base(kind, out / "bases" / kind) for kind in FLEX}
+    for seed, case in enumerate(MLM_CASES, start=1):
+        mlm_case(out, bases, case, seed)
+    task_cases(out, bases)
+    print(f"AdapterHub fixtures written under {out} with adapters {adapters.__version__}, "
+          f"transformers {transformers.__version__}, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "tests/interop/fixtures"))

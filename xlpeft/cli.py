@@ -253,6 +253,29 @@ def run(pipeline: str, dry_run: bool) -> None:
             cli.main(args=list(step), prog_name="xlpeft", standalone_mode=False)
 
 
+@cli.command("convert")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--from", "from_format", required=True, type=click.Choice(["adapterhub", "composable-sft", "xlpeft"]),
+              help="format of SRC")
+@click.option("--to", "to_format", default="xlpeft", show_default=True,
+              type=click.Choice(["xlpeft", "adapterhub", "composable-sft"]), help="format to write at DST")
+@click.option("--base", help="the base the module belongs to (needed for --to xlpeft and --to composable-sft)")
+@click.option("--name", help="language code / task name to record, or the AdapterHub adapter name to write")
+@click.option("--without-head", is_flag=True,
+              help="AdapterHub: ignore the prediction head; composable-sft: drop dense values (apply(with_abs=False))")
+@click.option("--safetensors", is_flag=True, help="AdapterHub export: adapter.safetensors instead of pytorch_adapter.bin")
+@click.option("--layout", default="diffs", show_default=True, type=click.Choice(["diffs", "body"]),
+              help="composable-sft export: current {diffs, abs} or earlier {body, head} layout")
+def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safetensors, layout) -> None:
+    """Convert AdapterHub adapters and composable-sft SFTs to xlpeft modules and back."""
+    from xlpeft.interop import convert
+
+    out = convert(src, dst, from_format, to_format, base=base, name=name, without_head=without_head,
+                  safetensors=safetensors, layout=layout)
+    click.echo(f"converted {src} ({from_format}) -> {out} ({to_format})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and turn user errors into one ``Error:`` line."""
     args = sys.argv[1:] if argv is None else argv

@@ -45,6 +45,7 @@ class ArchSpec:
     mlm_head: str  # the MLM head taking hidden states (N, H) -> logits (N, V)
     dropout: str = "dropout"  # dropout inside a sub-layer output: the point where adapters act
     layer_norm: str = "LayerNorm"
+    embeddings: str = "bert.embeddings"  # word + position + type embeddings, LayerNorm, dropout
     seq_head: tuple[str, str] = ("bert.pooler.dense", "classifier")  # (dense, output) of *ForSequenceClassification
     token_head: str = "classifier"  # output layer of *ForTokenClassification
 
@@ -52,9 +53,9 @@ class ArchSpec:
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": ArchSpec("bert", "bert.encoder.layer", "attention.output", "output", "cls"),
     "xlm-roberta": ArchSpec("roberta", "roberta.encoder.layer", "attention.output", "output", "lm_head",
-                            seq_head=("classifier.dense", "classifier.out_proj")),
+                            embeddings="roberta.embeddings", seq_head=("classifier.dense", "classifier.out_proj")),
     "roberta": ArchSpec("roberta", "roberta.encoder.layer", "attention.output", "output", "lm_head",
-                        seq_head=("classifier.dense", "classifier.out_proj")),
+                        embeddings="roberta.embeddings", seq_head=("classifier.dense", "classifier.out_proj")),
 }
 """One table of module paths per architecture; adding an architecture is adding a row."""
 

@@ -50,7 +50,7 @@ def test_invertible_hooks_on_embeddings_and_decoder(base):
         for p in module.invertible.parameters():
             p.copy_(torch.randn(p.shape) * 0.5)
     seen = {}
-    emb = base.model.get_input_embeddings()
+    emb = base.model.get_submodule(base.arch.embeddings)
     probe = emb.register_forward_hook(lambda m, a, out: seen.setdefault("raw", out.clone()))
     handle = attach_adapters(base.model, base.arch, [module])
     emb_out = {}

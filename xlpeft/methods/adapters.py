@@ -106,7 +106,7 @@ def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterMod
     """Hook a stack of adapter modules (bottom first) into ``model``; returns an :class:`Attachment`.
 
     The invertible adapter of the first module that has one is used (MAD-X: the language
-    adapter's), on the input word embeddings and, inverted, on the MLM decoder's input.
+    adapter's), on the embedding layer's output and, inverted, on the MLM decoder's input.
     """
     handles: list = []
     layers = get_submodule(model, arch.layers)
@@ -120,7 +120,9 @@ def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterMod
             handles.append(get_submodule(sub, arch.dropout).register_forward_hook(hooks.transform))
     inv = next((m.invertible for m in stack if m.invertible is not None), None)
     if inv is not None:
-        handles.append(model.get_input_embeddings().register_forward_hook(lambda mod, args, out: inv(out)))
+        # on the embedding layer's output (word + position + type, LayerNorm, dropout), as MAD-X and AdapterHub do
+        embeddings = get_submodule(model, arch.embeddings)
+        handles.append(embeddings.register_forward_hook(lambda mod, args, out: inv(out)))
         decoder = model.get_output_embeddings()  # None for task models: the inverse only precedes the MLM decoder
         if decoder is not None:
             handles.append(decoder.register_forward_pre_hook(lambda mod, args: (inv.inverse(args[0]),) + args[1:]))

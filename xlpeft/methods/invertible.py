@@ -1,6 +1,6 @@
 """Invertible adapters (MAD-X, Pfeiffer et al., EMNLP 2020, Sec. 2.3).
 
-A NICE additive coupling block (Dinh et al., 2015) on the input token embeddings; its exact
+A NICE additive coupling block (Dinh et al., 2015) on the embedding layer's output; its exact
 inverse is applied to the hidden states just before the tied MLM decoder, so the embedding
 matrix shared by input and output stays frozen while the token representation space adapts
 to the target language.

@@ -182,7 +182,8 @@ def test_random_and_bias_selection(base):
 
 
 # ---- training phases on a tiny model
-def _train(base, trainable, cfg, seed=0):
+def _train(base, trainable, cfg, seed=0, phases=None):
+    """Run ``phases`` (default: all of them, each ended) through the real loop on random MLM batches."""
     gen = torch.Generator().manual_seed(seed)
 
     def batches():
@@ -196,11 +197,12 @@ def _train(base, trainable, cfg, seed=0):
         return mlm_loss(base, inputs, labels)
 
     base.model.train()
-    for phase in trainable.phases:
+    for phase in phases or trainable.phases:
         params = trainable.begin_phase(phase)
-        train_loop(params, data, loss_fn, cfg, phase.steps, lambda *_: None,
+        train_loop(params, data, loss_fn, cfg, min(phase.steps, cfg.max_steps), lambda *_: None,
                    after_step=lambda step, p=phase: trainable.after_step(p, step), desc=phase.name)
-        trainable.end_phase(phase)
+        if phases is None:
+            trainable.end_phase(phase)
     base.model.eval()
 
 
@@ -296,6 +298,41 @@ def test_maskable_switches(base):
     layer_norms = [n for n in with_ln if n not in default]
     assert layer_norms and all("LayerNorm" in n for n in layer_norms)
     assert not any(n.startswith(base.arch.mlm_head + ".") for n in with_ln)  # the head's own LayerNorm stays out
+
+
+@pytest.mark.parametrize("selection", ["magnitude", "movement"])
+def test_state_dict_resumes_each_phase_on_a_fresh_base(base, tmp_path, selection):
+    """A checkpoint (through safetensors, which reorders keys) continues a phase on a reloaded base exactly."""
+    from xlpeft.models import load_base
+
+    cfg = TrainConfig(lr=1e-2, max_steps=4, log_every=100)
+    sft_cfg = SFTConfig(num_params=300, selection=selection)
+    fresh = load_base(str(base.path))
+
+    def through_disk(state):
+        save_file(state, str(tmp_path / "state.safetensors"))
+        return load_file(str(tmp_path / "state.safetensors"))
+
+    a, b = SFTTrainable(base, sft_cfg, cfg), SFTTrainable(fresh, sft_cfg, cfg)
+    full, sparse = a.phases
+    _train(base, a, TrainConfig(lr=1e-2, max_steps=2), phases=[full])  # phase 1 under way
+    params = b.resume_phase(full, through_disk(a.state_dict()))
+    assert [tuple(p.shape) for p in params] == [tuple(p.shape) for p in a.params.values()]
+    assert all(torch.equal(b.params[n], p) for n, p in a.params.items())
+    if selection == "movement":
+        assert all(torch.equal(b._movement.scores[n], s) for n, s in a._movement.scores.items())
+    a.end_phase(full)
+    b.end_phase(full)
+    assert a.indices.keys() == b.indices.keys() and all(torch.equal(a.indices[n], b.indices[n]) for n in a.indices)
+
+    c = SFTTrainable(load_base(str(base.path)), sft_cfg, cfg)
+    _train(base, a, TrainConfig(lr=1e-2, max_steps=2), phases=[sparse])  # phase 2 under way
+    values = c.resume_phase(sparse, through_disk(a.state_dict()))
+    assert [v.numel() for v in values] == [v.numel() for v in a.values.values()]  # same order for the optimizer
+    assert all(torch.equal(c.values[n], v) for n, v in a.values.items())
+    assert all(torch.equal(c.params[n], p) for n, p in a.params.items())  # theta0 + delta in place, bit for bit
+    for t in (a, b, c):
+        t.close()
 
 
 def test_close_during_phase1_restores_base(base):

@@ -39,6 +39,8 @@ from xlpeft.methods.sft.memory import PeakMemory
 from xlpeft.methods.sft.selection import MovementScores, random_scores, top_k_indices
 from xlpeft.registry import Phase
 
+_WEIGHT, _MOVEMENT, _INDICES, _VALUES = "full.weight.", "full.movement.", "sparse.indices.", "sparse.values."  # state keys
+
 
 def maskable_parameters(base, config: SFTConfig) -> dict[str, nn.Parameter]:
     """The weights a delta may touch, by canonical name, in the model's order.
@@ -103,9 +105,11 @@ class SFTTrainable:
         self.values: dict[str, nn.Parameter] = {}
         self._hooks: list = []
         self._pending: dict[str, float] = {}  # selection metrics not reported yet
+        self._current: str | None = None  # the phase in progress
 
     # ---- the Trainable protocol
     def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
+        self._current = phase.name
         if phase.name == "full":
             self.memory.start()
             self._theta0 = {n: p.detach().clone() for n, p in self.params.items()}
@@ -127,6 +131,48 @@ class SFTTrainable:
             return list(self.values.values())
         raise XlpeftError(f"sft has phases full and sparse; got {phase.name!r}")
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What continues the current phase exactly: phase 1 the weights (+ movement scores), phase 2 indices + values.
+
+        theta0 is not saved: a resumed run loads the same base, whose weights are theta0 again.
+        """
+        if self._current == "full":
+            state = {f"{_WEIGHT}{n}": p.detach() for n, p in self.params.items()}
+            if self._movement is not None:
+                state.update({f"{_MOVEMENT}{n}": s for n, s in self._movement.scores.items()})
+        elif self._current == "sparse":
+            state = {f"{_INDICES}{n}": idx for n, idx in self.indices.items()}
+            state.update({f"{_VALUES}{n}": v.detach() for n, v in self.values.items()})
+        else:
+            raise XlpeftError("sft: state_dict() is only meaningful inside a phase")
+        return {k: v.cpu().clone() for k, v in state.items()}
+
+    def resume_phase(self, phase: Phase, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
+        """Enter ``phase`` where :meth:`state_dict` left it, on a base whose weights are theta0 again."""
+        if phase.name == "sparse":
+            device = next(iter(self.params.values())).device
+            self.indices = {n: state[f"{_INDICES}{n}"].to(device) for n in self.params if f"{_INDICES}{n}" in state}
+            if not self.indices:
+                raise XlpeftError("sft: the checkpoint holds no sparse indices; it was not written by an sft run")
+        params = self.begin_phase(phase)  # theta0 is snapshotted here, from the fresh weights
+        wanted = {f"{_WEIGHT}{n}" for n in self.params} if phase.name == "full" else {f"{_VALUES}{n}" for n in self.values}
+        if self._movement is not None:
+            wanted |= {f"{_MOVEMENT}{n}" for n in self.params}
+        missing = sorted(wanted - set(state))
+        if missing:
+            raise XlpeftError(f"sft: the checkpoint does not fit this configuration; missing {missing[:3]} ...")
+        with torch.no_grad():
+            if phase.name == "full":
+                for n, p in self.params.items():
+                    p.copy_(state[f"{_WEIGHT}{n}"])
+                    if self._movement is not None:
+                        self._movement.scores[n].copy_(state[f"{_MOVEMENT}{n}"])
+            else:
+                for n, v in self.values.items():
+                    v.copy_(state[f"{_VALUES}{n}"])
+                self._write_back()
+        return params
+
     def after_step(self, phase: Phase, step: int) -> None:
         if phase.name == "full" and self._movement is not None:
             self._movement.update()
@@ -134,6 +180,7 @@ class SFTTrainable:
             self._write_back()
 
     def end_phase(self, phase: Phase) -> dict[str, float]:
+        self._current = None
         peak = self.memory.stop()
         if phase.name == "full":
             for p in self.params.values():

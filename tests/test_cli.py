@@ -109,3 +109,10 @@ def test_train_lang_success_prints_where_things_went(capsys, workdir, tiny, sw_c
 def test_python_dash_m_works_like_the_command():
     proc = subprocess.run([sys.executable, "-m", "xlpeft", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "train-lang" in proc.stdout
+
+
+def test_impossible_sft_split_fails_before_any_run(capsys, workdir, tiny, sw_corpus):
+    code, _, err = run_cli(capsys, "train-lang", "--lang", "sw", "--method", "sft", "--base", tiny, "--corpus",
+                           str(sw_corpus), "--max-steps", "1")
+    assert_one_error_line(code, err, "cannot split --max-steps 1")
+    assert_nothing_tracked(workdir)

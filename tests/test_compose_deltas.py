@@ -139,3 +139,21 @@ def test_compose_cli_reports_overlap(env, capsys, tmp_path):
     assert "delta overlap (shared indices): total" in out
     run = tracking.client().get_run(out.strip().split()[-1])
     assert run.data.tags["xlpeft.method"] == "sft+sft" and "overlap_total" in run.data.metrics
+
+
+def test_language_delta_with_mlm_head_entries_composes_under_a_task(env, tmp_path):
+    """Deltas that also change the MLM head (composable-sft releases do) still sit under a task module."""
+    from xlpeft.io import save_module
+
+    base = load_base(env["base"])
+    lang = load_module("modules/lang-sw-sft")
+    head_bias = f"{base.arch.mlm_head}.predictions.bias"
+    tensors = dict(lang.tensors["delta"])
+    tensors[f"{head_bias}.indices"] = torch.tensor([0, 1])
+    tensors[f"{head_bias}.values"] = torch.tensor([0.5, -0.5])
+    path = save_module(tmp_path / "with-head", lang.manifest, {"delta": tensors})
+    mlm = compose(base, [path])
+    assert torch.allclose(mlm.get_submodule(head_bias.rsplit(".", 1)[0]).bias[:2],
+                          base.mlm_head.predictions.bias[:2] + torch.tensor([0.5, -0.5]))
+    task_model = compose(base, [path, "modules/task-ner-sft"])
+    assert type(task_model).__name__ == "BertForTokenClassification"

@@ -29,7 +29,10 @@ def resolve_configs(method: str, kind: str, sets: dict[str, Any], cli: dict[str,
     train_over = {**(train_defaults or {}), **train_over, **{k: v for k, v in cli.items() if v is not None}}
     defaults = getattr(spec.config_cls, "defaults_for", lambda _kind: {})(kind)
     extras = tuple(cls(**over) for cls, over in zip(extra_classes, extra_over, strict=True))
-    return (spec.config_cls(**{**defaults, **method_over}), TrainConfig(**train_over), *extras)
+    method_cfg, train_cfg = spec.config_cls(**{**defaults, **method_over}), TrainConfig(**train_over)
+    if hasattr(method_cfg, "check_against"):  # e.g. LT-SFT: can --max-steps be split into its phases?
+        method_cfg.check_against(train_cfg)
+    return (method_cfg, train_cfg, *extras)
 
 
 def base_ref(base) -> dict[str, str]:

@@ -120,12 +120,14 @@ def train_language(req: LangRequest) -> LangResult:
         base.model.train()
         run = PhaseRun(trainable, {}, data, {"mask": mask_gen}, loss_fn, evaluate, cfg, tracker,
                        req.lang, ckpt_dir if dist.main else None, dist)
-        done, summary = run_phases(run, checkpoint, state={"_before": before})
-        base.model.eval()
-        after = evaluate()
-        tracker.log_metrics(after, done)
-        tensors, extra = trainable.export()
-        trainable.close()
+        try:
+            done, summary = run_phases(run, checkpoint, state={"_before": before})
+            base.model.eval()
+            after = evaluate()
+            tracker.log_metrics(after, done)
+            tensors, extra = trainable.export()
+        finally:
+            trainable.close()  # the in-memory base is restored exactly whatever happened
         version = ""
         if dist.main:  # ---- save, verify, log, register (rank 0 only)
             manifest = Manifest(

@@ -236,13 +236,15 @@ def train_task(req: TaskRequest) -> TaskResult:
         head.train()
         run = PhaseRun(trainable, {"head": head}, data, {}, loss_fn, evaluate, cfg, tracker,
                        f"{req.task}/{req.lang}", ckpt_dir if dist.main else None, dist)
-        done, summary = run_phases(run, checkpoint)
-        metrics = evaluate()
-        tracker.log_metrics(metrics, done)
-        tensors, extra = trainable.export()
-        trainable.close()
-        if active is not None:
-            active.remove()
+        try:
+            done, summary = run_phases(run, checkpoint)
+            metrics = evaluate()
+            tracker.log_metrics(metrics, done)
+            tensors, extra = trainable.export()
+        finally:  # the in-memory base is restored exactly whatever happened
+            trainable.close()
+            if active is not None:
+                active.remove()
         head_params = sum(p.numel() for p in head.parameters())
         tensors["head"] = head.state_dict()
         version = ""

@@ -52,6 +52,10 @@ class SFTConfig:
                 "should be >= 1; got 0 (use selection=random or bias to skip phase 1)"
             )
 
+    def check_against(self, train_cfg) -> None:
+        """Fail before any run is opened if ``--max-steps`` cannot be split into the phases."""
+        split_steps(self, train_cfg.max_steps)
+
     @classmethod
     def defaults_for(cls, kind: str) -> dict:
         """LT-SFT's K per module kind: 7.6M for language SFTs, 14.2M for task SFTs (base-size models)."""

@@ -284,9 +284,16 @@ def prepare_sft(base, config: SFTConfig, train_cfg) -> SFTTrainable:
 
 
 def activate_sft(base, loaded) -> AppliedDelta:
-    """Add a saved module's delta to ``base``'s weights in place; the handle's ``remove()`` subtracts it."""
+    """Add a saved module's delta to ``base``'s weights in place; the handle's ``remove()`` subtracts it.
+
+    A language delta may touch the MLM head (composable-sft releases do); on a task model, which has
+    no MLM head, those entries have nothing to change and are skipped.
+    """
     tensors = loaded.tensors.get("delta")
     if tensors is None:
         raise XlpeftError(f"sft module {loaded.path} has no delta.safetensors; it is incomplete, retrain it")
-    return AppliedDelta(SparseDelta.from_tensors(tensors), base.model)
-
+    delta = SparseDelta.from_tensors(tensors)
+    head = base.arch.mlm_head + "."
+    if base.model.get_output_embeddings() is None:
+        delta = SparseDelta({n: e for n, e in delta.entries.items() if not n.startswith(head)})
+    return AppliedDelta(delta, base.model)

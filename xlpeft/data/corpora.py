@@ -32,14 +32,19 @@ class CorpusSpec:
         return ":".join(["hf", self.hf or "", self.config or "", self.split]).replace("::", ":")
 
 
+def parse_hf_spec(spec: str, what: str = "corpus") -> dict[str, str | None]:
+    """``hf:NAME[:CONFIG][:SPLIT]`` -> ``{"hf": NAME, "config": CONFIG or None, "split": SPLIT or "train"}``."""
+    parts = spec[3:].split(":")
+    if not spec.startswith("hf:") or not parts[0] or len(parts) > 3:
+        raise XlpeftError(f"hf {what} spec should be hf:NAME[:CONFIG][:SPLIT]; got {spec!r}")
+    return {"hf": parts[0], "config": (parts[1] or None) if len(parts) > 1 else None,
+            "split": parts[2] if len(parts) > 2 and parts[2] else "train"}
+
+
 def parse_corpus(spec: str, base_dir: Path | None = None) -> CorpusSpec:
     """Parse a ``--corpus`` value: ``hf:NAME[:CONFIG][:SPLIT]`` or a file path."""
     if spec.startswith("hf:"):
-        parts = spec[3:].split(":")
-        if not parts[0] or len(parts) > 3:
-            raise XlpeftError(f"hf corpus spec should be hf:NAME[:CONFIG][:SPLIT]; got {spec!r}")
-        return CorpusSpec(hf=parts[0], config=(parts[1] or None) if len(parts) > 1 else None,
-                          split=parts[2] if len(parts) > 2 and parts[2] else "train")
+        return CorpusSpec(**parse_hf_spec(spec))
     path = Path(spec)
     if base_dir is not None and not path.is_absolute():
         path = base_dir / path

@@ -63,11 +63,9 @@ class TaskSource:
 def parse_task_data(spec: str) -> TaskSource:
     """``--train-data``/``--eval-data``: a file path or ``hf:NAME[:CONFIG][:SPLIT]``."""
     if spec.startswith("hf:"):
-        parts = spec[3:].split(":")
-        if not parts[0] or len(parts) > 3:
-            raise XlpeftError(f"hf task data should be hf:NAME[:CONFIG][:SPLIT]; got {spec!r}")
-        return TaskSource(hf=parts[0], config=(parts[1] or None) if len(parts) > 1 else None,
-                          split=parts[2] if len(parts) > 2 and parts[2] else "train")
+        from xlpeft.data.corpora import parse_hf_spec
+
+        return TaskSource(**parse_hf_spec(spec, "task data"))
     return TaskSource(path=spec)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,22 @@ def resume_or_start(resume: bool, tags: dict[str, str], params: dict[str, Any], 
         torch.distributed.broadcast_object_list(box, src=0)
         found = box[0]
     return found
+
+
+@contextmanager
+def training_run(run_name: str, tags: dict[str, str], params: dict[str, Any], dist: Dist, resume: bool,
+                 out_dir: Path):
+    """Open (or, with ``resume``, reopen) the run; yields (tracker, checkpoint directory, loaded checkpoint or None)."""
+    import click
+
+    from xlpeft.checkpoint import load_checkpoint
+
+    resumed = resume_or_start(resume, tags, params, dist)
+    with open_run(run_name, tags, params, dist, resumed and resumed[0]) as tracker:
+        ckpt_dir = resumed[1] if resumed else checkpoint_dir_for(out_dir, tracker.run_id or "rank")
+        if dist.main and not resumed:
+            tracker.set_tags({"xlpeft.checkpoint_dir": str(ckpt_dir.resolve())})
+        checkpoint = load_checkpoint(ckpt_dir) if resumed else None
+        if checkpoint is not None and dist.main:
+            click.echo(f"resuming MLflow run {tracker.run_id} at step {checkpoint[1]['done']} from {ckpt_dir}", err=True)
+        yield tracker, ckpt_dir, checkpoint

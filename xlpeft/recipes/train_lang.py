@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from xlpeft import tracking
-from xlpeft.checkpoint import load_checkpoint
 from xlpeft.data.corpora import check_text_file, iter_lines
 from xlpeft.data.mlm import batches, mask_tokens, pack_blocks, split_blocks
 from xlpeft.distributed import init_from_env, local_device
@@ -24,14 +23,12 @@ from xlpeft.packs import load_language_pack
 from xlpeft.recipes.common import (
     PhaseRun,
     base_ref,
-    checkpoint_dir_for,
     count_parameters,
-    open_run,
     publish,
     resolve_configs,
-    resume_or_start,
     run_phases,
     run_tags,
+    training_run,
 )
 from xlpeft.registry import get_method
 from xlpeft.training import evaluate_mlm, mlm_loss
@@ -89,14 +86,11 @@ def train_language(req: LangRequest) -> LangResult:
         "corpora": ", ".join(c.describe() for c in corpora), "train_blocks": len(train_blocks),
         "eval_blocks": len(eval_blocks), "world_size": dist.world,
     }
-    resumed = resume_or_start(req.resume, tags, params, dist)
 
     # ---- train
-    with open_run(f"lang-{req.lang}-{req.method}", tags, params, dist, resumed and resumed[0]) as tracker:
-        ckpt_dir = resumed[1] if resumed else checkpoint_dir_for(out_dir, tracker.run_id or "rank")
-        if dist.main and not resumed:
-            tracker.set_tags({"xlpeft.checkpoint_dir": str(ckpt_dir.resolve())})
-        checkpoint = load_checkpoint(ckpt_dir) if resumed else None
+    with training_run(f"lang-{req.lang}-{req.method}", tags, params, dist, req.resume, out_dir) as (
+        tracker, ckpt_dir, checkpoint,
+    ):
         torch.manual_seed(cfg.seed)
         trainable = spec.prepare(base, method_cfg, cfg)
         mask_gen = torch.Generator().manual_seed(cfg.seed)
@@ -114,9 +108,6 @@ def train_language(req: LangRequest) -> LangResult:
             tracker.log_metrics({f"{k}_before": v for k, v in before.items()}, 0)
         else:
             before = checkpoint[1]["summary"]["_before"]
-            import click
-
-            click.echo(f"resuming MLflow run {tracker.run_id} at step {checkpoint[1]['done']} from {ckpt_dir}", err=True)
         base.model.train()
         run = PhaseRun(trainable, {}, data, {"mask": mask_gen}, loss_fn, evaluate, cfg, tracker,
                        req.lang, ckpt_dir if dist.main else None, dist)

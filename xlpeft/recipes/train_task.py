@@ -12,12 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 import torch.nn.functional as F
 
 from xlpeft import tracking
-from xlpeft.checkpoint import load_checkpoint
 from xlpeft.compose import activate
 from xlpeft.config import check_fields
 from xlpeft.data.tasks import TaskSource, collate, parse_task_data, read_source
@@ -31,14 +29,12 @@ from xlpeft.packs import TaskPack, load_task_pack
 from xlpeft.recipes.common import (
     PhaseRun,
     base_ref,
-    checkpoint_dir_for,
     count_parameters,
-    open_run,
     publish,
     resolve_configs,
-    resume_or_start,
     run_phases,
     run_tags,
+    training_run,
 )
 from xlpeft.registry import get_method, method_names
 
@@ -209,16 +205,11 @@ def train_task(req: TaskRequest) -> TaskResult:
               "train_examples": len(train_ex), "eval_examples": len(eval_ex), "lang_module": str(lineage or "none")}
 
     dist = init_from_env(device)
-    resumed = resume_or_start(req.resume, tags, params, dist)
 
     # ---- train
-    with open_run(f"task-{req.task}-{req.method}", tags, params, dist, resumed and resumed[0]) as tracker:
-        ckpt_dir = resumed[1] if resumed else checkpoint_dir_for(out_dir, tracker.run_id or "rank")
-        if dist.main and not resumed:
-            tracker.set_tags({"xlpeft.checkpoint_dir": str(ckpt_dir.resolve())})
-        checkpoint = load_checkpoint(ckpt_dir) if resumed else None
-        if checkpoint is not None:
-            click.echo(f"resuming MLflow run {tracker.run_id} at step {checkpoint[1]['done']} from {ckpt_dir}", err=True)
+    with training_run(f"task-{req.task}-{req.method}", tags, params, dist, req.resume, out_dir) as (
+        tracker, ckpt_dir, checkpoint,
+    ):
         active = activate(base, [lang_module]) if lang_module is not None else None
         torch.manual_seed(cfg.seed)
         head = build_head(pack.head, base.hidden_size, len(pack.labels), task_cfg.head_dropout).to(device)

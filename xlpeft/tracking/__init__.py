@@ -3,129 +3,66 @@
 Tracking URI: ``$MLFLOW_TRACKING_URI`` or an embedded SQLite store ``mlflow.db`` in the working
 directory (browse with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``). Registered model
 names are ``xlpeft-lang-<lang>-<method>`` and ``xlpeft-task-<task>-<method>``, so later commands
-find modules by name, never by run id.
+find modules by name, never by run id. :mod:`~xlpeft.tracking.store` opens the store,
+:mod:`~xlpeft.tracking.run` is the run; this module looks modules up in the registry.
+
+What keeps a module safe when the store misbehaves:
+
+* An http(s) tracking server is probed before a run opens; if it does not answer, one
+  :class:`XlpeftError` line says so within seconds, before any training.
+* If the server stops answering during a run, training goes on: the :class:`Tracker` buffers its
+  calls in memory and in a spool file ``$XLPEFT_CACHE/spool/<run_id>.jsonl`` and retries them with
+  backoff. Uploading the module, registering it and closing the run retry for
+  ``$XLPEFT_TRACKING_RETRY_SECONDS`` (default 60); if the server is still down the run stops with
+  :class:`TrackingUnfinished`, naming the module directory (complete on disk: recipes save and
+  verify it before logging) and the command that replays the spool:
+  ``python -m xlpeft.tracking replay RUN_ID``.
+* A version is registered only after the uploaded files were listed back and match the module
+  directory, so the registry never points at a half-uploaded module.
+* Several processes can share one local SQLite store: xlpeft's calls take an inter-process file lock
+  (``<db>.xlpeft-lock``), which also serialises MLflow's first-time schema creation (two processes
+  creating a fresh ``mlflow.db`` at once otherwise fail with "duplicate column name" in MLflow 3.x).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from xlpeft.errors import XlpeftError
+from xlpeft.tracking.run import (
+    RETRY_ENV,
+    Tracker,
+    TrackingUnfinished,
+    _flat,  # noqa: F401 (recipes.common compares run params with it)
+    replay_spool,
+    retry_seconds,
+    spool_path,
+    tracked_run,
+)
+from xlpeft.tracking.store import (
+    EXPERIMENT,
+    _reason,
+    _transient,
+    _unreachable,
+    check_reachable,
+    client,
+    tracking_uri,
+)
 
-EXPERIMENT = "xlpeft"
+__all__ = ["EXPERIMENT", "RETRY_ENV", "TAG_KEYS", "RegisteredModule", "Tracker", "TrackingUnfinished",
+           "check_reachable", "client", "download", "find_module", "find_newest", "list_registered",
+           "list_versions", "registered_name", "replay_spool", "retry_seconds", "spool_path", "tracked_run",
+           "tracking_uri"]
+
 TAG_KEYS = ("xlpeft.kind", "xlpeft.lang", "xlpeft.task", "xlpeft.method", "xlpeft.base", "xlpeft.base_fingerprint")
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def registered_name(kind: str, name: str, method: str) -> str:
     prefix = {"language": "lang", "task": "task"}[kind]
     return f"xlpeft-{prefix}-{name}-{method}"
-
-
-def _quiet() -> None:
-    for noisy in ("alembic", "mlflow", "mlflow.store", "mlflow.tracking"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
-
-
-def client():
-    """An MlflowClient on :func:`tracking_uri`, with MLflow's start-up logging silenced."""
-    _quiet()
-    from mlflow.tracking import MlflowClient
-
-    uri = tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _experiment_id(c) -> str:
-    name = os.environ.get("XLPEFT_EXPERIMENT", EXPERIMENT)
-    exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return c.create_experiment(name)
-
-
-def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = str(value)[:6000]
-    return out
-
-
-@dataclass
-class Tracker:
-    """A live MLflow run; every call goes through the client (no global active-run state)."""
-
-    run_id: str
-    _client: Any
-
-    def log_params(self, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, v) for k, v in _flat(params).items()]
-        for i in range(0, len(items), 100):
-            self._client.log_batch(self.run_id, params=items[i:i + 100])
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
-
-    def set_tags(self, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
-            if v is not None:
-                self._client.set_tag(self.run_id, k, str(v))
-
-    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
-        self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
-
-    def log_file(self, local_file: Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(local_file), artifact_path)
-
-    def register(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
-        """Create a model version of ``name`` pointing at this run's ``artifact_path``; returns the version."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self._client.create_registered_model(name, description="xlpeft module (see xlpeft.json in the artifacts)")
-        except MlflowException as exc:
-            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
-                raise
-        run = self._client.get_run(self.run_id)
-        source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
-        version = self._client.create_model_version(name, source=source, run_id=self.run_id, tags=tags)
-        return str(version.version)
-
-
-@contextmanager
-def tracked_run(run_name: str, tags: dict[str, Any], params: dict[str, Any]) -> Iterator[Tracker]:
-    """Open an MLflow run; it ends FINISHED, or FAILED (and re-raises) if the body raises."""
-    c = client()
-    run = c.create_run(_experiment_id(c), run_name=run_name, tags={k: str(v) for k, v in tags.items() if v is not None})
-    tracker = Tracker(run.info.run_id, c)
-    try:
-        tracker.log_params(params)
-        yield tracker
-    except BaseException:
-        c.set_terminated(run.info.run_id, status="FAILED")
-        raise
-    c.set_terminated(run.info.run_id, status="FINISHED")
 
 
 @dataclass(frozen=True)
@@ -142,7 +79,9 @@ def list_versions(name: str) -> list[RegisteredModule]:
     c = client()
     try:
         versions = c.search_model_versions(f"name='{name}'")
-    except Exception:
+    except Exception as exc:
+        if _transient(exc):
+            raise XlpeftError(_unreachable(tracking_uri(), _reason(exc))) from None
         return []
     out = [RegisteredModule(v.name, str(v.version), v.run_id, dict(v.tags or {}), int(v.creation_timestamp or 0))
            for v in versions]

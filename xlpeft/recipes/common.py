@@ -198,31 +198,15 @@ def find_resumable(tags: dict[str, str], params: dict[str, Any]) -> tuple[str, P
     return run.info.run_id, Path(run.data.tags["xlpeft.checkpoint_dir"])
 
 
-def open_run(run_name: str, tags: dict[str, str], params: dict[str, Any], dist: Dist,
-             resume_id: str | None = None, checkpoint_dir: Path | None = None):
-    """The MLflow run for this process: a new one, the resumed one, or a stand-in on ranks > 0."""
-    from contextlib import contextmanager, nullcontext
+def open_run(run_name: str, tags: dict[str, str], params: dict[str, Any], dist: Dist, resume_id: str | None = None):
+    """The MLflow run for this process: a new one, the resumed one (``resume_id``), or a stand-in on ranks > 0."""
+    from contextlib import nullcontext
 
     from xlpeft import tracking
 
     if not dist.main:
         return nullcontext(NullTracker())
-    if resume_id is None:
-        return tracking.tracked_run(run_name, tags, params)
-
-    @contextmanager
-    def reopened():
-        c = tracking.client()
-        c.update_run(resume_id, status="RUNNING")
-        tracker = tracking.Tracker(resume_id, c)
-        try:
-            yield tracker
-        except BaseException:
-            c.set_terminated(resume_id, status="FAILED")
-            raise
-        c.set_terminated(resume_id, status="FINISHED")
-
-    return reopened()
+    return tracking.tracked_run(run_name, tags, params, run_id=resume_id)
 
 
 def resume_or_start(resume: bool, tags: dict[str, str], params: dict[str, Any], dist: Dist) -> str | None:

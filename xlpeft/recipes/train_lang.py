@@ -72,6 +72,7 @@ def train_language(req: LangRequest) -> LangResult:
     for c in corpora:
         if c.path:
             check_text_file(Path(c.path))
+    tracking.check_reachable()  # a dead tracking server is reported before a large base is loaded
     device = local_device(cfg.device)
     base = load_base(req.base, device=device)
     dist = init_from_env(device)

@@ -189,6 +189,7 @@ def train_task(req: TaskRequest) -> TaskResult:
     )
     train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
                                                   cfg.eval_fraction, cfg.seed)
+    tracking.check_reachable()  # a dead tracking server is reported before a large base is loaded
     device = local_device(cfg.device)
     base = load_base(req.base, device=device)
     lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base)

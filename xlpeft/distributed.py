@@ -68,6 +68,12 @@ class Dist:
         if self.active:
             torch.distributed.barrier()
 
+    def close(self) -> None:
+        """Wait for every rank, then leave the process group; exiting with it alive can abort gloo's threads."""
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
 
 def init_from_env(device: torch.device) -> Dist:
     """Join the process group torchrun describes in the environment (or run alone)."""

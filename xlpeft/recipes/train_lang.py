@@ -133,6 +133,7 @@ def train_language(req: LangRequest) -> LangResult:
             version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         dist.barrier()
+    dist.close()
     return LangResult(out_dir, tracker.run_id, name, version, after,
                       checkpoint[1]["done"] if checkpoint else None)
 

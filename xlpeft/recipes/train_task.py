@@ -253,5 +253,6 @@ def train_task(req: TaskRequest) -> TaskResult:
             version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         dist.barrier()
+    dist.close()
     return TaskResult(out_dir, tracker.run_id, name, version, {k.removeprefix("eval_"): v for k, v in metrics.items()},
                       lineage.get("registered_name") or lineage.get("path"))

@@ -1,7 +1,7 @@
 """Speed and memory of xlpeft's MLM training against the AdapterHub ``adapters`` library, side by side.
 
     bash benchmarks/setup_adapterhub.sh          # once: adapters 1.3.0 in benchmarks/.venv-adapterhub
-    .venv/bin/python benchmarks/run.py           # CPU, mBERT-base shape, ~15 min on 2 cores
+    .venv/bin/python benchmarks/run.py           # CPU, mBERT-base shape, ~6 min on 2 idle cores
     .venv/bin/python benchmarks/run.py --quick   # smoke run, a few minutes
     .venv/bin/python benchmarks/run.py --models mbert,xlmr --device cuda
 

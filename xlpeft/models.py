@@ -116,21 +116,38 @@ def fingerprint_dir(path: Path) -> str:
 
     Volatile config keys (transformers version, the load path) are dropped so the same
     weights copied elsewhere or saved by another transformers version keep their identity.
+    Hashing mBERT's weights takes seconds, so the result is memoised in the cache dir under
+    the files' (name, size, mtime); any change to a file hashes it again.
     """
-    h = hashlib.sha256()
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    for key in ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype"):
-        config.pop(key, None)
-    h.update(json.dumps(config, sort_keys=True).encode())
     weight_files = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
     if not weight_files:
         raise XlpeftError(f"no weight files (*.safetensors, *.bin) in {path}; expected a Hugging Face model directory")
+    files = [path / "config.json", *weight_files]
+    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    memo = cache_dir() / "fingerprints" / hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]
+    try:
+        cached = memo.read_text(encoding="utf-8").strip()
+        if len(cached) == 16:
+            return cached
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    config = json.loads(files[0].read_text(encoding="utf-8"))
+    for key in ("transformers_version", "_name_or_path", "architectures", "torch_dtype", "dtype"):
+        config.pop(key, None)
+    h.update(json.dumps(config, sort_keys=True).encode())
     for p in weight_files:
         h.update(p.name.encode())
         with p.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
-    return h.hexdigest()[:16]
+    digest = h.hexdigest()[:16]
+    try:  # a read-only cache only costs the hash next time
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest, encoding="utf-8")
+    except OSError:
+        pass
+    return digest
 
 
 def resolve_base_dir(name: str) -> Path:

@@ -10,6 +10,8 @@ import os
 # Tests never touch the network. huggingface_hub reads this once at import, so set it before anything imports it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Nothing a test writes to the xlpeft cache (tiny bases, fingerprint memos) lands in the user's home.
+os.environ["XLPEFT_CACHE"] = __import__("tempfile").mkdtemp(prefix="xlpeft-test-cache-")
 
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -47,13 +49,18 @@ def base(request, base_dirs):
     return load_base(str(base_dirs[request.param]))
 
 
+def use_store(mp: pytest.MonkeyPatch, root: Path) -> None:
+    """Work in ``root``: its own MLflow store, xlpeft cache and module directory, offline."""
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("XLPEFT_CACHE", str(root / "cache"))
+    mp.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch) -> Path:
     """A clean working directory with its own MLflow store and xlpeft cache."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("XLPEFT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    use_store(monkeypatch, tmp_path)
     return tmp_path
 
 

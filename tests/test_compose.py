@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import EN_WORDS, SW_WORDS, make_lines, make_ner, write_conll
+from tests.conftest import EN_WORDS, SW_WORDS, make_lines, make_ner, use_store, write_conll
 from xlpeft import compose, load_module, tracking
 from xlpeft.compose import Composition, Slot, activate, save_composed
 from xlpeft.errors import XlpeftError
@@ -20,9 +20,7 @@ def store(tmp_path_factory, base_dirs):
     """One MLflow store with en/sw language adapters and an English NER task adapter on tiny-bert."""
     root = tmp_path_factory.mktemp("store")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("XLPEFT_CACHE", str(root / "cache"))
+        use_store(mp, root)
         base = str(base_dirs["tiny-bert"])
         for lang, words in (("en", EN_WORDS), ("sw", SW_WORDS)):
             corpus = root / f"{lang}.txt"
@@ -38,10 +36,7 @@ def store(tmp_path_factory, base_dirs):
 
 @pytest.fixture
 def env(store, monkeypatch):
-    monkeypatch.chdir(store["root"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store['root'] / 'mlflow.db'}")
-    monkeypatch.setenv("XLPEFT_CACHE", str(store["root"] / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    use_store(monkeypatch, store["root"])
     return store
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import SW_WORDS, make_lines, make_ner, write_conll
+from tests.conftest import SW_WORDS, make_lines, make_ner, use_store, write_conll
 from xlpeft import compose, load_module, tracking
 from xlpeft.compose import delta_overlap, save_composed
 from xlpeft.methods.sft import SparseDelta
@@ -21,9 +21,7 @@ def store(tmp_path_factory, base_dirs):
     """sw language modules (sft and adapter) and NER task modules (sft over the sft language module, and adapter)."""
     root = tmp_path_factory.mktemp("deltas")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("XLPEFT_CACHE", str(root / "cache"))
+        use_store(mp, root)
         base = str(base_dirs["tiny-bert"])
         corpus = root / "sw.txt"
         corpus.write_text("\n".join(make_lines(SW_WORDS, 150)), encoding="utf-8")
@@ -41,9 +39,7 @@ def store(tmp_path_factory, base_dirs):
 
 @pytest.fixture
 def env(store, monkeypatch):
-    monkeypatch.chdir(store["root"])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store['root'] / 'mlflow.db'}")
-    monkeypatch.setenv("XLPEFT_CACHE", str(store["root"] / "cache"))
+    use_store(monkeypatch, store["root"])
     return store
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import SW_WORDS, make_lines
+from tests.conftest import SW_WORDS, make_lines, use_store
 from xlpeft import load_module, tracking
 from xlpeft.cli import main
 from xlpeft.methods.sft import SparseDelta
@@ -15,14 +15,6 @@ from xlpeft.recipes.train_lang import LangRequest, train_language
 from xlpeft.registry import get_method
 
 SETS = {"max_seq_len": "32", "lr": "1e-2", "log_every": "5", "num_params": "800"}
-
-
-def _use_store(mp: pytest.MonkeyPatch, root) -> None:
-    """What the ``workdir`` fixture does, for a store shared by a module's tests."""
-    mp.chdir(root)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    mp.setenv("XLPEFT_CACHE", str(root / "cache"))
-    mp.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="module", params=["tiny-bert", "tiny-xlmr"])
@@ -34,7 +26,7 @@ def trained_once(request, tmp_path_factory, base_dirs):
     base_dir = base_dirs[request.param]
     before = {k: v.clone() for k, v in load_file(str(base_dir / "model.safetensors")).items()}
     with pytest.MonkeyPatch.context() as mp:
-        _use_store(mp, root)
+        use_store(mp, root)
         req = LangRequest(lang="sw", method="sft", base=str(base_dir), corpus=(str(corpus),), max_steps=20, sets=SETS)
         result = train_language(req)
     return result, base_dir, before, root
@@ -43,7 +35,7 @@ def trained_once(request, tmp_path_factory, base_dirs):
 @pytest.fixture
 def trained(trained_once, monkeypatch):
     result, base_dir, before, root = trained_once
-    _use_store(monkeypatch, root)
+    use_store(monkeypatch, root)
     return result, base_dir, before
 
 

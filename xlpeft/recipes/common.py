@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from xlpeft import tracking
 from xlpeft.checkpoint import optimizer_state, restore_rng, rng_state, save_checkpoint
 from xlpeft.config import TrainConfig, split_overrides
-from xlpeft.distributed import Dist
+from xlpeft.distributed import Dist, init_from_env, local_device
 from xlpeft.io import Manifest, load_module, save_module
+from xlpeft.models import Base, load_base
 from xlpeft.registry import get_method
 from xlpeft.training import Resume, train_loop
 
@@ -47,17 +50,34 @@ def run_tags(kind: str, lang: str | None, task: str | None, method: str, base) -
     }
 
 
-def publish(tracker, out_dir: Path, manifest: Manifest, tensors: dict, registered_name: str,
-            tags: dict[str, str], step: int) -> str:
-    """Save the module atomically, verify it reads back, log it as artifacts, then register it.
+def start_training(base_name: str, cfg: TrainConfig) -> tuple[Base, torch.device, Dist]:
+    """Load the frozen base on this rank's device and join the process group (if launched by torchrun).
 
-    Registration comes last so the registry never points at a half-written module.
+    The tracking store is probed first: a dead server is reported before a large base is loaded.
     """
-    save_module(out_dir, manifest, tensors)
-    load_module(out_dir)
-    tracker.log_artifacts(out_dir, "module")
-    tracker.log_metrics({"trainable_parameters": manifest.trainable_parameters}, step)
-    return tracker.register(registered_name, "module", tags)
+    tracking.check_reachable()
+    device = local_device(cfg.device)
+    base = load_base(base_name, device=device)
+    return base, device, init_from_env(device)
+
+
+def publish(tracker, dist: Dist, out_dir: Path, manifest: Manifest, tensors: dict, registered_name: str,
+            tags: dict[str, str], step: int, ckpt_dir: Path) -> str:
+    """On rank 0: save the module atomically, verify it reads back, log it, register it, drop checkpoints.
+
+    Registration comes last so the registry never points at a half-written module; the other
+    ranks wait at the barrier and get an empty version.
+    """
+    version = ""
+    if dist.main:
+        save_module(out_dir, manifest, tensors)
+        load_module(out_dir)
+        tracker.log_artifacts(out_dir, "module")
+        tracker.log_metrics({"trainable_parameters": manifest.trainable_parameters}, step)
+        version = tracker.register(registered_name, "module", tags)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    dist.barrier()
+    return version
 
 
 def count_parameters(tensors: dict[str, dict], extra: dict[str, Any], skip: tuple[str, ...] = ()) -> int:

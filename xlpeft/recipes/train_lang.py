@@ -7,7 +7,6 @@ MLflow run is opened, so a bad command leaves nothing behind in the tracking sto
 from __future__ import annotations
 
 import itertools
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,9 +15,7 @@ import torch
 from xlpeft import tracking
 from xlpeft.data.corpora import check_text_file, iter_lines
 from xlpeft.data.mlm import batches, mask_tokens, pack_blocks, split_blocks
-from xlpeft.distributed import init_from_env, local_device
 from xlpeft.io import Manifest
-from xlpeft.models import load_base
 from xlpeft.packs import load_language_pack
 from xlpeft.recipes.common import (
     PhaseRun,
@@ -28,6 +25,7 @@ from xlpeft.recipes.common import (
     resolve_configs,
     run_phases,
     run_tags,
+    start_training,
     training_run,
 )
 from xlpeft.registry import get_method
@@ -72,10 +70,7 @@ def train_language(req: LangRequest) -> LangResult:
     for c in corpora:
         if c.path:
             check_text_file(Path(c.path))
-    tracking.check_reachable()  # a dead tracking server is reported before a large base is loaded
-    device = local_device(cfg.device)
-    base = load_base(req.base, device=device)
-    dist = init_from_env(device)
+    base, device, dist = start_training(req.base, cfg)
     lines = itertools.chain.from_iterable(iter_lines(c, cfg.max_corpus_lines) for c in corpora)
     blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
@@ -120,19 +115,16 @@ def train_language(req: LangRequest) -> LangResult:
             tensors, extra = trainable.export()
         finally:
             trainable.close()  # the in-memory base is restored exactly whatever happened
-        version = ""
-        if dist.main:  # ---- save, verify, log, register (rank 0 only)
-            manifest = Manifest(
-                kind="language", method=req.method, lang=req.lang, base=base_ref(base), config=asdict(method_cfg),
-                trainable_parameters=count_parameters(tensors, extra),
-                training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
-                          "world_size": dist.world, "corpora": [c.describe() for c in corpora],
-                          "eval_loss_before": before["eval_loss"], **after},
-                extra=extra,
-            )
-            version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        dist.barrier()
+        # ---- save, verify, log, register (rank 0 only)
+        manifest = Manifest(
+            kind="language", method=req.method, lang=req.lang, base=base_ref(base), config=asdict(method_cfg),
+            trainable_parameters=count_parameters(tensors, extra),
+            training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
+                      "world_size": dist.world, "corpora": [c.describe() for c in corpora],
+                      "eval_loss_before": before["eval_loss"], **after},
+            extra=extra,
+        )
+        version = publish(tracker, dist, out_dir, manifest, tensors, name, tags, done, ckpt_dir)
     dist.close()
     return LangResult(out_dir, tracker.run_id, name, version, after,
                       checkpoint[1]["done"] if checkpoint else None)

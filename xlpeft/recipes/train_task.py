@@ -7,7 +7,6 @@ is later swapped for a target language's.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,10 @@ from xlpeft import tracking
 from xlpeft.compose import activate
 from xlpeft.config import check_fields
 from xlpeft.data.tasks import TaskSource, collate, parse_task_data, read_source
-from xlpeft.distributed import init_from_env, local_device
 from xlpeft.errors import XlpeftError
 from xlpeft.evaluation import encode, predict, score
 from xlpeft.io import LoadedModule, Manifest, load_module
 from xlpeft.methods.heads import build_head
-from xlpeft.models import load_base
 from xlpeft.packs import TaskPack, load_task_pack
 from xlpeft.recipes.common import (
     PhaseRun,
@@ -34,6 +31,7 @@ from xlpeft.recipes.common import (
     resolve_configs,
     run_phases,
     run_tags,
+    start_training,
     training_run,
 )
 from xlpeft.registry import get_method, method_names
@@ -189,9 +187,7 @@ def train_task(req: TaskRequest) -> TaskResult:
     )
     train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
                                                   cfg.eval_fraction, cfg.seed)
-    tracking.check_reachable()  # a dead tracking server is reported before a large base is loaded
-    device = local_device(cfg.device)
-    base = load_base(req.base, device=device)
+    base, device, dist = start_training(req.base, cfg)
     lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base)
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)
@@ -204,8 +200,6 @@ def train_task(req: TaskRequest) -> TaskResult:
     params = {"method": asdict(method_cfg), "train": asdict(cfg), "task_config": asdict(task_cfg), "task": req.task,
               "lang": req.lang, "base": base.name, "train_data": ", ".join(train_desc),
               "train_examples": len(train_ex), "eval_examples": len(eval_ex), "lang_module": str(lineage or "none")}
-
-    dist = init_from_env(device)
 
     # ---- train
     with training_run(f"task-{req.task}-{req.method}", tags, params, dist, req.resume, out_dir) as (
@@ -239,20 +233,16 @@ def train_task(req: TaskRequest) -> TaskResult:
                 active.remove()
         head_params = sum(p.numel() for p in head.parameters())
         tensors["head"] = head.state_dict()
-        version = ""
-        if dist.main:
-            manifest = Manifest(
-                kind="task", method=req.method, lang=req.lang, task=req.task, base=base_ref(base),
-                config=asdict(method_cfg),
-                trainable_parameters=count_parameters(tensors, extra, skip=("head",)) + head_params,
-                training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
-                          "world_size": dist.world, "train_data": train_desc, "metric": pack.metric, "eval": metrics},
-                extra={**extra, "labels": list(pack.labels), "head": pack.head, "head_dropout": task_cfg.head_dropout,
-                       "lang_module": lineage or None},
-            )
-            version = publish(tracker, out_dir, manifest, tensors, name, tags, done)
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        dist.barrier()
+        manifest = Manifest(
+            kind="task", method=req.method, lang=req.lang, task=req.task, base=base_ref(base),
+            config=asdict(method_cfg),
+            trainable_parameters=count_parameters(tensors, extra, skip=("head",)) + head_params,
+            training={"steps": done, "phases": summary, "seed": cfg.seed, "train": asdict(cfg),
+                      "world_size": dist.world, "train_data": train_desc, "metric": pack.metric, "eval": metrics},
+            extra={**extra, "labels": list(pack.labels), "head": pack.head, "head_dropout": task_cfg.head_dropout,
+                   "lang_module": lineage or None},
+        )
+        version = publish(tracker, dist, out_dir, manifest, tensors, name, tags, done, ckpt_dir)
     dist.close()
     return TaskResult(out_dir, tracker.run_id, name, version, {k.removeprefix("eval_"): v for k, v in metrics.items()},
                       lineage.get("registered_name") or lineage.get("path"))

@@ -11,6 +11,7 @@ from xlpeft.compose import Composition, Slot, activate, save_composed
 from xlpeft.errors import XlpeftError
 from xlpeft.methods.heads import build_head
 from xlpeft.models import load_base
+from xlpeft.recipes.compose import ComposeRequest, compose_task
 from xlpeft.recipes.train_lang import LangRequest, train_language
 from xlpeft.recipes.train_task import TaskRequest, task_logits, train_task
 
@@ -150,7 +151,9 @@ def test_evaluate_matrix_table_and_heatmap(env, capsys, tmp_path):
     write_conll(tmp_path / "sw.conll", make_ner(20, seed=7))
     main(["evaluate", "--task", "ner", "--langs", "sw,yo,en", "--base", env["base"], "--eval-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "adapter+adapter" in out and out.splitlines()[1].startswith("sw")
+    assert out.splitlines()[0].split() == ["f1", "adapter+adapter", "baseline+adapter"]
+    assert out.splitlines()[1].startswith("sw")
+    assert "baseline+adapter: the adapter task module over its own source-language module (en)" in out
     assert "yo: skipped (no language module registered for yo" in out
     assert "en: skipped (could not load Hugging Face dataset" in out  # offline: the pack's WikiANN
     run_id = out.strip().split()[out.strip().split().index("run") + 1]
@@ -158,6 +161,11 @@ def test_evaluate_matrix_table_and_heatmap(env, capsys, tmp_path):
     assert {"evaluation/matrix.png", "evaluation/matrix.json"} <= paths
     local = tracking.client().download_artifacts(run_id, "evaluation/matrix.png", str(tmp_path))
     assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # the baseline column is the same number compose reports as its baseline on the same data
+    matrix = json.loads(open(tracking.client().download_artifacts(run_id, "evaluation/matrix.json", str(tmp_path))).read())
+    composed = compose_task(ComposeRequest(lang="sw", task="ner", base=env["base"], eval_data=str(tmp_path / "sw.conll")))
+    assert matrix["rows"]["sw"]["baseline+adapter"] == pytest.approx(composed.baseline["f1"])
+    assert matrix["rows"]["sw"]["adapter+adapter"] == pytest.approx(composed.metrics["f1"])
 
 
 def test_predict_reads_stdin(env, capsys, monkeypatch):

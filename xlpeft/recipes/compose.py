@@ -162,20 +162,39 @@ class Matrix:
         return "\n".join(lines)
 
 
+def registered_by_method(kind: str, name: str, fingerprint: str) -> dict[str, LoadedModule]:
+    """The newest registered ``kind`` module for ``name`` of every method that has one, keyed by method."""
+    from xlpeft.registry import method_names
+
+    found = {}
+    for method in method_names():
+        try:
+            found[method] = resolve(kind, name, method, fingerprint)[0]
+        except XlpeftError:
+            continue
+    return found
+
+
+def matrix_examples(pack: TaskPack, lang: str, eval_dir: str | None, split: str | None) -> tuple[list | None, str]:
+    """Evaluation examples for one row: ``eval_dir/<lang>[.test].conll``, else the pack's; or why there are none."""
+    local = next((Path(eval_dir) / f"{lang}{suffix}" for suffix in (".conll", ".test.conll")
+                  if eval_dir and (Path(eval_dir) / f"{lang}{suffix}").is_file()), None)
+    if local is None and split and split not in pack.sources.get(lang, {}):
+        return None, f"the {pack.task} pack has no {split} split for {lang}"
+    try:
+        examples, _ = eval_examples(pack, lang, str(local) if local else None, split)
+    except XlpeftError as exc:  # e.g. the pack's hub dataset while offline: report it, keep the other rows
+        return None, str(exc)
+    return examples, "" if examples is not None else f"no {pack.task} evaluation data for {lang}"
+
+
 def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str | None = None,
                     split: str | None = None) -> tuple[Matrix, str]:
     """Every registered language module for ``langs`` with every task module for ``task``: a transfer matrix."""
     pack = load_task_pack(task)
     base = load_base(base_name)
     key = METRICS[pack.metric]
-    from xlpeft.registry import method_names
-
-    task_mods = {}
-    for m in method_names():
-        try:
-            task_mods[m] = resolve("task", task, m, base.fingerprint)[0]
-        except XlpeftError:
-            continue
+    task_mods = registered_by_method("task", task, base.fingerprint)
     if not task_mods:
         resolve("task", task, None, base.fingerprint)  # raises with the registry listing
     matrix = Matrix(key, {}, {})
@@ -184,26 +203,13 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
     matrix.baseline_langs = {tm: (src.manifest.lang or "?") if src is not None else "none"
                              for tm, src in baselines.items()}
     for lang in langs:
-        lang_mods = {}
-        for lm in method_names():
-            try:
-                lang_mods[lm] = resolve("language", lang, lm, base.fingerprint)[0]
-            except XlpeftError:
-                continue
+        lang_mods = registered_by_method("language", lang, base.fingerprint)
         if not lang_mods:
             matrix.skipped[lang] = f"no language module registered for {lang} on this base"
             continue
-        local = next((Path(eval_dir) / f"{lang}{suffix}" for suffix in (".conll", ".test.conll")
-                      if eval_dir and (Path(eval_dir) / f"{lang}{suffix}").is_file()), None)
-        try:
-            if local is None and split and split not in pack.sources.get(lang, {}):
-                raise XlpeftError(f"the {task} pack has no {split} split for {lang}")
-            examples, _ = eval_examples(pack, lang, str(local) if local else None, split)
-        except XlpeftError as exc:  # e.g. the pack's hub dataset while offline: report it, keep the other rows
-            matrix.skipped[lang] = str(exc)
-            continue
+        examples, why = matrix_examples(pack, lang, eval_dir, split)
         if examples is None:
-            matrix.skipped[lang] = f"no {task} evaluation data for {lang}"
+            matrix.skipped[lang] = why
             continue
         row = {}
         for tm, task_mod in task_mods.items():

@@ -14,7 +14,7 @@ from torch import nn
 from xlpeft import tracking
 from xlpeft.checkpoint import optimizer_state, restore_rng, rng_state, save_checkpoint
 from xlpeft.config import TrainConfig, split_overrides
-from xlpeft.distributed import Dist, init_from_env, local_device
+from xlpeft.distributed import Dist, local_device
 from xlpeft.io import Manifest, load_module, save_module
 from xlpeft.models import Base, load_base
 from xlpeft.registry import get_method
@@ -50,15 +50,16 @@ def run_tags(kind: str, lang: str | None, task: str | None, method: str, base) -
     }
 
 
-def start_training(base_name: str, cfg: TrainConfig) -> tuple[Base, torch.device, Dist]:
-    """Load the frozen base on this rank's device and join the process group (if launched by torchrun).
+def start_training(base_name: str, cfg: TrainConfig) -> tuple[Base, torch.device]:
+    """Load the frozen base on this rank's device.
 
     The tracking store is probed first: a dead server is reported before a large base is loaded.
+    The caller joins the process group (``init_from_env``) only once its own input checks pass,
+    so a bad command under torchrun fails with one error line, not with gloo's threads alive.
     """
     tracking.check_reachable()
     device = local_device(cfg.device)
-    base = load_base(base_name, device=device)
-    return base, device, init_from_env(device)
+    return load_base(base_name, device=device), device
 
 
 def publish(tracker, dist: Dist, out_dir: Path, manifest: Manifest, tensors: dict, registered_name: str,

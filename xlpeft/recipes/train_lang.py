@@ -15,6 +15,7 @@ import torch
 from xlpeft import tracking
 from xlpeft.data.corpora import check_text_file, iter_lines
 from xlpeft.data.mlm import batches, mask_tokens, pack_blocks, split_blocks
+from xlpeft.distributed import init_from_env
 from xlpeft.io import Manifest
 from xlpeft.packs import load_language_pack
 from xlpeft.recipes.common import (
@@ -70,7 +71,8 @@ def train_language(req: LangRequest) -> LangResult:
     for c in corpora:
         if c.path:
             check_text_file(Path(c.path))
-    base, device, dist = start_training(req.base, cfg)
+    base, device = start_training(req.base, cfg)
+    dist = init_from_env(device)
     lines = itertools.chain.from_iterable(iter_lines(c, cfg.max_corpus_lines) for c in corpora)
     blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)

@@ -18,6 +18,7 @@ from xlpeft import tracking
 from xlpeft.compose import activate
 from xlpeft.config import check_fields
 from xlpeft.data.tasks import TaskSource, collate, parse_task_data, read_source
+from xlpeft.distributed import init_from_env
 from xlpeft.errors import XlpeftError
 from xlpeft.evaluation import encode, predict, score
 from xlpeft.io import LoadedModule, Manifest, load_module
@@ -187,7 +188,7 @@ def train_task(req: TaskRequest) -> TaskResult:
     )
     train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
                                                   cfg.eval_fraction, cfg.seed)
-    base, device, dist = start_training(req.base, cfg)
+    base, device = start_training(req.base, cfg)
     lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base)
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)
@@ -200,6 +201,8 @@ def train_task(req: TaskRequest) -> TaskResult:
     params = {"method": asdict(method_cfg), "train": asdict(cfg), "task_config": asdict(task_cfg), "task": req.task,
               "lang": req.lang, "base": base.name, "train_data": ", ".join(train_desc),
               "train_examples": len(train_ex), "eval_examples": len(eval_ex), "lang_module": str(lineage or "none")}
+
+    dist = init_from_env(device)
 
     # ---- train
     with training_run(f"task-{req.task}-{req.method}", tags, params, dist, req.resume, out_dir) as (

@@ -84,6 +84,15 @@ def baseline_language_module(task: LoadedModule, fingerprint: str) -> LoadedModu
     return None
 
 
+def baseline_stack(task: LoadedModule, fingerprint: str) -> list[LoadedModule]:
+    """The zero-shot reference of MAD-X (Pfeiffer et al., 2020): the task module over its source-language module.
+
+    Just the task module when that language module can no longer be found.
+    """
+    source = baseline_language_module(task, fingerprint)
+    return [task] if source is None else [source, task]
+
+
 def evaluate_model(model, pack: TaskPack, tokenizer, examples: list) -> dict[str, float]:
     device = next(model.parameters()).device
     preds = predict(lambda b: model(**b).logits, pack, tokenizer, examples, device)
@@ -119,10 +128,9 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
         if examples is not None:
             metrics = evaluate_model(model, pack, base.tokenizer, examples)
             tracker.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, 0)
-            source = baseline_language_module(task_mod, base.fingerprint)
-            baseline_model = compose(base, [source, task_mod] if source is not None else [task_mod])
-            baseline = evaluate_model(baseline_model, pack, base.tokenizer, examples)
-            baseline_lang = source.manifest.lang if source is not None else None
+            reference = baseline_stack(task_mod, base.fingerprint)
+            baseline = evaluate_model(compose(base, reference), pack, base.tokenizer, examples)
+            baseline_lang = reference[0].manifest.lang if len(reference) > 1 else None
             tracker.log_metrics({f"baseline_{k}": v for k, v in baseline.items()}, 0)
             tracker.set_tags({"xlpeft.baseline_lang": baseline_lang or "none"})
         out = Path(req.output) if req.output else None
@@ -156,8 +164,9 @@ class Matrix:
         lines = [f"{self.metric:<8}" + "".join(f"{c:>{w}}" for c in cols)]
         for lang, row in self.rows.items():
             lines.append(f"{lang:<8}" + "".join(f"{row[c]:>{w}.4f}" if c in row else f"{'-':>{w}}" for c in cols))
-        lines += [] if not self.rows else [f"{BASELINE}+{tm}: the {tm} task module over its own source-language module ({src}), "
-                  "no target-language module" for tm, src in self.baseline_langs.items()]
+        if self.rows:
+            lines += [f"{BASELINE}+{tm}: the {tm} task module over its own source-language module ({src}), "
+                      "no target-language module" for tm, src in self.baseline_langs.items()]
         lines += [f"{lang}: skipped ({why})" for lang, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -198,10 +207,9 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
     if not task_mods:
         resolve("task", task, None, base.fingerprint)  # raises with the registry listing
     matrix = Matrix(key, {}, {})
-    # the zero-shot reference of MAD-X (Pfeiffer et al., 2020): the task module over the source-language module
-    baselines = {tm: baseline_language_module(mod, base.fingerprint) for tm, mod in task_mods.items()}
-    matrix.baseline_langs = {tm: (src.manifest.lang or "?") if src is not None else "none"
-                             for tm, src in baselines.items()}
+    references = {tm: baseline_stack(mod, base.fingerprint) for tm, mod in task_mods.items()}
+    matrix.baseline_langs = {tm: (ref[0].manifest.lang or "?") if len(ref) > 1 else "none"
+                             for tm, ref in references.items()}
     for lang in langs:
         lang_mods = registered_by_method("language", lang, base.fingerprint)
         if not lang_mods:
@@ -216,8 +224,7 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
             for lm, lang_mod in lang_mods.items():
                 row[f"{lm}+{tm}"] = evaluate_model(compose(base, [lang_mod, task_mod]), pack, base.tokenizer,
                                                    examples)[key]
-            src = [baselines[tm]] if baselines[tm] is not None else []
-            row[f"{BASELINE}+{tm}"] = evaluate_model(compose(base, [*src, task_mod]), pack, base.tokenizer,
+            row[f"{BASELINE}+{tm}"] = evaluate_model(compose(base, references[tm]), pack, base.tokenizer,
                                                      examples)[key]
         matrix.rows[lang] = row
     tags = {"xlpeft.kind": "composition", "xlpeft.task": task, "xlpeft.lang": ",".join(langs),

@@ -5,13 +5,17 @@ Nothing here touches the network: tokenizers are trained by `tokenizers` on text
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Tests never touch the network. huggingface_hub reads this once at import, so set it before anything imports it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Nothing a test writes to the xlpeft cache (tiny bases, fingerprint memos) lands in the user's home.
-os.environ["XLPEFT_CACHE"] = __import__("tempfile").mkdtemp(prefix="xlpeft-test-cache-")
+os.environ["XLPEFT_CACHE"] = tempfile.mkdtemp(prefix="xlpeft-test-cache-")
+atexit.register(shutil.rmtree, os.environ["XLPEFT_CACHE"], ignore_errors=True)
 
 import random  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -123,7 +123,8 @@ def fingerprint_dir(path: Path) -> str:
     if not weight_files:
         raise XlpeftError(f"no weight files (*.safetensors, *.bin) in {path}; expected a Hugging Face model directory")
     files = [path / "config.json", *weight_files]
-    stamp = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    stats = [(p, p.stat()) for p in files]
+    stamp = [(str(p.resolve()), st.st_size, st.st_mtime_ns) for p, st in stats]
     memo = cache_dir() / "fingerprints" / hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:32]
     try:
         cached = memo.read_text(encoding="utf-8").strip()

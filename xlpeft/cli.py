@@ -132,7 +132,11 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, ou
               help="folder of <lang>.conll or <lang>.test.conll files overriding the pack's data")
 @click.option("--split", help="task-pack split to evaluate on, e.g. sample_test [default: test, else validation]")
 def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
-    """Language x method transfer matrix for every registered module; table and heat-map go to MLflow."""
+    """Language x method transfer matrix for every registered module; table and heat-map go to MLflow.
+
+    A baseline+<task method> column scores each task module over its own source-language module
+    (no target-language module): the zero-shot reference each cell should beat.
+    """
     from xlpeft.recipes.compose import evaluate_matrix
     from xlpeft.tracking import tracking_uri
 

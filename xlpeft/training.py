@@ -25,21 +25,32 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def mlm_loss(base, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def mlm_loss(base, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             num_labelled: int | None = None) -> torch.Tensor:
     """Cross-entropy over masked positions only.
 
     The vocabulary projection (H x |V|, |V| = 120k-250k for multilingual encoders) dominates
     the cost of an MLM step; computing logits for the ~15% selected positions instead of
     all of them avoids ~85% of that work. Hooks on the head (e.g. the invertible adapter's
     inverse) still apply because the head module itself is called.
+
+    Args:
+        input_ids: (B, T) corrupted ids (after :func:`~xlpeft.data.mlm.mask_tokens`).
+        labels: (B, T), -100 where nothing is predicted.
+        attention_mask: (B, T) from the *uncorrupted* batch; None means "non-pad of ``input_ids``"
+            (only right when no replacement can be a pad, which ``mask_tokens`` guarantees).
+        num_labelled: divide the summed CE by this count instead of the local one; data-parallel
+            ranks pass the global batch's count so summed gradients equal one process's.
     """
-    attention_mask = (input_ids != base.tokenizer.pad_token_id).long()  # (B, T)
+    if attention_mask is None:
+        attention_mask = (input_ids != base.tokenizer.pad_token_id).long()  # (B, T)
     hidden = base.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     selected = labels != -100  # (B, T)
     if not bool(selected.any()):
         return hidden.sum() * 0.0
     logits = base.mlm_head(hidden[selected])  # (M, V), M = number of masked positions
-    return F.cross_entropy(logits.float(), labels[selected])
+    total = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
+    return total / (num_labelled if num_labelled is not None else int(selected.sum()))
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -170,16 +181,18 @@ def evaluate_mlm(base, blocks: torch.Tensor, tokenizer, cfg: TrainConfig) -> dic
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    from xlpeft.data.mlm import mask_tokens
+    from xlpeft.data.mlm import attention_mask_for, mask_tokens
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
     for i in range(0, min(len(blocks), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
-        inputs, labels = mask_tokens(blocks[i:i + cfg.batch_size], tokenizer, cfg.mlm_probability, generator)
+        clean = blocks[i:i + cfg.batch_size]  # (B, T) uncorrupted: the attention mask comes from here
+        inputs, labels = mask_tokens(clean, tokenizer, cfg.mlm_probability, generator)
         n = int((labels != -100).sum())
         if n == 0:
             continue
-        loss = mlm_loss(base, inputs.to(device), labels.to(device))
+        mask = attention_mask_for(clean, tokenizer.pad_token_id).to(device)
+        loss = mlm_loss(base, inputs.to(device), labels.to(device), mask)
         total += float(loss) * n
         count += n
     model.train(was_training)

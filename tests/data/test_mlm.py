@@ -84,3 +84,36 @@ def test_parse_corpus_specs():
     assert parse_corpus("text.txt").path == "text.txt"
     with pytest.raises(XlpeftError, match="hf:NAME"):
         parse_corpus("hf:")
+
+
+def test_random_replacements_are_never_special(base):
+    """Defect 3: ``torch.randint(len(tokenizer))`` could insert PAD/CLS/SEP/MASK as the "random" 10%."""
+    tok = base.tokenizer
+    ids = pack_blocks(tok, ["kila mtu anastahili haki zote uhuru"] * 2000, 32, progress=False)
+    # probability 1.0: every non-special token is selected, so ~10% of them are random replacements
+    inputs, labels = mask_tokens(ids, tok, 1.0, torch.Generator().manual_seed(3))
+    replaced = (inputs != ids) & (inputs != tok.mask_token_id)
+    assert replaced.sum() > 1000  # enough draws that the old code hits a special id (5 of ~200) for sure
+    specials = torch.tensor(sorted(set(tok.all_special_ids)))
+    assert not torch.isin(inputs[replaced], specials).any()
+    assert int(inputs[replaced].max()) < len(tok)
+
+
+def test_mlm_loss_attention_comes_from_the_clean_batch(base):
+    """A replacement that equals PAD must not be masked out of attention: the mask comes from the clean ids."""
+    from xlpeft.data.mlm import attention_mask_for
+    from xlpeft.training import mlm_loss
+
+    tok = base.tokenizer
+    clean = pack_blocks(tok, ["watu wote wamezaliwa huru"] * 20, 16, progress=False)[:2]
+    labels = torch.full_like(clean, -100)
+    labels[:, 3] = clean[:, 3]
+    corrupted = clean.clone()
+    corrupted[:, 5] = tok.pad_token_id  # as the old random replacement could do
+    base.model.eval()
+    with torch.no_grad():
+        right = mlm_loss(base, corrupted, labels, attention_mask_for(clean, tok.pad_token_id))
+        ones = mlm_loss(base, corrupted, labels, torch.ones_like(clean))
+        implied = mlm_loss(base, corrupted, labels)  # None: non-pad of the given ids, the old behaviour
+    assert torch.allclose(right, ones)
+    assert abs(float(right - implied)) > 1e-6, float(right - implied)

@@ -93,6 +93,16 @@ def special_mask(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(input_ids, specials)
 
 
+def replacement_ids(tokenizer) -> torch.Tensor:
+    """The ids a "random token" replacement may draw: the whole vocabulary except special tokens.
+
+    Drawing from ``range(len(tokenizer))`` (as HF's collator does) can insert PAD, CLS or SEP
+    into the middle of a block; a PAD there would even be masked out of attention.
+    """
+    specials = set(tokenizer.all_special_ids)
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in specials], dtype=torch.long)
+
+
 def mask_tokens(input_ids: torch.Tensor, tokenizer, probability: float,
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply 80/10/10 MLM masking.
@@ -105,6 +115,8 @@ def mask_tokens(input_ids: torch.Tensor, tokenizer, probability: float,
 
     Returns:
         (masked input_ids (B, T), labels (B, T) with -100 where nothing is predicted).
+        Random replacements are never special tokens; build the attention mask from the
+        *uncorrupted* ``input_ids`` (see :func:`attention_mask_for`).
     """
     inputs = input_ids.clone()
     labels = input_ids.clone()
@@ -115,9 +127,15 @@ def mask_tokens(input_ids: torch.Tensor, tokenizer, probability: float,
     to_mask = torch.bernoulli(torch.full(inputs.shape, 0.8), generator=generator).bool() & selected
     inputs[to_mask] = tokenizer.mask_token_id
     to_random = torch.bernoulli(torch.full(inputs.shape, 0.5), generator=generator).bool() & selected & ~to_mask
-    random_ids = torch.randint(len(tokenizer), inputs.shape, generator=generator)
+    pool = replacement_ids(tokenizer)
+    random_ids = pool[torch.randint(len(pool), inputs.shape, generator=generator)]  # (B, T), never special
     inputs[to_random] = random_ids[to_random]
     return inputs, labels
+
+
+def attention_mask_for(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, T) long mask, 1 on every non-pad token of the *uncorrupted* batch."""
+    return (input_ids != pad_id).long()
 
 
 class BlockBatches:

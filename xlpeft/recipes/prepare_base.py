@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from xlpeft.config import check_fields
 from xlpeft.data.corpora import CorpusSpec, iter_lines
-from xlpeft.data.mlm import mask_tokens, pack_blocks
+from xlpeft.data.mlm import attention_mask_for, mask_tokens, pack_blocks
 from xlpeft.errors import XlpeftError
 from xlpeft.models import TINY_BASES, arch_for, build_tiny_base, cache_dir, fingerprint_dir
 
@@ -86,7 +86,7 @@ def cache_masked_states(model: nn.Module, tokenizer, blocks: torch.Tensor, cfg: 
             for start in range(0, len(blocks), 8):
                 batch = blocks[start:start + 8]
                 inputs, labels = mask_tokens(batch, tokenizer, 0.15, generator)
-                mask = (inputs != tokenizer.pad_token_id).long()
+                mask = attention_mask_for(batch, tokenizer.pad_token_id)  # from the uncorrupted batch
                 hidden = encoder(input_ids=inputs, attention_mask=mask).last_hidden_state  # (B, T, H)
                 selected = labels != -100
                 states.append(hidden[selected])  # (m, H)

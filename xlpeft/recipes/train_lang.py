@@ -14,7 +14,7 @@ import torch
 
 from xlpeft import tracking
 from xlpeft.data.corpora import check_text_file, iter_lines
-from xlpeft.data.mlm import batches, mask_tokens, pack_blocks, split_blocks
+from xlpeft.data.mlm import attention_mask_for, batches, mask_tokens, pack_blocks, split_blocks
 from xlpeft.distributed import init_from_env
 from xlpeft.io import Manifest
 from xlpeft.packs import load_language_pack
@@ -96,7 +96,10 @@ def train_language(req: LangRequest) -> LangResult:
 
         def loss_fn(batch: torch.Tensor) -> torch.Tensor:
             inputs, labels = mask_tokens(batch, base.tokenizer, cfg.mlm_probability, mask_gen)  # same on every rank
-            return mlm_loss(base, dist.shard(inputs).to(device), dist.shard(labels).to(device))
+            mask = attention_mask_for(batch, base.tokenizer.pad_token_id)  # from the uncorrupted batch
+            n_global = int((labels != -100).sum())  # the whole global batch's count, identical on every rank
+            return mlm_loss(base, dist.shard(inputs).to(device), dist.shard(labels).to(device),
+                            dist.shard(mask).to(device), num_labelled=max(n_global, 1))
 
         def evaluate() -> dict[str, float]:
             return evaluate_mlm(base, eval_blocks, base.tokenizer, cfg)

@@ -367,19 +367,62 @@ def _delta(base, n: int, seed: int) -> SparseDelta:
     return SparseDelta(entries)
 
 
+def _weights(base) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in base.model.named_parameters(remove_duplicate=False)}
+
+
+def _assert_bit_identical(base, before: dict[str, torch.Tensor]) -> None:
+    for name, p in base.model.named_parameters(remove_duplicate=False):
+        assert torch.equal(p, before[name]), name  # exact: revert restores, it does not subtract
+
+
 def test_revert_apply_is_identity_and_apply_changes_output(base):
-    before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    before = _weights(base)
     ids = _ids(base)
     with torch.no_grad():
         ref = base.model(input_ids=ids).logits
-    delta = _delta(base, 20, seed=0)
+    delta = _delta(base, 30, seed=0)  # values ~N(0, 1) on weights ~N(0, 0.02): subtracting them back rounds
     delta.apply(base.model)
     with torch.no_grad():
         changed = base.model(input_ids=ids).logits
     delta.revert(base.model)
     assert not torch.allclose(changed, ref, atol=1e-4)
-    for name, p in base.model.named_parameters():
-        torch.testing.assert_close(p, before[name], rtol=0, atol=1e-6)
+    _assert_bit_identical(base, before)
+    with pytest.raises(XlpeftError, match="not applied"):
+        delta.revert(base.model)  # once only
+
+
+def test_applied_delta_remove_is_bit_exact(base):
+    from xlpeft.methods.sft import AppliedDelta
+
+    before = _weights(base)
+    handle = AppliedDelta(_delta(base, 30, seed=5), base.model)
+    handle.remove()
+    handle.remove()  # a second remove does nothing
+    _assert_bit_identical(base, before)
+
+
+@pytest.mark.parametrize("order", ["reverse", "same"])
+def test_two_overlapping_deltas_revert_exactly_in_either_order(base, order):
+    before = _weights(base)
+    a, b = _delta(base, 40, seed=1), _delta(base, 40, seed=2)
+    assert any(a.overlap(b).values())  # shared entries: the hard case
+    a.apply(base.model)
+    only_a = _weights(base)
+    b.apply(base.model)
+    if order == "reverse":
+        b.revert(base.model)
+        _assert_bit_identical(base, only_a)
+        a.revert(base.model)
+    else:  # a first: what is left is exactly b applied alone
+        a.revert(base.model)
+        left = _weights(base)
+        b.revert(base.model)
+        _assert_bit_identical(base, before)
+        b.apply(base.model)
+        _assert_bit_identical(base, left)
+        b.revert(base.model)
+    _assert_bit_identical(base, before)
 
 
 def test_overlapping_deltas_sum(base):
@@ -392,9 +435,9 @@ def test_overlapping_deltas_sum(base):
     assert total.entries[first][0].tolist() == [0, 3, 5, 9]
     assert total.entries[first][1].tolist() == [3.0, 1.0, 3.0, 2.0]
     assert total.num_params == 5
-    before = {n: p.detach().clone() for n, p in base.model.named_parameters(remove_duplicate=False)}
+    before = _weights(base)
     total.apply(base.model)
-    summed = {n: p.detach().clone() for n, p in base.model.named_parameters(remove_duplicate=False)}
+    summed = _weights(base)
     total.revert(base.model)
     a.apply(base.model)
     b.apply(base.model)
@@ -403,8 +446,7 @@ def test_overlapping_deltas_sum(base):
     assert float(summed[first].view(-1)[0] - before[first].view(-1)[0]) == pytest.approx(3.0)
     a.revert(base.model)
     b.revert(base.model)
-    for n, p in base.model.named_parameters(remove_duplicate=False):
-        torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+    _assert_bit_identical(base, before)
 
 
 def test_to_tensors_round_trips_through_safetensors(tmp_path, base):

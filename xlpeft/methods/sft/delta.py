@@ -7,6 +7,7 @@ weights, entries they share add up.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -80,16 +81,43 @@ class SparseDelta:
     def apply(self, model: nn.Module, scale: float = 1.0) -> None:
         """Add ``scale * delta`` to the model's weights in place (all entries are checked first).
 
+        The values it overwrites are kept, so that :meth:`revert` restores them bit-exactly.
+
         Raises:
             XlpeftError: a parameter is missing, an index is out of range, or a dtype does not fit.
         """
+        saved = {}
         for name, p in self._targets(model).items():
             idx, vals = self.entries[name]
-            p.view(-1).index_add_(0, idx.to(p.device), vals.to(device=p.device, dtype=p.dtype), alpha=scale)
+            idx = idx.to(p.device)
+            saved[name] = (idx, p.view(-1).index_select(0, idx))  # (K_i,) the values before
+            p.view(-1).index_add_(0, idx, vals.to(device=p.device, dtype=p.dtype), alpha=scale)
+        _APPLIED.setdefault(model, []).append(_Applied(self, scale, saved))
 
+    @torch.no_grad()
     def revert(self, model: nn.Module) -> None:
-        """Subtract the delta: ``revert`` after ``apply`` restores the weights up to float rounding."""
-        self.apply(model, scale=-1.0)
+        """Undo the latest :meth:`apply` of this delta to ``model``, bit-exactly.
+
+        Deltas applied after it are taken off first (their kept values restored, newest first) and
+        put back on afterwards, so reverting out of order leaves exactly what applying only the
+        others would have (entries they share included); in reverse order it is a plain restore.
+
+        Raises:
+            XlpeftError: this delta is not applied to ``model``.
+        """
+        stack = _APPLIED.get(model, [])
+        pos = next((i for i in range(len(stack) - 1, -1, -1) if stack[i].delta is self), None)
+        if pos is None:
+            raise XlpeftError("this sparse delta is not applied to this model; revert() undoes an apply()")
+        above = stack[pos + 1:]
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for record in reversed(stack[pos:]):
+            for name, (idx, before) in record.saved.items():
+                p = params[name]
+                p.view(-1).index_copy_(0, idx.to(p.device), before.to(p.device))
+        del stack[pos:]
+        for record in above:
+            record.delta.apply(model, record.scale)
 
     # ---- composition
     def __add__(self, other: SparseDelta) -> SparseDelta:
@@ -145,8 +173,21 @@ class SparseDelta:
         return cls({name: (pair[INDICES], pair[VALUES]) for name, pair in pairs.items()})
 
 
+@dataclass(frozen=True, eq=False)
+class _Applied:
+    """One :meth:`SparseDelta.apply`: per parameter name, (flat indices, the values they held before)."""
+
+    delta: SparseDelta
+    scale: float
+    saved: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+# model -> its applied deltas, oldest first; weak so that a dropped model frees them
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, list[_Applied]] = weakref.WeakKeyDictionary()
+
+
 class AppliedDelta:
-    """A delta added to a model's weights in place; ``remove()`` subtracts it again (once)."""
+    """A delta added to a model's weights in place; ``remove()`` restores the weights bit-exactly (once)."""
 
     def __init__(self, delta: SparseDelta, model: nn.Module) -> None:
         self.delta, self.model = delta, model

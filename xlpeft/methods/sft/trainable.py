@@ -284,7 +284,7 @@ def prepare_sft(base, config: SFTConfig, train_cfg) -> SFTTrainable:
 
 
 def activate_sft(base, loaded) -> AppliedDelta:
-    """Add a saved module's delta to ``base``'s weights in place; the handle's ``remove()`` subtracts it.
+    """Add a saved module's delta to ``base``'s weights in place; the handle's ``remove()`` restores the weights bit-exactly.
 
     A language delta may touch the MLM head (composable-sft releases do); on a task model, which has
     no MLM head, those entries have nothing to change and are skipped.

@@ -170,3 +170,20 @@ def test_export_needs_the_modules_base(converted, tmp_path):
     with pytest.raises(XlpeftError, match="composable-sft takes sparse"):
         adapter = convert(FIXTURES / "adapterhub" / "seq_bn", tmp_path / "ad", "adapterhub", base=base_dir("tiny-bert"))
         convert(adapter, tmp_path / "c", "xlpeft", "composable-sft", base=base_dir("tiny-bert"))
+
+
+@pytest.mark.parametrize("coords", [[[0, 10**6], [0, 1]], [[-1, 0], [0, 1]], [[0, 1], [0, 32]]],
+                         ids=["beyond-rows", "negative", "column-overflow"])
+def test_cli_convert_refuses_coo_indices_outside_the_tensor(capsys, tmp_path, coords):
+    """A sparse COO diff (the earlier `body` layout) whose indices leave its 40 x 32 tensor: one error line, no module."""
+    from tests.test_cli import assert_one_error_line, run_cli
+
+    name = "bert.embeddings.position_embeddings.weight"  # 40 x 32 in tiny-bert
+    src = tmp_path / "sft"
+    src.mkdir()
+    bad = torch.sparse_coo_tensor(torch.tensor(coords), torch.tensor([1.0, 2.0]), size=(40, 32), check_invariants=False)
+    torch.save({"body": {name: bad}, "head": {}}, src / FILE)
+    code, _, err = run_cli(capsys, "convert", str(src), str(tmp_path / "out"), "--from", "composable-sft",
+                           "--base", base_dir("tiny-bert"))
+    assert_one_error_line(code, err, name, "outside a (40, 32) tensor")
+    assert not (tmp_path / "out").exists()

@@ -67,8 +67,17 @@ def row_to_column(flat: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 def _diff_entry(name: str, diff: Any) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor]:
     """One stored diff -> (shape, row-major flat indices, values)."""
     if isinstance(diff, torch.Tensor) and diff.layout == torch.sparse_coo:
-        diff = diff.coalesce()
         size = tuple(diff.shape)
+        coords = diff._indices()  # (ndim, nnz), as stored: coalesce() neither checks nor fixes the range
+        if coords.shape[0] != len(size) or diff._values().dim() != 1:
+            raise XlpeftError(f"{name}: a sparse diff of shape {size} should hold {len(size)}-D indices and 1-D values; "
+                              f"got indices {tuple(coords.shape)} and values {tuple(diff._values().shape)}")
+        for dim, extent in enumerate(size):
+            if coords.shape[1] and (int(coords[dim].min()) < 0 or int(coords[dim].max()) >= extent):
+                raise XlpeftError(f"{name}: sparse indices of dimension {dim} span [{int(coords[dim].min())}, "
+                                  f"{int(coords[dim].max())}] outside a {size} tensor; the file is corrupt or not "
+                                  "for this parameter, re-save it with composable-sft")
+        diff = diff.coalesce()
         row, _ = _strides(size)
         return size, (diff.indices() * row[:, None]).sum(0), diff.values()
     if isinstance(diff, torch.Tensor):  # a dense difference: keep its non-zero entries
@@ -104,7 +113,10 @@ def read_sft(src: str | Path) -> tuple[dict[str, tuple[tuple[int, ...], torch.Te
     layout = "diffs" if "diffs" in payload else "body"
     body = payload.get(layout) or {}
     dense = dict(payload.get("abs" if layout == "diffs" else "head") or {})
-    diffs = {name: _diff_entry(name, d) for name, d in body.items()}
+    try:
+        diffs = {name: _diff_entry(name, d) for name, d in body.items()}
+    except XlpeftError as exc:
+        raise XlpeftError(f"{path}: {exc}") from None
     both = sorted(set(diffs) & set(dense))
     if both:
         raise XlpeftError(f"{path} holds both a difference and dense values for {both}")

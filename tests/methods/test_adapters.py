@@ -114,3 +114,63 @@ def test_config_validation_names_field_and_value():
         AdapterConfig(placement="middle")
     with pytest.raises(ConfigError, match="unknown AdapterConfig key"):
         build(AdapterConfig, {"reduction": 2})
+
+
+def _saved_module(tmp_path, base, config: AdapterConfig, kind: str, seed: int):
+    """A saved adapter module with non-trivial weights, as a trained one would be."""
+    from dataclasses import asdict
+
+    from xlpeft.io import Manifest, load_module, save_module
+
+    module = AdapterModule(config, base.hidden_size, len(base.layers))
+    _randomise(module, seed)
+    manifest = Manifest(kind=kind, method="adapter", lang="sw" if kind == "language" else None,
+                        task=None if kind == "language" else "ner", config=asdict(config),
+                        base={"name": base.name, "fingerprint": base.fingerprint, "model_type": "x"})
+    return load_module(save_module(tmp_path / f"{kind}-{seed}", manifest, {"adapter": module.state_dict()}))
+
+
+def _saved_delta(tmp_path, base):
+    """A saved language SFT touching two weights of the base."""
+    from dataclasses import asdict
+
+    from xlpeft.io import Manifest, load_module, save_module
+    from xlpeft.methods.sft import SFTConfig, SparseDelta
+
+    names = [n for n, _ in base.model.named_parameters() if n.endswith("dense.weight")][:2]
+    delta = SparseDelta({n: (torch.tensor([0, 5, 9]), torch.tensor([0.5, -0.5, 0.25])) for n in names})
+    manifest = Manifest(kind="language", method="sft", lang="sw", config=asdict(SFTConfig()),
+                        base={"name": base.name, "fingerprint": base.fingerprint, "model_type": "x"})
+    return load_module(save_module(tmp_path / "sft", manifest, {"delta": delta.to_tensors()}))
+
+
+@pytest.mark.parametrize("lang_kind", ["adapter+inv", "adapter", "sft"])
+def test_language_module_stays_frozen_while_a_task_adapter_trains(base, tmp_path, lang_kind):
+    """Defect 4 (issue 14): the activated language module computes and stores no gradient; only the task module does."""
+    from xlpeft.compose import activate
+    from xlpeft.config import TrainConfig
+    from xlpeft.methods.adapters import prepare_adapter
+    from xlpeft.methods.heads import build_head
+    from xlpeft.recipes.train_task import task_loss
+    from xlpeft.training import train_loop
+
+    saved = (_saved_delta(tmp_path, base) if lang_kind == "sft" else
+             _saved_module(tmp_path, base, AdapterConfig(invertible=lang_kind == "adapter+inv"), "language", 7))
+    active = activate(base, [saved])
+    lang = getattr(active.handles[0], "module", torch.nn.Module())  # an SFT adds into the base's own weights
+    before = {k: v.clone() for k, v in lang.state_dict().items()}
+    cfg = TrainConfig(max_steps=3, lr=1e-3, warmup_ratio=0.0)
+    trainable = prepare_adapter(base, AdapterConfig(**AdapterConfig.defaults_for("task")), cfg)
+    head = build_head("token_classification", base.hidden_size, 3, 0.0)
+    ids = _ids(base, n=4, t=9)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids % 3}
+    params = trainable.begin_phase(trainable.phases[0]) + list(head.parameters())
+    train_loop(params, iter(lambda: batch, None), lambda b: task_loss(base, head, b), cfg, 3, lambda *a: None,
+               progress=False)
+    trainable.close()
+    active.remove()
+    assert [n for n, p in lang.named_parameters() if p.grad is not None] == [], "the language adapter holds gradients"
+    assert [n for n, p in lang.named_parameters() if p.requires_grad] == []
+    assert [n for n, p in base.model.named_parameters() if p.grad is not None or p.requires_grad] == []
+    assert all(torch.equal(v, before[k]) for k, v in lang.state_dict().items())
+    assert all(p.grad is not None for p in params), "the task adapter and head did train"

@@ -184,7 +184,11 @@ class ActiveAdapter:
 
 
 def activate_adapter(base, loaded) -> ActiveAdapter:
-    """Rebuild a saved adapter module, load its weights (strictly) and hook it onto ``base``."""
+    """Rebuild a saved adapter module, load its weights (strictly) and hook it onto ``base``, frozen.
+
+    Frozen (``requires_grad=False``, its invertible adapter included) as in MAD-X and AdapterHub's
+    ``train_adapter``: while a task module trains over it, backward neither computes nor stores its gradients.
+    """
     from xlpeft.config import build
 
     config = build(AdapterConfig, loaded.manifest.config)
@@ -199,4 +203,5 @@ def activate_adapter(base, loaded) -> ActiveAdapter:
 
         raise XlpeftError(f"adapter weights in {loaded.path} do not fit this base: {str(exc).splitlines()[0]}") from None
     module.to(_device(base.model)).eval()
+    module.requires_grad_(False)  # frozen: a task module trained above it computes and stores no gradient for it
     return ActiveAdapter(module, attach_adapters(base.model, base.arch, [module]))

@@ -7,28 +7,53 @@ during training and a composed Hugging Face model afterwards.
 from __future__ import annotations
 
 from collections.abc import Callable
+import warnings
 from typing import Any
 
 import torch
 
-from xlpeft.data.tasks import collate, encode_pairs, encode_tokens
+from xlpeft.data.tasks import NO_SUBWORD, Encoded, collate, encode_pairs, encode_tokens
 from xlpeft.metrics import accuracy, span_f1
 from xlpeft.packs import TaskPack
 
 
-def encode(pack: TaskPack, tokenizer, examples: list, max_len: int):
+def encode(pack: TaskPack, tokenizer, examples: list, max_len: int, purpose: str = "evaluation"):
+    """Encode examples for the pack's head, warning (once per call) about examples cut by ``max_len``."""
     label2id = {label: i for i, label in enumerate(pack.labels)}
     if pack.head == "token_classification":
-        return encode_tokens(tokenizer, examples, label2id, max_len)
-    return encode_pairs(tokenizer, examples, label2id, max_len)
+        enc = encode_tokens(tokenizer, examples, label2id, max_len)
+    else:
+        enc = encode_pairs(tokenizer, examples, label2id, max_len)
+    if enc.truncated:
+        warn_truncated(enc, len(examples), max_len, purpose, default_label(pack))
+    return enc
+
+
+def default_label(pack: TaskPack) -> str:
+    """The label a word without a prediction is scored as: ``O`` if the pack has it, else its first label."""
+    return "O" if "O" in pack.labels else pack.labels[0]
+
+
+def warn_truncated(enc: Encoded, n: int, max_len: int, purpose: str, default: str) -> None:
+    cut = (f"; {enc.words_cut} word(s) past the limit "
+           + (f"are scored as {default!r}" if purpose == "evaluation" else "are not trained on")) if enc.words_cut else ""
+    warnings.warn(
+        f"{purpose}: {enc.truncated} of {n} example(s) are longer than max_seq_len={max_len} sub-words and were "
+        f"truncated{cut}; raise --set max_seq_len (up to the base's usable positions) to keep them whole",
+        stacklevel=3,
+    )
 
 
 @torch.no_grad()
 def predict(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], pack: TaskPack, tokenizer,
             examples: list, device: torch.device | str = "cpu", batch_size: int = 32, max_len: int = 128) -> list[Any]:
-    """Predicted labels: one per word for token tasks (words cut by ``max_len`` get "O"), one per example otherwise."""
+    """Predicted labels: one per example, or for token tasks one per word, read at its first sub-word.
+
+    A word with no sub-word in the input (it tokenised to nothing, or ``max_len`` cut it) gets
+    :func:`default_label` at its own position, so it never shifts the predictions of later words.
+    """
     enc = encode(pack, tokenizer, examples, max_len)
-    fallback = "O" if "O" in pack.labels else pack.labels[0]
+    fallback = default_label(pack)
     out: list[Any] = []
     for start in range(0, len(examples), batch_size):
         idx = list(range(start, min(start + batch_size, len(examples))))
@@ -36,9 +61,8 @@ def predict(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], pack: 
         best = logits_fn(batch).argmax(-1).cpu()  # (B, T) or (B,)
         for row, i in enumerate(idx):
             if pack.head == "token_classification":
-                words = [pack.labels[int(best[row, pos])] for pos in enc.words[i]]
-                words += [fallback] * (len(examples[i].tokens) - len(words))
-                out.append(words)
+                out.append([fallback if pos == NO_SUBWORD else pack.labels[int(best[row, pos])]
+                            for pos in enc.words[i]])
             else:
                 out.append(pack.labels[int(best[row])])
     return out

@@ -202,38 +202,78 @@ def check_labels(examples: list[Any], labels: list[str], where: str) -> None:
             )
 
 
+NO_SUBWORD = -1
+"""``Encoded.words`` entry for a word with no sub-word in the input (empty after tokenising, or cut)."""
+
+
 @dataclass
 class Encoded:
-    """Tensors for a list of examples; ``word_index`` maps each labelled position back to its word."""
+    """Tensors for a list of examples, plus where each word's label sits.
+
+    ``words[i][w]`` is the position of word ``w``'s first sub-word in example ``i``, or
+    :data:`NO_SUBWORD` when the word has none: it tokenised to nothing (U+200B, a soft hyphen,
+    a lone combining mark...) or was cut by ``max_len``. One entry per word, so a word with no
+    sub-word never shifts the words after it.
+    """
 
     input_ids: list[list[int]]
     labels: list[Any]  # per token (list[int], -100 for ignored) or one int per example
-    words: list[list[int]]  # token tasks: for each example, the position of each word's first sub-word
+    words: list[list[int]]  # token tasks: one position (or NO_SUBWORD) per word
+    truncated: int = 0  # examples longer than max_len, cut to it
+    words_cut: int = 0  # token tasks: words that lost all their sub-words to the cut
 
 
 def encode_tokens(tokenizer, examples: list[TokenExample], label2id: dict[str, int], max_len: int) -> Encoded:
-    """Tokenise pre-split words; label the first sub-word of each word, -100 elsewhere; truncate to ``max_len``."""
-    enc = tokenizer([list(e.tokens) for e in examples], is_split_into_words=True, truncation=True, max_length=max_len)
+    """Tokenise pre-split words; label the first sub-word of each word, -100 elsewhere; truncate to ``max_len``.
+
+    Labels are placed through the tokenizer's ``word_ids`` (sub-word -> word), so a word that
+    yields no sub-word is skipped at its own position, never by shifting later labels.
+    """
+    words = [list(e.tokens) for e in examples]
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_len)
     all_ids, all_labels, all_words = [], [], []
     for i, e in enumerate(examples):
-        word_ids = enc.word_ids(i)
-        labels, firsts, previous = [], [], None
-        for pos, w in enumerate(word_ids):
-            if w is None or w == previous:
-                labels.append(-100)
-            else:
-                labels.append(label2id[e.tags[w]])
-                firsts.append(pos)
-            previous = w
+        labels, firsts = first_subword_labels(enc.word_ids(i), len(e.tokens))
         all_ids.append(enc["input_ids"][i])
-        all_labels.append(labels)
+        all_labels.append([-100 if w is None else label2id[e.tags[w]] for w in labels])
         all_words.append(firsts)
-    return Encoded(all_ids, all_labels, all_words)
+    long_rows = [i for i, ids in enumerate(all_ids) if len(ids) >= max_len]
+    truncated, words_cut = 0, 0
+    if long_rows:  # which of those were really cut, and how many words lost every sub-word to the cut
+        full = tokenizer([words[i] for i in long_rows], is_split_into_words=True, truncation=False)
+        for j, i in enumerate(long_rows):
+            if len(full["input_ids"][j]) > max_len:
+                truncated += 1
+                kept = {w for w in enc.word_ids(i) if w is not None}
+                words_cut += len({w for w in full.word_ids(j) if w is not None} - kept)
+    return Encoded(all_ids, all_labels, all_words, truncated, words_cut)
+
+
+def first_subword_labels(word_ids: list[int | None], n_words: int) -> tuple[list[int | None], list[int]]:
+    """(per position: the word whose label it carries or None, per word: its first position or NO_SUBWORD)."""
+    carries: list[int | None] = []
+    firsts = [NO_SUBWORD] * n_words
+    previous = None
+    for pos, w in enumerate(word_ids):
+        if w is None or w == previous:
+            carries.append(None)
+        else:
+            carries.append(w)
+            firsts[w] = pos
+        previous = w
+    return carries, firsts
 
 
 def encode_pairs(tokenizer, examples: list[PairExample], label2id: dict[str, int], max_len: int) -> Encoded:
-    enc = tokenizer([e.premise for e in examples], [e.hypothesis for e in examples], truncation=True, max_length=max_len)
-    return Encoded(enc["input_ids"], [label2id[e.label] for e in examples], [])
+    """Premise/hypothesis pairs, one label each; pairs longer than ``max_len`` are cut (longest first) and counted."""
+    premises, hypotheses = [e.premise for e in examples], [e.hypothesis for e in examples]
+    enc = tokenizer(premises, hypotheses, truncation=True, max_length=max_len)
+    long_rows = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= max_len]
+    truncated = 0
+    if long_rows:
+        full = tokenizer([premises[i] for i in long_rows], [hypotheses[i] for i in long_rows], truncation=False)
+        truncated = sum(len(ids) > max_len for ids in full["input_ids"])
+    return Encoded(enc["input_ids"], [label2id[e.label] for e in examples], [], truncated)
 
 
 def collate(encoded: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:

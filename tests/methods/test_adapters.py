@@ -174,3 +174,39 @@ def test_language_module_stays_frozen_while_a_task_adapter_trains(base, tmp_path
     assert [n for n, p in base.model.named_parameters() if p.grad is not None or p.requires_grad] == []
     assert all(torch.equal(v, before[k]) for k, v in lang.state_dict().items())
     assert all(p.grad is not None for p in params), "the task adapter and head did train"
+
+
+def test_default_non_linearity_follows_the_adapterhub_preset_of_the_placement():
+    """houlsby = AdapterHub's DoubleSeqBnConfig (swish), pfeiffer = SeqBnConfig (relu); an explicit value wins."""
+    from xlpeft.interop.adapterhub import PRESETS, adapter_config_from
+
+    for preset, placement in (("seq_bn", "pfeiffer"), ("seq_bn_inv", "pfeiffer"), ("double_seq_bn", "houlsby"),
+                              ("double_seq_bn_inv", "houlsby")):
+        ours = AdapterConfig(placement=placement, reduction_factor=16, invertible=preset.endswith("_inv"))
+        assert ours == adapter_config_from(PRESETS[preset], num_layers=2), preset
+    houlsby = AdapterModule(AdapterConfig(placement="houlsby"), 32, 1)
+    assert isinstance(houlsby.layers[0]["attn"].act, torch.nn.SiLU) and isinstance(houlsby.invertible.F.act, torch.nn.SiLU)
+    assert AdapterConfig(placement="houlsby", non_linearity="relu").non_linearity == "relu"
+    assert build(AdapterConfig, {"placement": "houlsby", "non_linearity": None}).non_linearity == "swish"
+
+
+def test_modules_that_recorded_their_non_linearity_load_identically(base, tmp_path):
+    """A houlsby module saved with relu (the old default, recorded in its manifest) still computes relu."""
+    from xlpeft.compose import activate
+
+    saved = _saved_module(tmp_path, base, AdapterConfig(placement="houlsby", non_linearity="relu"), "language", 3)
+    assert saved.manifest.config["non_linearity"] == "relu"
+    module = AdapterModule(AdapterConfig(placement="houlsby", non_linearity="relu"), base.hidden_size, len(base.layers))
+    module.load_state_dict(saved.tensors["adapter"])
+    ids = _ids(base)
+    base.model.eval()
+    with torch.no_grad():
+        handle = attach_adapters(base.model, base.arch, [module])
+        expected = base.model(input_ids=ids).logits
+        handle.remove()
+        active = activate(base, [saved])
+        got = base.model(input_ids=ids).logits
+        rebuilt = active.handles[0].module
+        active.remove()
+    assert isinstance(rebuilt.layers[0]["attn"].act, torch.nn.ReLU) and rebuilt.config.non_linearity == "relu"
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

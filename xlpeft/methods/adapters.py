@@ -25,6 +25,8 @@ from xlpeft.methods.invertible import InvertibleAdapter
 from xlpeft.models import ArchSpec, get_submodule
 
 PLACEMENTS = {"pfeiffer": ("ffn",), "houlsby": ("attn", "ffn")}
+PLACEMENT_ACTIVATIONS = {"pfeiffer": "relu", "houlsby": "swish"}
+"""The default non-linearity per placement: AdapterHub 1.3.0's SeqBnConfig (relu) and DoubleSeqBnConfig (swish)."""
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,16 @@ class AdapterConfig:
 
     placement: str = field(default="pfeiffer", metadata={"help": "pfeiffer (after FFN) or houlsby (after attention and FFN)", "choices": tuple(PLACEMENTS)})
     reduction_factor: float = field(default=2.0, metadata={"help": "hidden size / bottleneck width (MAD-X: 2 language, 16 task)", "gt": 0.0})
-    non_linearity: str = field(default="relu", metadata={"help": "bottleneck activation", "choices": tuple(ACTIVATIONS)})
+    non_linearity: str | None = field(default=None, metadata={
+        "help": "bottleneck activation; None follows the placement as AdapterHub's presets do: relu for pfeiffer "
+                "(SeqBnConfig, MAD-X), swish for houlsby (DoubleSeqBnConfig)", "choices": tuple(ACTIVATIONS)})
     invertible: bool = field(default=True, metadata={"help": "add a NICE invertible adapter on the embeddings (language modules)"})
     inv_reduction_factor: float = field(default=2.0, metadata={"help": "reduction factor of the invertible adapter's F and G", "gt": 0.0})
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.non_linearity is None:  # resolved here, so manifests record the activation actually used
+            object.__setattr__(self, "non_linearity", PLACEMENT_ACTIVATIONS[self.placement])
 
     @classmethod
     def defaults_for(cls, kind: str) -> dict:

@@ -1,9 +1,13 @@
 """Data parallelism on torch.distributed, for ``torchrun --nproc_per_node=N -m xlpeft train-lang ...``.
 
 Every rank draws the same global batch and masking (same seeds) and trains on its slice of the
-rows; gradients of the trainable parameters are averaged after backward, so all ranks keep
-identical weights (and LT-SFT picks identical masks). Rank 0 alone talks to MLflow and writes
-artifacts and checkpoints. gloo on CPU, NCCL on GPU.
+rows. N ranks compute exactly what one process computes on the same global batch: each rank's
+loss is its *sum* of cross-entropy divided by the labelled positions of the whole global
+micro-batch (which every rank can count, since it holds the whole batch), and gradients are
+*summed* across ranks. Averaging per-rank means instead would weight a rank's positions by
+1/its own count, not 1/the global count. All ranks keep identical weights (and LT-SFT picks
+identical masks); each rank gets its own dropout stream (:meth:`Dist.seed_dropout`). Rank 0
+alone talks to MLflow and writes artifacts and checkpoints. gloo on CPU, NCCL on GPU.
 """
 
 from __future__ import annotations
@@ -39,20 +43,34 @@ class Dist:
                               f"pass --batch-size as a multiple of {self.world}")
         return batch[self.rank::self.world]
 
-    def sync_grads(self, params: list[nn.Parameter]) -> None:
-        """Average gradients over ranks (one flat all-reduce per call)."""
+    def sync_grads(self, params: list[nn.Parameter], loss: float | None = None) -> float | None:
+        """Sum gradients (and the step's partial loss) over ranks, in one flat all-reduce.
+
+        Summing is right because each rank's loss is already divided by the global count of
+        labelled positions (see the module docstring). Returns the summed loss (None if not given).
+        """
         if not self.active:
-            return
+            return loss
         grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
+        device = grads[0].device if grads else (params[0].device if params else torch.device("cpu"))
+        parts = [g.reshape(-1).float() for g in grads]
+        parts.append(torch.tensor([0.0 if loss is None else loss], device=device))
+        flat = torch.cat(parts)
+        torch.distributed.all_reduce(flat)  # SUM
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+        return None if loss is None else float(flat[-1])
+
+    def seed_dropout(self, seed: int) -> None:
+        """Give this rank its own global RNG stream (dropout); rank 0 keeps a single process's stream.
+
+        Call after the trainable modules are initialised (which must be identical on every rank);
+        the data-order and masking generators are separate and stay shared.
+        """
+        if self.rank > 0:
+            torch.manual_seed(seed * 1_000_003 + self.rank)
 
     def same_everywhere(self, tensor: torch.Tensor, what: str) -> None:
         """Fail loudly if ranks disagree (e.g. on an LT-SFT mask)."""

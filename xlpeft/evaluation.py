@@ -6,8 +6,8 @@ during training and a composed Hugging Face model afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,6 +15,9 @@ import torch
 from xlpeft.data.tasks import NO_SUBWORD, Encoded, collate, encode_pairs, encode_tokens
 from xlpeft.metrics import accuracy, span_f1
 from xlpeft.packs import TaskPack
+
+EVAL_MAX_LEN = 128
+"""Sub-words per example when scoring a composed model (MAD-X evaluates NER/POS at 128)."""
 
 
 def encode(pack: TaskPack, tokenizer, examples: list, max_len: int, purpose: str = "evaluation"):
@@ -46,7 +49,7 @@ def warn_truncated(enc: Encoded, n: int, max_len: int, purpose: str, default: st
 
 @torch.no_grad()
 def predict(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], pack: TaskPack, tokenizer,
-            examples: list, device: torch.device | str = "cpu", batch_size: int = 32, max_len: int = 128) -> list[Any]:
+            examples: list, device: torch.device | str = "cpu", batch_size: int = 32, max_len: int = EVAL_MAX_LEN) -> list[Any]:
     """Predicted labels: one per example, or for token tasks one per word, read at its first sub-word.
 
     A word with no sub-word in the input (it tokenised to nothing, or ``max_len`` cut it) gets

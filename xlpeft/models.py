@@ -48,14 +48,17 @@ class ArchSpec:
     embeddings: str = "bert.embeddings"  # word + position + type embeddings, LayerNorm, dropout
     seq_head: tuple[str, str] = ("bert.pooler.dense", "classifier")  # (dense, output) of *ForSequenceClassification
     token_head: str = "classifier"  # output layer of *ForTokenClassification
+    positions_after_padding: bool = False  # RoBERTa/XLM-R: position ids start at padding_idx + 1
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     "bert": ArchSpec("bert", "bert.encoder.layer", "attention.output", "output", "cls"),
     "xlm-roberta": ArchSpec("roberta", "roberta.encoder.layer", "attention.output", "output", "lm_head",
-                            embeddings="roberta.embeddings", seq_head=("classifier.dense", "classifier.out_proj")),
+                            embeddings="roberta.embeddings", seq_head=("classifier.dense", "classifier.out_proj"),
+                            positions_after_padding=True),
     "roberta": ArchSpec("roberta", "roberta.encoder.layer", "attention.output", "output", "lm_head",
-                        embeddings="roberta.embeddings", seq_head=("classifier.dense", "classifier.out_proj")),
+                        embeddings="roberta.embeddings", seq_head=("classifier.dense", "classifier.out_proj"),
+                        positions_after_padding=True),
 }
 """One table of module paths per architecture; adding an architecture is adding a row."""
 
@@ -72,6 +75,40 @@ def arch_for(model: nn.Module) -> ArchSpec:
             "Add a row to xlpeft.models.ARCHITECTURES for it."
         )
     return ARCHITECTURES[model_type]
+
+
+def usable_positions(model: nn.Module) -> int:
+    """Longest input, special tokens included, that the model's position table can embed.
+
+    BERT: ``max_position_embeddings``. RoBERTa/XLM-R number positions from ``padding_idx + 1``
+    (``create_position_ids_from_input_ids``), so ``max_position_embeddings - padding_idx - 1``:
+    514 - 1 - 1 = 512 for XLM-R. The one place this limit is computed.
+    """
+    config = model.config
+    limit = int(config.max_position_embeddings)
+    if arch_for(model).positions_after_padding:
+        limit -= int(config.pad_token_id) + 1
+    return limit
+
+
+def fit_seq_len(requested: int, model: nn.Module, explicit: bool, what: str = "max_seq_len") -> int:
+    """``requested`` if the base can embed it; a default that does not fit is lowered to the limit.
+
+    Raises:
+        ConfigError: an explicitly chosen ``requested`` is longer than the base's usable positions.
+    """
+    from xlpeft.errors import ConfigError
+
+    limit = usable_positions(model)
+    if requested <= limit:
+        return requested
+    if explicit:
+        raise ConfigError(
+            f"{what}={requested} is longer than the base can embed: its position table has {limit} usable "
+            f"positions (max_position_embeddings={model.config.max_position_embeddings}); "
+            f"pass --set {what}={limit} or less"
+        )
+    return limit
 
 
 @dataclass

@@ -53,6 +53,25 @@ def mlm_loss(base, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask
     return total / (num_labelled if num_labelled is not None else int(selected.sum()))
 
 
+def fit_train_config(cfg: TrainConfig, base, sets: dict) -> TrainConfig:
+    """``cfg`` with ``max_seq_len`` fitted to the base's position table (:func:`xlpeft.models.fit_seq_len`).
+
+    A default that is too long is lowered, with one stderr line; an explicit ``--set max_seq_len``
+    that is too long is a :class:`~xlpeft.errors.ConfigError`. Call it before any run is opened.
+    """
+    import dataclasses
+    import sys
+
+    from xlpeft.models import fit_seq_len
+
+    fitted = fit_seq_len(cfg.max_seq_len, base.model, explicit="max_seq_len" in sets)
+    if fitted == cfg.max_seq_len:
+        return cfg
+    print(f"max_seq_len: {fitted} (the default {cfg.max_seq_len} is longer than base {base.name!r} can embed)",
+          file=sys.stderr)
+    return dataclasses.replace(cfg, max_seq_len=fitted)
+
+
 def autocast_context(precision: str, device: torch.device):
     """bf16 autocast where asked for (``auto``: on CUDA only); trainable parameters and AdamW stay fp32."""
     import contextlib
@@ -105,7 +124,7 @@ def train_loop(
     step_offset: int = 0,
     resume: Resume | None = None,
     checkpoint: Callable[[int, torch.optim.Optimizer, object, list[float]], None] | None = None,
-    sync_grads: Callable[[list[nn.Parameter]], None] | None = None,
+    sync_grads: Callable[[list[nn.Parameter], float], float | None] | None = None,
     progress: bool = True,
 ) -> LoopResult:
     """Run ``steps`` optimizer steps of AdamW on ``params``.
@@ -121,7 +140,8 @@ def train_loop(
         after_step: method hook after each optimizer step (e.g. movement scores).
         resume: continue an interrupted phase from its checkpointed step.
         checkpoint: called every ``cfg.checkpoint_every`` steps with (step, optimizer, scheduler, loss window).
-        sync_grads: averages gradients across data-parallel ranks before clipping.
+        sync_grads: sums gradients (and the step's loss, which it returns) across data-parallel ranks
+            before clipping; ``loss_fn`` must then divide by the global batch's labelled count.
     """
     from xlpeft.checkpoint import restore_optimizer
 
@@ -148,8 +168,9 @@ def train_loop(
                 loss = loss_fn(next(batches)) / cfg.grad_accum
             loss.backward()
             step_loss += float(loss.detach())
-        if sync_grads is not None:
-            sync_grads(params)
+        if sync_grads is not None:  # data parallel: sum gradients and the partial losses over ranks
+            synced = sync_grads(params, step_loss)
+            step_loss = step_loss if synced is None else synced
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]

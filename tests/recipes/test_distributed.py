@@ -1,24 +1,41 @@
-"""torchrun data parallelism on CPU (gloo): one MLflow run, one artifact, written by rank 0."""
+"""torchrun data parallelism on CPU (gloo): one MLflow run, one artifact, written by rank 0; and 2 ranks
+compute what one process computes on the same global batch (issue 14, defect 6)."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from xlpeft import load_module, tracking
+from xlpeft.registry import method_names
+
+# Per-method settings that keep a tiny run tiny (LT-SFT's default K is larger than a tiny base).
+SMALL = {"sft": ["--set", "num_params=1500"]}
+
+
+def _env(workdir):
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+            "XLPEFT_CACHE": str(workdir / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _xlpeft(workdir, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    launcher = (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
+    cmd = [sys.executable, *launcher, "-m", "xlpeft", *args]
+    proc = subprocess.run(cmd, env=_env(workdir), cwd=workdir, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, extra", [("adapter", []), ("sft", ["--set", "num_params=1500"])])
-def test_torchrun_two_processes(workdir, base_dirs, sw_corpus, method, extra):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}", "XLPEFT_CACHE": str(workdir / "cache"),
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "xlpeft",
-           "train-lang", "--lang", "sw", "--method", method, "--base", str(base_dirs["tiny-bert"]), "--corpus",
-           str(sw_corpus), "--max-steps", "6", "--batch-size", "4", "--set", "max_seq_len=32", *extra]
-    proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.parametrize("method", method_names())
+def test_torchrun_two_processes(workdir, base_dirs, sw_corpus, method):
+    proc = _xlpeft(workdir, 2, "train-lang", "--lang", "sw", "--method", method, "--base", str(base_dirs["tiny-bert"]),
+                   "--corpus", str(sw_corpus), "--max-steps", "6", "--batch-size", "4", "--set", "max_seq_len=32",
+                   *SMALL.get(method, []))
     assert proc.stdout.count("registered as xlpeft-lang-sw-") == 1, proc.stdout
     client = tracking.client()
     runs = client.search_runs([client.get_experiment_by_name("xlpeft").experiment_id])
@@ -29,12 +46,80 @@ def test_torchrun_two_processes(workdir, base_dirs, sw_corpus, method, extra):
     assert module.manifest.training["world_size"] == 2
 
 
-def test_odd_batch_is_refused_with_a_fix():
-    import torch
+@pytest.fixture
+def nodrop_base(base_dirs, tmp_path):
+    """The tiny BERT with dropout off, so 2 ranks and 1 process must agree to float precision."""
+    target = tmp_path / "tiny-bert-nodrop"
+    shutil.copytree(base_dirs["tiny-bert"], target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
 
+
+def _assert_same_module(one, two) -> None:
+    a, b = load_module(one), load_module(two)
+    assert a.tensors.keys() == b.tensors.keys()
+    for stem in a.tensors:
+        assert a.tensors[stem].keys() == b.tensors[stem].keys(), stem
+        for name, x in a.tensors[stem].items():
+            y = b.tensors[stem][name]
+            if not x.is_floating_point():  # LT-SFT's selected indices: the same mask, exactly
+                assert torch.equal(x, y), f"{stem}/{name} differs"
+                continue
+            scale = max(float(x.abs().max()), 1e-3)
+            assert float((x - y).abs().max()) <= 1e-5 * scale, f"{stem}/{name}: {float((x - y).abs().max())}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", method_names())
+def test_two_ranks_equal_one_process_language(workdir, nodrop_base, sw_corpus, method):
+    """Same global batch (8 rows as 2 micro-batches of 4), dropout off: 2 ranks == 1 process to 1e-5."""
+    args = ["train-lang", "--lang", "sw", "--method", method, "--base", str(nodrop_base), "--corpus", str(sw_corpus),
+            "--max-steps", "8", "--batch-size", "4", "--set", "max_seq_len=32", "--set", "grad_accum=2",
+            "--set", "lr=3e-3", *SMALL.get(method, [])]
+    _xlpeft(workdir, 1, *args, "--output", "modules/one")
+    _xlpeft(workdir, 2, *args, "--output", "modules/two")
+    _assert_same_module(workdir / "modules/one", workdir / "modules/two")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", method_names())
+def test_two_ranks_equal_one_process_task(workdir, nodrop_base, ner_files, method):
+    """Task modules too: sentences of different lengths give ranks different labelled counts."""
+    args = ["train-task", "--task", "ner", "--lang", "en", "--method", method, "--base", str(nodrop_base),
+            "--train-data", str(ner_files["train"]), "--eval-data", str(ner_files["eval"]), "--max-steps", "8",
+            "--batch-size", "4", "--set", "lang_module=none", "--set", "head_dropout=0", "--set", "grad_accum=2",
+            "--set", "lr=3e-3", *SMALL.get(method, [])]
+    _xlpeft(workdir, 1, *args, "--output", "modules/one")
+    _xlpeft(workdir, 2, *args, "--output", "modules/two")
+    _assert_same_module(workdir / "modules/one", workdir / "modules/two")
+
+
+def test_odd_batch_is_refused_with_a_fix():
     from xlpeft.distributed import Dist
     from xlpeft.errors import XlpeftError
 
     with pytest.raises(XlpeftError, match="multiple of 2"):
         Dist(rank=0, world=2).shard(torch.zeros(3, 4))
     assert Dist(rank=1, world=2).shard(torch.arange(4)).tolist() == [1, 3]
+
+
+def test_rank_losses_sum_to_the_single_process_loss(base):
+    """The per-rank normalisation itself: shard losses divided by the global count sum to the full-batch mean."""
+    from xlpeft.data.mlm import mask_tokens, pack_blocks
+    from xlpeft.distributed import Dist
+    from xlpeft.training import mlm_loss
+
+    ids = pack_blocks(base.tokenizer, ["watu wote wamezaliwa huru hadhi na haki"] * 40, 16, progress=False)[:4]
+    inputs, labels = mask_tokens(ids, base.tokenizer, 0.3, torch.Generator().manual_seed(0))
+    base.model.eval()
+    with torch.no_grad():
+        full = mlm_loss(base, inputs, labels)
+        n = int((labels != -100).sum())
+        parts = [mlm_loss(base, Dist(r, 2).shard(inputs), Dist(r, 2).shard(labels), num_labelled=n) for r in (0, 1)]
+        means = [mlm_loss(base, Dist(r, 2).shard(inputs), Dist(r, 2).shard(labels)) for r in (0, 1)]
+    assert torch.allclose(sum(parts), full, atol=1e-6)
+    counts = [int((Dist(r, 2).shard(labels) != -100).sum()) for r in (0, 1)]
+    if counts[0] != counts[1]:  # the old mean of per-rank means is then a different number
+        assert not torch.allclose(sum(means) / 2, full, atol=1e-6)

@@ -15,10 +15,10 @@ from xlpeft import tracking
 from xlpeft.compose import compose, delta_overlap, save_composed
 from xlpeft.data.tasks import PairExample, TokenExample, parse_task_data, read_source
 from xlpeft.errors import XlpeftError
-from xlpeft.evaluation import predict, score
+from xlpeft.evaluation import EVAL_MAX_LEN, predict, score
 from xlpeft.io import LoadedModule, load_module
 from xlpeft.metrics import METRICS
-from xlpeft.models import load_base
+from xlpeft.models import fit_seq_len, load_base
 from xlpeft.packs import TaskPack, load_task_pack
 
 
@@ -95,7 +95,8 @@ def baseline_stack(task: LoadedModule, fingerprint: str) -> list[LoadedModule]:
 
 def evaluate_model(model, pack: TaskPack, tokenizer, examples: list) -> dict[str, float]:
     device = next(model.parameters()).device
-    preds = predict(lambda b: model(**b).logits, pack, tokenizer, examples, device)
+    max_len = fit_seq_len(EVAL_MAX_LEN, model, explicit=False)  # long sentences are cut with a warning
+    preds = predict(lambda b: model(**b).logits, pack, tokenizer, examples, device, max_len=max_len)
     return score(pack, examples, preds)
 
 
@@ -292,5 +293,6 @@ def predict_lines(lang: str, task: str, base_name: str, lines: list[str], lang_m
             raise XlpeftError(f"{task} prediction reads `premise<TAB>hypothesis` lines")
         examples = [PairExample(p, h, fallback) for p, h in pairs]
     with torch.no_grad():
-        preds = predict(lambda b: model(**b).logits, pack, base.tokenizer, examples, next(model.parameters()).device)
+        preds = predict(lambda b: model(**b).logits, pack, base.tokenizer, examples, next(model.parameters()).device,
+                        max_len=fit_seq_len(EVAL_MAX_LEN, model, explicit=False))
     return list(zip(examples, preds, strict=True))

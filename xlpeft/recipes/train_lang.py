@@ -30,7 +30,7 @@ from xlpeft.recipes.common import (
     training_run,
 )
 from xlpeft.registry import get_method
-from xlpeft.training import evaluate_mlm, mlm_loss
+from xlpeft.training import evaluate_mlm, fit_train_config, mlm_loss
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ def train_language(req: LangRequest) -> LangResult:
         if c.path:
             check_text_file(Path(c.path))
     base, device = start_training(req.base, cfg)
+    cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
     dist = init_from_env(device)
     lines = itertools.chain.from_iterable(iter_lines(c, cfg.max_corpus_lines) for c in corpora)
     blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)
@@ -93,6 +94,7 @@ def train_language(req: LangRequest) -> LangResult:
         trainable = spec.prepare(base, method_cfg, cfg)
         mask_gen = torch.Generator().manual_seed(cfg.seed)
         data = batches(train_blocks, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+        dist.seed_dropout(cfg.seed)  # after the module is initialised identically on every rank
 
         def loss_fn(batch: torch.Tensor) -> torch.Tensor:
             inputs, labels = mask_tokens(batch, base.tokenizer, cfg.mlm_probability, mask_gen)  # same on every rank

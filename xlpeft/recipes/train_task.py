@@ -36,6 +36,7 @@ from xlpeft.recipes.common import (
     training_run,
 )
 from xlpeft.registry import get_method, method_names
+from xlpeft.training import fit_train_config
 
 TASK_TRAIN_DEFAULTS = {"max_seq_len": 128, "eval_fraction": 0.1}
 
@@ -138,9 +139,20 @@ def task_logits(base, head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return head(hidden)  # (B, T, L) or (B, L)
 
 
-def task_loss(base, head, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def labelled_count(labels: torch.Tensor) -> int:
+    """Positions that carry a label in (B, T) token labels or (B,) sequence labels."""
+    return int((labels != -100).sum())
+
+
+def task_loss(base, head, batch: dict[str, torch.Tensor], num_labelled: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy over labelled positions divided by ``num_labelled`` (default: this batch's count).
+
+    Data-parallel ranks pass the global micro-batch's count, so summed gradients equal one process's.
+    """
     logits = task_logits(base, head, batch)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    return total / max(num_labelled if num_labelled is not None else labelled_count(batch["labels"]), 1)
 
 
 def evaluate_task(base, head, pack: TaskPack, tokenizer, examples: list, max_len: int) -> dict[str, float]:
@@ -189,10 +201,11 @@ def train_task(req: TaskRequest) -> TaskResult:
     train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
                                                   cfg.eval_fraction, cfg.seed)
     base, device = start_training(req.base, cfg)
+    cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
     lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base)
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)
-    train_enc = encode(pack, base.tokenizer, train_ex, cfg.max_seq_len)
+    train_enc = encode(pack, base.tokenizer, train_ex, cfg.max_seq_len, purpose="training data")
     out_dir = Path(req.output or f"modules/task-{req.task}-{req.method}")
     name = tracking.registered_name("task", req.task, req.method)
     tags = run_tags("task", req.lang, req.task, req.method, base)
@@ -215,8 +228,11 @@ def train_task(req: TaskRequest) -> TaskResult:
         data = ExampleBatches(train_enc, len(train_ex), cfg.batch_size, base.tokenizer.pad_token_id,
                               torch.Generator().manual_seed(cfg.seed))
 
+        dist.seed_dropout(cfg.seed)  # after the head and module are initialised identically on every rank
+
         def loss_fn(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-            return task_loss(base, head, {k: dist.shard(v).to(device) for k, v in batch.items()})
+            n_global = labelled_count(batch["labels"])  # the whole global batch's count, identical on every rank
+            return task_loss(base, head, {k: dist.shard(v).to(device) for k, v in batch.items()}, n_global)
 
         def evaluate() -> dict[str, float]:
             return {f"eval_{k}": v for k, v in evaluate_task(base, head, pack, base.tokenizer, eval_ex, cfg.max_seq_len).items()}

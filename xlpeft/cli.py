@@ -271,6 +271,11 @@ def run(pipeline: str, dry_run: bool) -> None:
 @click.option("--safetensors", is_flag=True, help="AdapterHub export: adapter.safetensors instead of pytorch_adapter.bin")
 @click.option("--layout", default="diffs", show_default=True, type=click.Choice(["diffs", "body"]),
               help="composable-sft export: current {diffs, abs} or earlier {body, head} layout")
+        for kind in ("language", "task"):  # per-kind defaults of the published recipe (method and training keys)
+            kind_defaults = {**getattr(spec.config_cls, "defaults_for", lambda _k: {})(kind),
+                             **getattr(spec.config_cls, "train_defaults_for", lambda _k: {})(kind)}
+            if kind_defaults:
+                click.echo(f"  {kind} modules default to: " + ", ".join(f"{k}={v}" for k, v in kind_defaults.items()))
 def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safetensors, layout) -> None:
     """Convert AdapterHub adapters and composable-sft SFTs to xlpeft modules and back."""
     from xlpeft.interop import convert

@@ -18,8 +18,16 @@ from xlpeft.errors import XlpeftError
 
 @dataclass(frozen=True)
 class Phase:
+    """One training phase of a method.
+
+    ``reset_extras``: before the phase starts, the dense modules trained alongside (a task head)
+    go back to their initial values, as composable-sft's LT-SFT resets every parameter before
+    its sparse phase.
+    """
+
     name: str
     steps: int
+    reset_extras: bool = False
 
 
 class Trainable(Protocol):

@@ -121,13 +121,13 @@ def test_magnitude_selection_is_the_dense_top_k_on_a_tiny_model(base):
 
 
 def _hand_built_phase1(base, selection: str, steps: int = 3) -> dict[str, torch.Tensor]:
-    """Entry A travels far but against its gradient; entry B moves a little, always the way the loss wants.
+    """movement=delta. Entry A travels far but against its gradient; entry B moves a little, always the way the loss wants.
 
     S = -sum_t g_t * (theta_t - theta0): A scores -steps * 0.5 * 1.0 (< 0), B +steps * 0.5 * 0.1 (> 0),
     all others 0; |theta1 - theta0| is 1.0 for A, 0.1 for B. So with K = 1 magnitude keeps A, movement keeps B.
     """
-    trainable = SFTTrainable(base, SFTConfig(num_params=1, selection=selection, full_steps=steps, sparse_steps=1),
-                             TrainConfig())
+    trainable = SFTTrainable(base, SFTConfig(num_params=1, selection=selection, movement="delta", full_steps=steps,
+                                             sparse_steps=1), TrainConfig())
     name = next(n for n in trainable.params if n.endswith("query.weight"))
     p = trainable.params[name]
     phase = trainable.phases[0]
@@ -159,6 +159,39 @@ def test_movement_and_magnitude_masks_differ(base):
     name = magnitude["name"]
     assert magnitude[name].tolist() == [0]
     assert movement[name].tolist() == [1]
+
+
+@pytest.mark.parametrize("movement, keeps", [("paper", 0), ("delta", 1)])
+def test_paper_and_delta_movement_differ_on_a_constructed_case(base, movement, keeps):
+    """A sits at theta0 = 2.0 and never moves, its gradient -0.1 pushing it away from zero; B starts at 0 and moved to 0.1,
+    gradient -0.5. Paper, -g * theta at the weights g was taken at: A 0.2, B 0.05 per step. Delta, -g * (theta - theta0):
+    A 0, B 0.05. So with K = 1 paper keeps A, delta keeps B. The paper scores are taken by the optimizer pre-step hook."""
+    trainable_name = next(n for n in maskable_parameters(base, SFTConfig()) if n.endswith("query.weight"))
+    p = base.model.get_parameter(trainable_name)
+    saved = p.detach().view(-1)[:2].clone()
+    with torch.no_grad():
+        p.view(-1)[:2] = torch.tensor([2.0, 0.0])
+    cfg = SFTConfig(num_params=1, selection="movement", movement=movement, full_steps=3, sparse_steps=1)
+    trainable = SFTTrainable(base, cfg, TrainConfig())
+    phase = trainable.phases[0]
+    params = trainable.begin_phase(phase)
+    optimizer = torch.optim.SGD(params, lr=0.0)  # changes nothing; stepping it runs the pre-step hook
+    for step in range(1, 4):
+        with torch.no_grad():
+            p.view(-1)[1] = 0.1  # B has moved (by hand: lr is 0)
+        for q in params:
+            q.grad = torch.zeros_like(q)
+        p.grad.view(-1)[:2] = torch.tensor([-0.1, -0.5])
+        optimizer.step()
+        trainable.after_step(phase, step)
+    scores = trainable._movement.scores[trainable_name].view(-1)[:2].tolist()
+    expected = [0.6, 0.15] if movement == "paper" else [0.0, 0.15]
+    assert scores == pytest.approx(expected, abs=1e-6)
+    trainable.end_phase(phase)
+    assert trainable.indices[trainable_name].tolist() == [keeps]
+    trainable.close()
+    with torch.no_grad():
+        p.view(-1)[:2] = saved
 
 
 def test_random_and_bias_selection(base):
@@ -490,17 +523,19 @@ def test_default_k_is_lt_sft_on_base_size_models_and_scales_down():
     for model in (mbert.bert, xlmr.roberta):
         layers = sum(p.numel() for p in model.encoder.layer.parameters())
         assert layers == MBERT_BASE_LAYER_PARAMS
-        assert default_num_params(7_600_000, layers) == 7_600_000
-        assert default_num_params(14_200_000, layers) == 14_200_000
+        assert default_num_params(7_667_712, layers) == 7_667_712
+        assert default_num_params(14_155_776, layers) == 14_155_776
     assert default_num_params(7_600_000, MBERT_BASE_LAYER_PARAMS // 100) == 76_000
-    assert SFTConfig(**SFTConfig.defaults_for("task")).reference_num_params == 14_200_000
-    assert SFTConfig(**SFTConfig.defaults_for("language")).reference_num_params == 7_600_000
+    # composable-sft's released scripts: --ft_params_num 7667712 (train_mlm.sh), 14155776 (train_ner.sh, train_pos_tagging.sh)
+    assert SFTConfig().reference_num_params == 7_667_712
+    assert SFTConfig(**SFTConfig.defaults_for("language")).reference_num_params == 7_667_712
+    assert SFTConfig(**SFTConfig.defaults_for("task")).reference_num_params == 14_155_776
 
 
 def test_default_k_on_tiny_model(base):
     trainable = SFTTrainable(base, SFTConfig(), TrainConfig(max_steps=2))
     layers = sum(p.numel() for p in base.layers.parameters())
-    assert trainable.num_params == round(7_600_000 * layers / MBERT_BASE_LAYER_PARAMS)
+    assert trainable.num_params == round(7_667_712 * layers / MBERT_BASE_LAYER_PARAMS)
     trainable.close()
     with pytest.raises(XlpeftError, match="maskable entries"):
         SFTTrainable(base, SFTConfig(num_params=10**9), TrainConfig(max_steps=2))

@@ -25,18 +25,36 @@ def resolve_configs(method: str, kind: str, sets: dict[str, Any], cli: dict[str,
                     *extra_classes: type, train_defaults: dict[str, Any] | None = None) -> tuple[Any, ...]:
     """(method config, TrainConfig, *extra configs) from --set overrides and explicit CLI flags (flags win).
 
-    Unknown keys are reported against the union of all the classes' fields.
+    Precedence, lowest first: TrainConfig's own defaults, the recipe's ``train_defaults``, the
+    method's per-kind ``train_defaults_for(kind)`` (e.g. LT-SFT's lr 5e-5), ``--set``, CLI flags.
+    Method fields: the dataclass defaults, the method's ``defaults_for(kind)``, ``--set``; a method
+    may list in ``DROPPED_BY`` per-kind defaults that an explicit TrainConfig key replaces (LT-SFT's
+    task epochs give way to an explicit ``--max-steps``). Unknown keys are reported against the
+    union of all the classes' fields.
     """
     spec = get_method(method)
-    routed = split_overrides(sets, spec.config_cls, TrainConfig, *extra_classes)
+    cls = spec.config_cls
+    routed = split_overrides(sets, cls, TrainConfig, *extra_classes)
     method_over, train_over, extra_over = routed[0], routed[1], routed[2:]
-    train_over = {**(train_defaults or {}), **train_over, **{k: v for k, v in cli.items() if v is not None}}
-    defaults = getattr(spec.config_cls, "defaults_for", lambda _kind: {})(kind)
-    extras = tuple(cls(**over) for cls, over in zip(extra_classes, extra_over, strict=True))
-    method_cfg, train_cfg = spec.config_cls(**{**defaults, **method_over}), TrainConfig(**train_over)
+    explicit_train = {**train_over, **{k: v for k, v in cli.items() if v is not None}}
+    method_train = getattr(cls, "train_defaults_for", lambda _kind: {})(kind)
+    train_over = {**(train_defaults or {}), **method_train, **explicit_train}
+    defaults = dict(getattr(cls, "defaults_for", lambda _kind: {})(kind))
+    for key, dropped in getattr(cls, "DROPPED_BY", {}).items():
+        if key in explicit_train:
+            for name in dropped:
+                defaults.pop(name, None)
+    extras = tuple(c(**over) for c, over in zip(extra_classes, extra_over, strict=True))
+    method_cfg, train_cfg = cls(**{**defaults, **method_over}), TrainConfig(**train_over)
     if hasattr(method_cfg, "check_against"):  # e.g. LT-SFT: can --max-steps be split into its phases?
         method_cfg.check_against(train_cfg)
     return (method_cfg, train_cfg, *extras)
+
+
+def resolve_epochs(method_cfg: Any, train_cfg: TrainConfig, num_examples: int) -> Any:
+    """The method config with epoch-based phase lengths turned into steps, once the data is known (before a run)."""
+    convert = getattr(method_cfg, "with_epochs", None)
+    return convert(num_examples, train_cfg) if convert is not None else method_cfg
 
 
 def base_ref(base) -> dict[str, str]:
@@ -131,6 +149,8 @@ def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | Non
     phases = run.trainable.phases
     start_phase, resume_state = 0, None
     summary: dict[str, Any] = {}
+    # the extras' initial values, for a phase that resets them (checkpointed: a resumed run restores them too)
+    initial = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in run.extras.items()}
     if resume is not None:
         tensors, meta = resume
         start_phase = meta["phase"]
@@ -139,6 +159,7 @@ def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | Non
         restore_rng(tensors, run.generators)
         for name, module in run.extras.items():
             module.load_state_dict(_unprefix(tensors, f"extra.{name}."))
+            initial[name] = _unprefix(tensors, f"extra0.{name}.") or initial[name]
         resume_state = Resume(meta["step"], (tensors, meta["optimizer"]), meta["scheduler"], meta["window"])
     done = sum(p.steps for p in phases[:start_phase])
     for index in range(start_phase, len(phases)):
@@ -146,6 +167,9 @@ def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | Non
         if resume_state is not None and index == start_phase:
             params = run.trainable.resume_phase(phase, _unprefix(resume[0], "trainable."))
         else:
+            if phase.reset_extras:
+                for name, module in run.extras.items():
+                    module.load_state_dict(initial[name])
             params = run.trainable.begin_phase(phase)
         params = params + [p for m in run.extras.values() for p in m.parameters()]
 
@@ -155,6 +179,7 @@ def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | Non
             tensors = {f"trainable.{k}": v for k, v in run.trainable.state_dict().items()}
             for name, module in run.extras.items():
                 tensors.update({f"extra.{name}.{k}": v for k, v in module.state_dict().items()})
+                tensors.update({f"extra0.{name}.{k}": v for k, v in initial[name].items()})
             opt_tensors, opt_meta = optimizer_state(optimizer)
             tensors.update(opt_tensors)
             tensors.update(rng_state(run.generators))

@@ -24,6 +24,7 @@ from xlpeft.recipes.common import (
     count_parameters,
     publish,
     resolve_configs,
+    resolve_epochs,
     run_phases,
     run_tags,
     start_training,
@@ -77,6 +78,7 @@ def train_language(req: LangRequest) -> LangResult:
     lines = itertools.chain.from_iterable(iter_lines(c, cfg.max_corpus_lines) for c in corpora)
     blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
+    method_cfg = resolve_epochs(method_cfg, cfg, len(train_blocks))  # epoch-based phases (LT-SFT) -> steps
     out_dir = Path(req.output or f"modules/lang-{req.lang}-{req.method}")
     name = tracking.registered_name("language", req.lang, req.method)
     tags = run_tags("language", req.lang, None, req.method, base)

@@ -30,6 +30,7 @@ from xlpeft.recipes.common import (
     count_parameters,
     publish,
     resolve_configs,
+    resolve_epochs,
     run_phases,
     run_tags,
     start_training,
@@ -200,6 +201,7 @@ def train_task(req: TaskRequest) -> TaskResult:
     )
     train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
                                                   cfg.eval_fraction, cfg.seed)
+    method_cfg = resolve_epochs(method_cfg, cfg, len(train_ex))  # LT-SFT's epoch-based phases -> steps
     base, device = start_training(req.base, cfg)
     cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
     lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base)

@@ -1,8 +1,19 @@
 """SFT hyper-parameters: the config dataclass, the default K for a model, and the split of steps.
 
-Default K. LT-SFT (Ansell et al., ACL 2022) keeps K = 7.6M entries for a language SFT and 14.2M
-for a task SFT on base-size encoders (12 layers x 768), mBERT and XLM-R alike. For other sizes
-K is scaled by the parameters of the transformer layers:
+Published defaults (composable-sft, cambridgeltl/composable-sft, the scripts released with LT-SFT,
+Ansell et al., ACL 2022; ``examples/language-modeling/train_mlm.sh``, ``examples/token-classification/
+train_{ner,pos_tagging}.sh``), each kept as an option:
+
+* K: ``--ft_params_num`` 7,667,712 for language SFTs, 14,155,776 for task SFTs (base-size models);
+* L1 towards theta0 with weight 0.1 in both phases for language SFTs (``--full_l1_reg 0.1
+  --sparse_l1_reg 0.1``), none for the NER/POS task SFTs;
+* the MLM decoder untied from the word embeddings and frozen for language SFTs (``--freeze_decoder``);
+* the task head reset to its initial values before phase 2 (the trainer's ``reset()`` restores every
+  parameter, see ``src/sft/lt_sft.py``);
+* learning rate 5e-5, no warm-up (the HF Trainer's default);
+* task phases of 3 epochs full + 10 epochs sparse (``--{full,sparse}_ft_max_epochs_per_iteration``).
+
+Default K on other sizes: scaled by the parameters of the transformer layers,
 
     K = reference_num_params * layer_params(model) / layer_params(mBERT-base)
 
@@ -13,7 +24,9 @@ LT-SFT's K whatever its vocabulary (XLM-R's 250k-row embedding matrix would othe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from typing import ClassVar
 
 from torch import nn
 
@@ -22,27 +35,36 @@ from xlpeft.errors import ConfigError
 
 SELECTIONS = ("magnitude", "movement", "random", "bias")
 NEEDS_FULL_PHASE = ("magnitude", "movement")  # selections scored from phase 1's training
+MOVEMENTS = ("paper", "delta")
 
-LANGUAGE_NUM_PARAMS = 7_600_000  # LT-SFT language SFTs on base-size models
-TASK_NUM_PARAMS = 14_200_000  # LT-SFT task SFTs on base-size models
+LANGUAGE_NUM_PARAMS = 7_667_712  # composable-sft train_mlm.sh --ft_params_num (base-size models)
+TASK_NUM_PARAMS = 14_155_776  # composable-sft train_ner.sh / train_pos_tagging.sh --ft_params_num
 
 # Parameters of mBERT-base's 12 transformer layers: per layer Q, K, V, O (768x768 + 768 each),
 # FFN in (768x3072 + 3072) and out (3072x768 + 768), two LayerNorms (2 x 1536) = 7,087,872.
 MBERT_BASE_LAYER_PARAMS = 12 * 7_087_872
-
 
 @dataclass(frozen=True)
 class SFTConfig:
     """Hyper-parameters of a Lottery-Ticket sparse fine-tuning. The learning rate is TrainConfig's ``lr``."""
 
     num_params: int | None = field(default=None, metadata={"help": "K, entries kept in the delta (None: reference_num_params scaled to this model)", "min": 1})
-    reference_num_params: int = field(default=LANGUAGE_NUM_PARAMS, metadata={"help": "K on a base-size (12x768) model when num_params is None (LT-SFT: 7.6M language, 14.2M task)", "min": 1})
-    selection: str = field(default="magnitude", metadata={"help": "how the K entries are chosen (bias: BitFit, every bias term, K ignored)", "choices": SELECTIONS})
-    full_steps: int | None = field(default=None, metadata={"help": "phase-1 steps of full fine-tuning (None: half of --max-steps; 0 for random/bias)", "min": 0})
-    sparse_steps: int | None = field(default=None, metadata={"help": "phase-2 steps on the selected entries (None: the rest of --max-steps)", "min": 1})
-    l1: float = field(default=0.0, metadata={"help": "L1 pull of the delta toward 0 in phase 2, l1 * |delta|_1 / model parameters (LT-SFT)", "min": 0.0})
-    freeze_layer_norm: bool = field(default=True, metadata={"help": "keep LayerNorm weights out of the delta"})
+    reference_num_params: int = field(default=LANGUAGE_NUM_PARAMS, metadata={"help": "K on a base-size (12x768) model when num_params is None (composable-sft scripts: 7,667,712 language, 14,155,776 task)", "min": 1})
+    selection: str = field(default="magnitude", metadata={"help": "how the K entries are chosen: magnitude |theta1-theta0| (LT-SFT), movement, random, bias (BitFit, K ignored)", "choices": SELECTIONS})
+    movement: str = field(default="paper", metadata={"help": "movement scores: paper = -sum g*theta at the weights g was taken at (Sanh et al. 2020); delta = -sum g*(theta_after-theta0), the delta's own movement", "choices": MOVEMENTS})
+    full_steps: int | None = field(default=None, metadata={"help": "phase-1 steps of full fine-tuning (None: from full_epochs, else half of --max-steps; 0 for random/bias)", "min": 0})
+    sparse_steps: int | None = field(default=None, metadata={"help": "phase-2 steps on the selected entries (None: from sparse_epochs, else the rest of --max-steps)", "min": 1})
+    full_epochs: int | None = field(default=None, metadata={"help": "phase-1 length in epochs of the training data (task default 3, composable-sft NER/POS); full_steps wins; an explicit --max-steps drops the default", "min": 1})
+    sparse_epochs: int | None = field(default=None, metadata={"help": "phase-2 length in epochs (task default 10, composable-sft NER/POS); sparse_steps wins; an explicit --max-steps drops the default", "min": 1})
+    l1: float = field(default=0.0, metadata={"help": "L1 pull of theta towards theta0, l1 * |theta-theta0|_1 / model parameters (language default 0.1 as composable-sft's MLM recipe; task 0 as its NER/POS recipes)", "min": 0.0})
+    l1_full_phase: bool = field(default=True, metadata={"help": "apply l1 in phase 1 too (composable-sft --full_l1_reg); false: phase 2 only"})
+    reset_head: bool = field(default=True, metadata={"help": "reset the task head to its initial values before phase 2, as composable-sft resets every parameter; false keeps the phase-1 head"})
+    freeze_decoder: bool = field(default=False, metadata={"help": "untie the MLM decoder from the word embeddings and keep it frozen, so the embedding delta leaves the output layer alone (language default true, composable-sft --freeze_decoder)"})
+    freeze_layer_norm: bool = field(default=True, metadata={"help": "keep LayerNorm weights out of the delta (composable-sft --freeze_layer_norm)"})
     include_embeddings: bool = field(default=True, metadata={"help": "let the delta touch the embeddings (word, position, token type)"})
+
+    # an explicit TrainConfig key (--set or CLI flag) that drops these per-kind defaults
+    DROPPED_BY: ClassVar[dict[str, tuple[str, ...]]] = {"max_steps": ("full_epochs", "sparse_epochs")}
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -54,12 +76,41 @@ class SFTConfig:
 
     def check_against(self, train_cfg) -> None:
         """Fail before any run is opened if ``--max-steps`` cannot be split into the phases."""
-        split_steps(self, train_cfg.max_steps)
+        if self.full_epochs is None and self.sparse_epochs is None:
+            split_steps(self, train_cfg.max_steps)
+
+    def with_epochs(self, num_examples: int, train_cfg) -> SFTConfig:
+        """Epoch-based phases converted to steps for ``num_examples`` training examples (or blocks).
+
+        One epoch is ``ceil(num_examples / batch_size) // grad_accum`` optimizer steps (at least 1),
+        as the HF Trainer that composable-sft drives counts it. An explicit ``*_steps`` wins over
+        ``*_epochs``.
+
+        Raises:
+            ConfigError: a phase would get no steps.
+        """
+        per_epoch = max(1, math.ceil(num_examples / train_cfg.batch_size) // train_cfg.grad_accum)
+
+        def steps(explicit: int | None, epochs: int | None) -> int | None:
+            return explicit if explicit is not None or epochs is None else epochs * per_epoch
+
+        full = steps(self.full_steps, self.full_epochs) if self.selection in NEEDS_FULL_PHASE else self.full_steps
+        sparse = steps(self.sparse_steps, self.sparse_epochs)
+        out = replace(self, full_steps=full, sparse_steps=sparse, full_epochs=None, sparse_epochs=None)
+        split_steps(out, train_cfg.max_steps)
+        return replace(out, full_epochs=self.full_epochs, sparse_epochs=self.sparse_epochs)
 
     @classmethod
     def defaults_for(cls, kind: str) -> dict:
-        """LT-SFT's K per module kind: 7.6M for language SFTs, 14.2M for task SFTs (base-size models)."""
-        return {"reference_num_params": TASK_NUM_PARAMS} if kind == "task" else {}
+        """composable-sft's released recipe per module kind (see the module docstring)."""
+        if kind == "task":
+            return {"reference_num_params": TASK_NUM_PARAMS, "full_epochs": 3, "sparse_epochs": 10}
+        return {"l1": 0.1, "freeze_decoder": True}
+
+    @classmethod
+    def train_defaults_for(cls, kind: str) -> dict:
+        """TrainConfig defaults of the published recipe: lr 5e-5 (both kinds), no warm-up (HF Trainer default)."""
+        return {"lr": 5e-5, "warmup_ratio": 0.0}
 
 
 def layer_params(layers: nn.Module) -> int:
@@ -82,6 +133,9 @@ def split_steps(config: SFTConfig, max_steps: int) -> tuple[int, int]:
         ConfigError: a phase would get no steps.
     """
     full, sparse = config.full_steps, config.sparse_steps
+    if (config.full_epochs and full is None and config.selection in NEEDS_FULL_PHASE) or (config.sparse_epochs and sparse is None):
+        raise ConfigError("sft: full_epochs/sparse_epochs must be converted to steps for the training data first "
+                          "(SFTConfig.with_epochs, done by the train-lang/train-task recipes)")
     if full is None:
         if config.selection not in NEEDS_FULL_PHASE:
             full = 0

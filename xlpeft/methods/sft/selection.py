@@ -150,31 +150,45 @@ def random_scores(numel: int, seed: int, position: int, device: torch.device | s
 
 
 class MovementScores:
-    """Movement-pruning scores of the delta accumulated during phase 1 (Sanh et al., NeurIPS 2020).
+    """Movement-pruning scores accumulated during phase 1 (Sanh et al., NeurIPS 2020), in two variants.
 
-    Sanh et al. score a weight by S = -sum_t (dL/dW)_t * W_t: large when the optimiser keeps
-    pushing W away from zero. For a sparse *delta* the quantity that should grow away from zero is
-    delta_t = theta_t - theta0, so after every optimizer step t:
+    * ``paper`` (default): Sanh et al.'s S = -sum_t g_t * theta_t, with theta_t the weights at which
+      the step-t gradient g_t was computed, so :meth:`before_step` must run after the backward pass
+      and before the optimizer changes the weights. Large when the optimiser keeps pushing a weight
+      away from zero.
+    * ``delta``: the same rule for the *delta*, whose value should grow away from zero:
+      S <- S - g_t * (theta_{t+1} - theta0), with theta_{t+1} the weights just after step t
+      (:meth:`after_step`). An entry scores high when its gradient keeps agreeing with the direction
+      it has already moved; one that travelled far and is being pulled back scores low.
 
-        S <- S - g_t * (theta_t - theta0)
-
-    with g_t the (clipped, accumulated) gradient of that step and theta_t the weights just after it.
-    An entry scores high when its gradient keeps agreeing with the direction it has already moved,
-    i.e. when the loss consistently wants it to move that way; an entry that travelled far and is
-    being pulled back (or moved by weight decay alone) scores low, where magnitude would pick it.
+    g_t is the step's accumulated (and clipped, when clipping is on) gradient, L1 included.
     """
 
-    def __init__(self, params: Mapping[str, torch.nn.Parameter], theta0: Mapping[str, torch.Tensor]) -> None:
-        self.params, self.theta0 = params, theta0
+    def __init__(self, params: Mapping[str, torch.nn.Parameter], theta0: Mapping[str, torch.Tensor],
+                 kind: str = "paper") -> None:
+        if kind not in ("paper", "delta"):
+            raise XlpeftError(f"movement should be paper or delta; got {kind!r}")
+        self.params, self.theta0, self.kind = params, theta0, kind
         self.scores = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
 
     @torch.no_grad()
-    def update(self) -> None:
+    def before_step(self) -> None:
+        """``paper``: S -= g * theta, at the weights the gradient was taken at."""
+        if self.kind != "paper":
+            return
         for name, p in self.params.items():
-            if p.grad is None:  # not reached by the loss this step
+            if p.grad is not None:  # None: not reached by the loss this step
+                self.scores[name].addcmul_(p.grad.float(), p.float(), value=-1.0)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """``delta``: S -= g * (theta_after - theta0), without a temporary of the size of the tensor."""
+        if self.kind != "delta":
+            return
+        for name, p in self.params.items():
+            if p.grad is None:
                 continue
             g = p.grad.float()
-            # -g * (theta - theta0) without a temporary of the size of the tensor
             self.scores[name].addcmul_(g, p.float(), value=-1.0).addcmul_(g, self.theta0[name].float())
 
     def __call__(self, name: str) -> torch.Tensor:

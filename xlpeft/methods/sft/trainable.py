@@ -16,6 +16,17 @@ kept beside it. The weight itself stays a dense Parameter holding ``theta0 + sca
   ``theta0[idx] + v`` back into the weight with ``index_copy_``. Entries outside ``idx`` are never
   written, so they stay bit-identical to theta0.
 
+Recipe details that follow composable-sft (``src/sft/trainer.py``, ``lt_sft.py``; see
+:mod:`.config`): L1 is ``l1 * sum|theta - theta0| / (all model parameters)``, its subgradient
+``l1 * sign(theta - theta0) / N`` added once per optimizer step, in both phases unless
+``l1_full_phase`` is off (composable-sft backpropagates its reg loss once per step scaled by
+``gradient_accumulation_steps``, which accelerate's ``backward`` divides out again); the phase-2
+:class:`~xlpeft.registry.Phase` asks the loop to reset the task head (``reset_head``); with
+``freeze_decoder`` the MLM decoder gets its own frozen copy of the word embeddings for the
+lifetime of the trainable (and of an activated module), instead of sharing the tensor the delta
+changes. Known difference: composable-sft's L1 also pulls a fully trained head towards its
+initial values; here it covers the delta's weights only (the released task recipes use l1 = 0).
+
 Why in place rather than a forward pre-hook that builds ``theta0 + scatter(v)`` per call: that
 tensor would be a second dense copy of every masked weight, kept alive by autograd from forward
 to backward (+1x model memory); in place costs O(K), needs no module surgery, and a tied weight
@@ -31,6 +42,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from xlpeft.errors import XlpeftError
 from xlpeft.methods.sft.config import SFTConfig, default_num_params, layer_params, split_steps
@@ -93,17 +105,24 @@ class SFTTrainable:
             self.num_params = config.num_params
         full, sparse = split_steps(config, train_cfg.max_steps)
         # random / bias selections need no phase 1: it is left out rather than run for 0 steps
-        self.phases = ([Phase("full", full)] if full else []) + [Phase("sparse", sparse)]
+        # composable-sft resets every parameter before phase 2, the task head included (reset_head)
+        self.phases = ([Phase("full", full)] if full else []) + [Phase("sparse", sparse, reset_extras=config.reset_head)]
         self.seed = train_cfg.seed
-        # LT-SFT's L1 term is l1 * sum|delta| / (all model parameters); its gradient is added to v.grad.
-        self.l1_scale = config.l1 / sum(p.numel() for p in self.model.parameters())
+        # after every check above (nothing to undo if one fails), before N below counts the decoder copy
+        self._decoder = untie_decoder(self.model) if config.freeze_decoder else None
+        # LT-SFT's L1 term is l1 * sum|delta| / (all model parameters); its gradient is added to the
+        # weights' gradients, on every data-parallel rank a 1/world share, as ranks' gradients are summed
+        world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+        self.l1_scale = config.l1 / sum(p.numel() for p in self.model.parameters()) / world
         self.memory = PeakMemory(next(self.model.parameters()).device)
         self._theta0: dict[str, torch.Tensor] = {}
         self._movement: MovementScores | None = None
         self.indices: dict[str, torch.Tensor] = {}
         self._base_values: dict[str, torch.Tensor] = {}  # theta0 at ``indices``: exact restore
         self.values: dict[str, nn.Parameter] = {}
-        self._hooks: list = []
+        self._hooks: list = []  # phase 2's gradient gathers
+        self._full_hooks: list = []  # phase 1's L1 and movement hooks
+        self._l1_due: set[str] = set()  # phase 1: parameters whose L1 subgradient this step still lacks
         self._pending: dict[str, float] = {}  # selection metrics not reported yet
         self._current: str | None = None  # the phase in progress
 
@@ -114,9 +133,13 @@ class SFTTrainable:
             self.memory.start()
             self._theta0 = {n: p.detach().clone() for n, p in self.params.items()}
             if self.config.selection == "movement":
-                self._movement = MovementScores(self.params, self._theta0)
-            for p in self.params.values():
+                self._movement = MovementScores(self.params, self._theta0, self.config.movement)
+                self._full_hooks.append(register_optimizer_step_pre_hook(self._before_step))
+            for name, p in self.params.items():
                 p.requires_grad_(True)
+                if self.l1_scale and self.config.l1_full_phase:
+                    self._full_hooks.append(p.register_post_accumulate_grad_hook(partial(self._l1_full, name)))
+            self._l1_due = set(self.params)
             return list(self.params.values())
         if phase.name == "sparse":
             if not self.indices:
@@ -174,8 +197,10 @@ class SFTTrainable:
         return params
 
     def after_step(self, phase: Phase, step: int) -> None:
-        if phase.name == "full" and self._movement is not None:
-            self._movement.update()
+        if phase.name == "full":
+            self._l1_due = set(self.params)
+            if self._movement is not None:
+                self._movement.after_step()
         elif phase.name == "sparse":
             self._write_back()
 
@@ -183,6 +208,7 @@ class SFTTrainable:
         self._current = None
         peak = self.memory.stop()
         if phase.name == "full":
+            self._remove_full_hooks()
             for p in self.params.values():
                 p.grad = None  # the last step's dense gradients (1x the model): selection does not need them
             gc.collect()  # phase 1's optimizer (2x the model) is garbage now, unless held in a cycle
@@ -205,6 +231,7 @@ class SFTTrainable:
     def close(self) -> None:
         """Restore theta0 exactly, freeze the base again, remove hooks; safe to call in any state."""
         self.memory.stop()
+        self._remove_full_hooks()
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -218,8 +245,29 @@ class SFTTrainable:
             p.requires_grad_(False)
             p.grad = None
         self._base_values.clear()
+        if self._decoder is not None:
+            retie_decoder(*self._decoder)
+            self._decoder = None
 
     # ---- helpers
+    def _l1_full(self, name: str, p: nn.Parameter) -> None:
+        """Phase-1 post-accumulate-grad hook: add ``l1 * sign(theta - theta0) / N`` once per optimizer step."""
+        if name in self._l1_due:
+            self._l1_due.discard(name)
+            with torch.no_grad():
+                p.grad.add_(torch.sign(p.detach() - self._theta0[name]), alpha=self.l1_scale)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        """Global optimizer pre-step hook: paper movement scores at the weights the gradient was taken at."""
+        probe = next(iter(self.params.values()))  # the hook sees every optimizer: act for the one training ours
+        if self._movement is not None and any(p is probe for g in optimizer.param_groups for p in g["params"]):
+            self._movement.before_step()
+
+    def _remove_full_hooks(self) -> None:
+        for h in self._full_hooks:
+            h.remove()
+        self._full_hooks.clear()
+
     def delta(self) -> SparseDelta:
         """The delta trained so far, on CPU."""
         return SparseDelta({n: (idx.cpu(), self.values[n].detach().cpu().clone()) for n, idx in self.indices.items()})
@@ -278,16 +326,57 @@ class SFTTrainable:
         return out
 
 
+def untie_decoder(model: nn.Module) -> tuple[nn.Module, nn.Parameter] | None:
+    """Give the MLM decoder its own frozen copy of the word embeddings (composable-sft ``--freeze_decoder``).
+
+    The instance's ``weight`` attribute is replaced; no class is patched. Returns (decoder, the
+    shared weight) for :func:`retie_decoder`, or None when there is nothing tied (a task model, or
+    a decoder that is already separate).
+    """
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return None
+    shared = out.weight
+    out.weight = nn.Parameter(shared.detach().clone(), requires_grad=False)
+    return out, shared
+
+
+def retie_decoder(decoder: nn.Module, shared: nn.Parameter) -> None:
+    """Undo :func:`untie_decoder`: the decoder shares the word embeddings' tensor again."""
+    decoder.weight = shared
+
+
+class ActiveSFT:
+    """An activated sft module: its delta applied (bit-exact ``remove()``), and the decoder untied if it was in training."""
+
+    def __init__(self, delta: SparseDelta, model: nn.Module, freeze_decoder: bool) -> None:
+        self._decoder = untie_decoder(model) if freeze_decoder else None  # before the delta changes the embeddings
+        try:
+            self._applied = AppliedDelta(delta, model)
+        except BaseException:
+            if self._decoder is not None:
+                retie_decoder(*self._decoder)
+            raise
+        self.delta = delta
+
+    def remove(self) -> None:
+        self._applied.remove()
+        if self._decoder is not None:
+            retie_decoder(*self._decoder)
+            self._decoder = None
+
+
 def prepare_sft(base, config: SFTConfig, train_cfg) -> SFTTrainable:
     """Start training a sparse delta on ``base`` (on top of whatever is already applied to its weights)."""
     return SFTTrainable(base, config, train_cfg)
 
 
-def activate_sft(base, loaded) -> AppliedDelta:
+def activate_sft(base, loaded) -> ActiveSFT:
     """Add a saved module's delta to ``base``'s weights in place; the handle's ``remove()`` restores the weights bit-exactly.
 
     A language delta may touch the MLM head (composable-sft releases do); on a task model, which has
-    no MLM head, those entries have nothing to change and are skipped.
+    no MLM head, those entries have nothing to change and are skipped. A module trained with
+    ``freeze_decoder`` is applied the same way: the MLM decoder keeps the base's word embeddings.
     """
     tensors = loaded.tensors.get("delta")
     if tensors is None:
@@ -296,4 +385,4 @@ def activate_sft(base, loaded) -> AppliedDelta:
     head = base.arch.mlm_head + "."
     if base.model.get_output_embeddings() is None:
         delta = SparseDelta({n: e for n, e in delta.entries.items() if not n.startswith(head)})
-    return AppliedDelta(delta, base.model)
+    return ActiveSFT(delta, base.model, bool((loaded.manifest.config or {}).get("freeze_decoder", False)))

@@ -218,3 +218,29 @@ def test_unsupported_head_is_refused_unless_left_out(tmp_path):
         convert(src, tmp_path / "a", "adapterhub", base=base_dir("tiny-bert"))
     m = load_module(convert(src, tmp_path / "b", "adapterhub", base=base_dir("tiny-bert"), without_head=True)).manifest
     assert (m.kind, m.lang) == ("language", "ner")
+
+
+def test_static_head_equal_to_the_base_is_skipped(tmp_path):
+    """BertForMaskedLM + adapters.init + save_adapter writes the model's own MLM head (cls.predictions.*): skip it, say so."""
+    src = FIXTURES / "adapterhub" / "static_head_seq_bn"
+    with pytest.warns(UserWarning, match="head saved with the adapter .* equals the base's own; skipped"):
+        out = convert(src, tmp_path / "m", "adapterhub", base=base_dir("tiny-bert"))
+    module = load_module(out)
+    assert (module.manifest.kind, module.manifest.lang, sorted(module.tensors)) == ("language", "sw", ["adapter"])
+    assert "equals the base's own" in module.manifest.extra["imported"]["head_skipped"]
+    check("static_head_seq_bn", max_diff(xlpeft.compose(base_dir("tiny-bert"), [out]), expected("adapterhub", "static_head_seq_bn")))
+
+
+def test_trained_static_head_is_refused_with_the_cli_option_that_helps(tmp_path, capsys):
+    """A static head that differs from the base's (train_adapter leaves its transform trainable) names --without-head."""
+    from xlpeft.cli import main
+
+    args = ["convert", str(FIXTURES / "adapterhub" / "static_head_trained"), str(tmp_path / "a"), "--from", "adapterhub",
+            "--base", base_dir("tiny-bert")]
+    with pytest.raises(SystemExit):
+        main(args)
+    err = capsys.readouterr().err
+    assert err.startswith("Error:") and "--without-head" in err and "unexpected" not in err, err
+    assert "cls.predictions.transform.dense.weight" in err
+    main([*args, "--without-head"])
+    assert sorted(load_module(tmp_path / "a").tensors) == ["adapter"]

@@ -18,6 +18,11 @@ What maps, checked against ``adapters`` 1.3.0 (``methods/modeling.py``: ``Adapte
   ``leave_out`` layers get zero weights (the identity), ``dropout``/``stochastic_depth``/``init_*``
   only act in training.
 
+Heads: a flexible head (``heads.NAME.*``) becomes the task module's head (tagging, or a 2-layer tanh
+classification head). A static-head model's own head (``BertForMaskedLM`` + ``adapters.init`` then
+``save_adapter`` writes ``cls.predictions.*`` with ``"config": null``) is skipped with a warning when it
+equals the base's frozen head, and refused otherwise with a pointer to ``--without-head``.
+
 Refused by name: other methods (LoRA, prefix tuning, ...), parallel/gated/PHM adapters, new
 layer norms (``ln_before``/``ln_after``), ``residual_before_ln`` other than as in the presets,
 GLOW invertible blocks, non-linearities xlpeft lacks (e.g. ``gelu_new``).

@@ -83,7 +83,8 @@ def _head_from(head_cfg: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
     for key, tensor in weights.items():
         m = HEAD_KEY.match(key)
         if m is None:
-            raise XlpeftError(f"{path}: unexpected head weight {key!r}")
+            raise XlpeftError(f"{path}: unexpected head weight {key!r} (xlpeft reads flexible heads, heads.NAME.*); "
+                              "convert with --without-head to take the adapter alone")
         by_index.setdefault(int(m["index"]), {})[m["kind"]] = tensor
     if head_type == "tagging" and layers == 1:
         kind, plan = "token_classification", {"classifier": 1}
@@ -108,6 +109,40 @@ def _head_from(head_cfg: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
     if len(labels) != num_labels:
         labels = [f"LABEL_{i}" for i in range(num_labels)]
     return kind, labels, state
+
+
+def _is_static_head(head_meta: Mapping[str, Any], weights: Mapping[str, torch.Tensor]) -> bool:
+    """A head saved from a static-head model (``BertForMaskedLM`` + ``adapters.init``): no head config, the model's own names."""
+    return head_meta.get("config") is None and bool(weights) and not any(HEAD_KEY.match(k) for k in weights)
+
+
+def _skip_static_head(head_meta: Mapping[str, Any], weights: Mapping[str, torch.Tensor], base: Any, src: Path) -> str:
+    """Skip a static model's saved head if it is the base's own frozen head (with a warning); else refuse it.
+
+    ``save_adapter`` writes a static-head model's whole head (e.g. ``cls.predictions.*``) next to the
+    adapter. Unchanged, it is the base's own head, which xlpeft keeps frozen and never stores in modules.
+
+    Raises:
+        XlpeftError: the head differs from the base's (trained, or from another base); names the tensors.
+    """
+    import warnings
+
+    from xlpeft.models import load_base
+
+    own = (base if hasattr(base, "model") else load_base(str(base))).model.state_dict()
+    differ = [k for k, v in sorted(weights.items())
+              if k not in own or own[k].shape != v.shape or not torch.equal(own[k].detach().cpu(), v.to(own[k].dtype))]
+    model_class = head_meta.get("model_class") or "a static-head model"
+    if differ:
+        raise XlpeftError(
+            f"{src}: the saved head of {model_class} ({len(weights)} tensors) is not the base's own: "
+            f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} differ or are missing (was the head trained, "
+            "or saved from another base?); xlpeft keeps the base's head frozen, so convert with --without-head "
+            "to take the adapter alone"
+        )
+    note = f"the {model_class} head saved with the adapter ({len(weights)} tensors) equals the base's own; skipped"
+    warnings.warn(f"{src}: {note}", stacklevel=3)
+    return note
 
 
 def _base_info(base: Any) -> tuple[dict[str, str], Any]:
@@ -163,13 +198,19 @@ def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | N
     state = _complete(state, config, bn, hidden, num_layers, src)
     adapter_name = name or meta.get("name") or weight_name or src.name
 
-    head = None
+    head, skipped = None, None
     if (src / HEAD_CONFIG_FILE).is_file() and not without_head:
         head_meta = _read_json(src / HEAD_CONFIG_FILE)
-        head = _head_from(head_meta, _read_weights(src, HEAD_SAFE, HEAD_BIN), src)
+        head_weights = _read_weights(src, HEAD_SAFE, HEAD_BIN)
+        if _is_static_head(head_meta, head_weights):
+            skipped = _skip_static_head(head_meta, head_weights, base, src)
+        else:
+            head = _head_from(head_meta, head_weights, src)
     imported = {"format": "adapterhub", "source": str(src), "adapter_name": meta.get("name") or weight_name,
                 "version": meta.get("version"), "config": bn, "scaling": float(bn["scaling"]),
                 "leave_out": sorted(bn["leave_out"] or [])}
+    if skipped:
+        imported["head_skipped"] = skipped
     tensors: dict[str, dict[str, torch.Tensor]] = {"adapter": state}
     extra: dict[str, Any] = {"imported": imported}
     kind = "language"

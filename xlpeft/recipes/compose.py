@@ -68,19 +68,20 @@ def eval_examples(pack: TaskPack, lang: str, spec: str | None,
 
 
 def baseline_language_module(task: LoadedModule, fingerprint: str) -> LoadedModule | None:
-    """The source-language module the task module was trained over (from its recorded lineage)."""
+    """The source-language module the task module was trained over: its recorded parent, never a fresh lookup.
+
+    A lookup ("newest English module") could return a module registered after the task module
+    was trained, or one of another method, and the baseline would no longer be the model that
+    was trained. None when the task module was trained without one, or its parent is gone.
+    """
     lineage = task.manifest.extra.get("lang_module") or {}
     if lineage.get("registered_name"):
-        match = [v for v in tracking.list_versions(lineage["registered_name"]) if v.version == lineage.get("version")]
+        match = [v for v in tracking.list_versions(lineage["registered_name"]) if v.version == lineage.get("version")
+                 and v.tags.get("xlpeft.base_fingerprint", fingerprint) == fingerprint]
         if match:
             return load_module(tracking.download(match[0])[0])
     if lineage.get("path") and Path(lineage["path"]).is_dir():
         return load_module(lineage["path"])
-    if task.manifest.lang:
-        try:
-            return resolve("language", task.manifest.lang, None, fingerprint)[0]
-        except XlpeftError:
-            return None
     return None
 
 

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 import torch.nn.functional as F
 
@@ -46,7 +47,7 @@ TASK_TRAIN_DEFAULTS = {"max_seq_len": 128, "eval_fraction": 0.1}
 class TaskConfig:
     """Task-module settings that are neither the method's nor the optimiser's."""
 
-    lang_module: str = field(default="auto", metadata={"help": "auto (newest registered for --lang on this base), none, or a module directory"})
+    lang_module: str = field(default="auto", metadata={"help": "auto (newest registered for --lang on this base, of the task's method if any), none, or a module directory"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout before the task head", "min": 0.0, "max": 1.0})
 
     def __post_init__(self) -> None:
@@ -79,40 +80,63 @@ class TaskResult:
     lang_module: str | None
 
 
-def find_language_module(lang: str, fingerprint: str) -> tuple[Path, tracking.RegisteredModule] | None:
-    """Newest registered language module for ``lang`` on this base, whatever its method."""
+def find_language_module(lang: str, fingerprint: str,
+                         method: str) -> tuple[Path, tracking.RegisteredModule, bool] | None:
+    """The language module ``lang_module=auto`` trains over: ``(path, version, same method?)``.
+
+    The newest one of the task module's own method first, as the recipes pair them (MAD-X: a
+    task adapter over a language adapter, Pfeiffer et al., 2020; LT-SFT: a task delta over a
+    language delta, Ansell et al., 2022); only if there is none, the newest of another method.
+    """
+    try:
+        path, reg = tracking.find_module(tracking.registered_name("language", lang, method), fingerprint)
+        return path, reg, True
+    except XlpeftError:
+        pass
     found = []
-    for method in method_names():
+    for other in method_names():
+        if other == method:
+            continue
         try:
-            found.append(tracking.find_module(tracking.registered_name("language", lang, method), fingerprint,
-                                              fetch=False))
+            found.append(tracking.find_module(tracking.registered_name("language", lang, other), fingerprint,
+                                              fetch=False)[1])
         except XlpeftError:
             continue
     if not found:
         return None
-    _, newest = max(found, key=lambda pair: pair[1].created)
-    return tracking.find_module(newest.name, fingerprint)
+    newest = max(found, key=lambda reg: (reg.created, int(reg.version)))
+    path, reg = tracking.find_module(newest.name, fingerprint)
+    return path, reg, False
 
 
-def resolve_lang_module(setting: str, lang: str, base) -> tuple[LoadedModule | None, dict[str, Any]]:
-    """The language module to activate under the task module, and its lineage for the manifest."""
+def resolve_lang_module(setting: str, lang: str, base, method: str) -> tuple[LoadedModule | None, dict[str, Any]]:
+    """The language module to activate under a ``method`` task module, and its lineage for the manifest.
+
+    With ``auto``, says on stderr which registered module it picked and why.
+    """
     if setting == "none":
         return None, {}
     if setting != "auto":
         module = load_module(setting)
         return module, {"path": str(Path(setting).resolve()), "lang": module.manifest.lang,
                         "method": module.manifest.method}
-    hit = find_language_module(lang, base.fingerprint)
+    hit = find_language_module(lang, base.fingerprint, method)
     if hit is None:
         raise XlpeftError(
             f"no registered language module for {lang!r} on base {base.name!r} ({base.fingerprint}) in "
             f"{tracking.tracking_uri()}; train one with `xlpeft train-lang --lang {lang} --base {base.name}`, "
             "or pass --set lang_module=PATH or --set lang_module=none"
         )
-    path, reg = hit
+    path, reg, same = hit
+    why = (f"the {method} language module, as the recipe pairs them" if same else
+           f"no {method} language module for {lang!r} on this base, so the newest of another method "
+           f"({reg.tags.get('xlpeft.method', '?')}); train one with `xlpeft train-lang --lang {lang} "
+           f"--method {method}` or pass --set lang_module=PATH to choose")
+    click.echo(f"lang_module=auto: {reg.name} version {reg.version} ({why})", err=True)
     module = load_module(path)
     return module, {"registered_name": reg.name, "version": reg.version, "run_id": reg.run_id,
-                    "lang": module.manifest.lang, "method": module.manifest.method}
+                    "lang": module.manifest.lang, "method": module.manifest.method,
+                    "picked": "same method" if same else "other method (none of the same method)"}
 
 
 def load_examples(pack: TaskPack, lang: str, train_spec: str | None, eval_spec: str | None,
@@ -204,7 +228,7 @@ def train_task(req: TaskRequest) -> TaskResult:
     method_cfg = resolve_epochs(method_cfg, cfg, len(train_ex))  # LT-SFT's epoch-based phases -> steps
     base, device = start_training(req.base, cfg)
     cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
-    lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base)
+    lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base, req.method)
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)
     train_enc = encode(pack, base.tokenizer, train_ex, cfg.max_seq_len, purpose="training data")
@@ -213,6 +237,10 @@ def train_task(req: TaskRequest) -> TaskResult:
     tags = run_tags("task", req.lang, req.task, req.method, base)
     if lineage.get("run_id"):
         tags["xlpeft.parent.lang_run"] = lineage["run_id"]
+    if lineage:  # which language module the task module trains over, and (auto) why
+        tags["xlpeft.parent.lang_module"] = (f"{lineage['registered_name']} v{lineage['version']}"
+                                             if lineage.get("registered_name") else lineage["path"])
+        tags["xlpeft.parent.lang_method"] = lineage["method"]
     params = {"method": asdict(method_cfg), "train": asdict(cfg), "task_config": asdict(task_cfg), "task": req.task,
               "lang": req.lang, "base": base.name, "train_data": ", ".join(train_desc),
               "train_examples": len(train_ex), "eval_examples": len(eval_ex), "lang_module": str(lineage or "none")}

@@ -15,6 +15,7 @@ import torch
 from xlpeft.data.tasks import NO_SUBWORD, Encoded, collate, encode_pairs, encode_tokens
 from xlpeft.metrics import accuracy, span_f1
 from xlpeft.packs import TaskPack
+from xlpeft.progress import progress
 
 EVAL_MAX_LEN = 128
 """Sub-words per example when scoring a composed model (MAD-X evaluates NER/POS at 128)."""
@@ -58,8 +59,10 @@ def predict(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], pack: 
     enc = encode(pack, tokenizer, examples, max_len)
     fallback = default_label(pack)
     out: list[Any] = []
+    bar = progress(total=len(examples), desc="predicting", unit=" examples", leave=False)  # silent if short
     for start in range(0, len(examples), batch_size):
         idx = list(range(start, min(start + batch_size, len(examples))))
+        bar.update(len(idx))
         batch = {k: v.to(device) for k, v in collate(enc, idx, tokenizer.pad_token_id).items() if k != "labels"}
         best = logits_fn(batch).argmax(-1).cpu()  # (B, T) or (B,)
         for row, i in enumerate(idx):
@@ -68,6 +71,7 @@ def predict(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], pack: 
                             for pos in enc.words[i]])
             else:
                 out.append(pack.labels[int(best[row])])
+    bar.close()
     return out
 
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from xlpeft.config import TrainConfig
+from xlpeft.progress import progress as progress_bar
 
 
 def pick_device(name: str) -> torch.device:
@@ -159,7 +159,7 @@ def train_loop(
         window, start_step = list(resume.window), resume.step
     last_loss = math.nan
     start = time.perf_counter()
-    bar = tqdm(total=steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True, disable=not progress)
+    bar = progress_bar(total=steps, initial=start_step, desc=desc, unit="step", enabled=progress)  # lines in a log
     for step in range(start_step + 1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from xlpeft.errors import XlpeftError
+from xlpeft.progress import progress as progress_bar
 
 
 def pack_blocks(tokenizer, lines: Iterable[str], max_seq_len: int, batch_lines: int = 1000,
@@ -26,7 +26,7 @@ def pack_blocks(tokenizer, lines: Iterable[str], max_seq_len: int, batch_lines: 
     stream: list[int] = []
     blocks: list[torch.Tensor] = []
     sep = tokenizer.sep_token_id
-    bar = tqdm(desc="tokenising", unit=" lines", disable=not progress, leave=False)
+    bar = progress_bar(desc="tokenising", unit=" lines", enabled=progress, leave=False)
 
     def flush(final: bool) -> None:
         nonlocal stream

@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from xlpeft.config import check_fields
 from xlpeft.data.corpora import CorpusSpec, iter_lines
 from xlpeft.data.mlm import attention_mask_for, mask_tokens, pack_blocks
 from xlpeft.errors import XlpeftError
 from xlpeft.models import TINY_BASES, arch_for, build_tiny_base, cache_dir, fingerprint_dir
+from xlpeft.progress import progress
 
 PROVENANCE = "xlpeft_base.json"
 
@@ -81,7 +81,7 @@ def cache_masked_states(model: nn.Module, tokenizer, blocks: torch.Tensor, cfg: 
     generator = torch.Generator().manual_seed(cfg.seed)
     states, targets = [], []
     total = cfg.mask_rounds * math.ceil(len(blocks) / 8)
-    with tqdm(total=total, desc="caching hidden states", unit="batch", leave=False) as bar:
+    with progress(total=total, desc="caching hidden states", unit="batch") as bar:
         for _ in range(cfg.mask_rounds):
             for start in range(0, len(blocks), 8):
                 batch = blocks[start:start + 8]
@@ -132,7 +132,7 @@ def warm_mlm_head(model_dir: Path, out_dir: Path, corpora: list[CorpusSpec], cfg
     before = heldout()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    bar = tqdm(range(cfg.steps), desc="warming MLM head", unit="step")
+    bar = progress(range(cfg.steps), desc="warming MLM head", unit="step")
     for _ in bar:
         pick = train_idx[torch.randint(len(train_idx), (cfg.batch_tokens,), generator=generator)]
         loss = F.cross_entropy(head(states[pick]), targets[pick])  # logits (batch_tokens, V)

@@ -63,14 +63,16 @@ class Dist:
             offset += g.numel()
         return None if loss is None else float(flat[-1])
 
-    def seed_dropout(self, seed: int) -> None:
+    def seed_dropout(self, seed: int, step: int = 0) -> None:
         """Give this rank its own global RNG stream (dropout); rank 0 keeps a single process's stream.
 
         Call after the trainable modules are initialised (which must be identical on every rank);
-        the data-order and masking generators are separate and stay shared.
+        the data-order and masking generators are separate and stay shared. On resume (``step`` >
+        0) the checkpoint restored rank 0's stream everywhere, so the other ranks re-seed from
+        (seed, rank, step): distinct streams again, though not the ones an uninterrupted run had.
         """
         if self.rank > 0:
-            torch.manual_seed(seed * 1_000_003 + self.rank)
+            torch.manual_seed((seed * 1_000_003 + self.rank) * 1_000_033 + step)
 
     def same_everywhere(self, tensor: torch.Tensor, what: str) -> None:
         """Fail loudly if ranks disagree (e.g. on an LT-SFT mask)."""

@@ -123,3 +123,19 @@ def test_rank_losses_sum_to_the_single_process_loss(base):
     counts = [int((Dist(r, 2).shard(labels) != -100).sum()) for r in (0, 1)]
     if counts[0] != counts[1]:  # the old mean of per-rank means is then a different number
         assert not torch.allclose(sum(means) / 2, full, atol=1e-6)
+
+
+def test_each_rank_has_its_own_dropout_stream():
+    from xlpeft.distributed import Dist
+
+    draws = {}
+    for rank in (0, 1, 2):
+        torch.manual_seed(42)
+        Dist(rank, 3).seed_dropout(42)
+        draws[rank] = torch.rand(4)
+    torch.manual_seed(42)
+    assert torch.equal(draws[0], torch.rand(4))  # rank 0 is the single process
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    torch.manual_seed(0)
+    Dist(1, 3).seed_dropout(42, step=100)  # after a resume: distinct from the start-of-run stream
+    assert not torch.equal(torch.rand(4), draws[1])

@@ -157,6 +157,7 @@ def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | Non
         summary = {k: v for k, v in meta["summary"].items() if k not in (state or {})}
         run.data.load_state_dict(tensors)
         restore_rng(tensors, run.generators)
+        run.dist.seed_dropout(run.cfg.seed, meta["done"])  # the checkpoint holds rank 0's stream; others re-seed
         for name, module in run.extras.items():
             module.load_state_dict(_unprefix(tensors, f"extra.{name}."))
             initial[name] = _unprefix(tensors, f"extra0.{name}.") or initial[name]

@@ -116,18 +116,17 @@ def test_config_validation_names_field_and_value():
         build(AdapterConfig, {"reduction": 2})
 
 
-def _saved_module(tmp_path, base, config: AdapterConfig, kind: str, seed: int):
-    """A saved adapter module with non-trivial weights, as a trained one would be."""
+def _saved_module(tmp_path, base, config: AdapterConfig, seed: int):
+    """A saved language adapter module with non-trivial weights, as a trained one would be."""
     from dataclasses import asdict
 
     from xlpeft.io import Manifest, load_module, save_module
 
     module = AdapterModule(config, base.hidden_size, len(base.layers))
     _randomise(module, seed)
-    manifest = Manifest(kind=kind, method="adapter", lang="sw" if kind == "language" else None,
-                        task=None if kind == "language" else "ner", config=asdict(config),
+    manifest = Manifest(kind="language", method="adapter", lang="sw", config=asdict(config),
                         base={"name": base.name, "fingerprint": base.fingerprint, "model_type": "x"})
-    return load_module(save_module(tmp_path / f"{kind}-{seed}", manifest, {"adapter": module.state_dict()}))
+    return load_module(save_module(tmp_path / f"lang-{seed}", manifest, {"adapter": module.state_dict()}))
 
 
 def _saved_delta(tmp_path, base):
@@ -155,7 +154,7 @@ def test_language_module_stays_frozen_while_a_task_adapter_trains(base, tmp_path
     from xlpeft.training import train_loop
 
     saved = (_saved_delta(tmp_path, base) if lang_kind == "sft" else
-             _saved_module(tmp_path, base, AdapterConfig(invertible=lang_kind == "adapter+inv"), "language", 7))
+             _saved_module(tmp_path, base, AdapterConfig(invertible=lang_kind == "adapter+inv"), 7))
     active = activate(base, [saved])
     lang = getattr(active.handles[0], "module", torch.nn.Module())  # an SFT adds into the base's own weights
     before = {k: v.clone() for k, v in lang.state_dict().items()}
@@ -194,7 +193,7 @@ def test_modules_that_recorded_their_non_linearity_load_identically(base, tmp_pa
     """A houlsby module saved with relu (the old default, recorded in its manifest) still computes relu."""
     from xlpeft.compose import activate
 
-    saved = _saved_module(tmp_path, base, AdapterConfig(placement="houlsby", non_linearity="relu"), "language", 3)
+    saved = _saved_module(tmp_path, base, AdapterConfig(placement="houlsby", non_linearity="relu"), 3)
     assert saved.manifest.config["non_linearity"] == "relu"
     module = AdapterModule(AdapterConfig(placement="houlsby", non_linearity="relu"), base.hidden_size, len(base.layers))
     module.load_state_dict(saved.tensors["adapter"])

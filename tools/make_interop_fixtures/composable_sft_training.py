@@ -34,11 +34,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 import sft
+import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from sft import LotteryTicketSparseFineTuner, SftArguments
 from torch.utils.data import SequentialSampler
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForTokenClassification, Trainer, TrainingArguments

@@ -9,7 +9,9 @@ safetensors body; everything else is JSON in its metadata header.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +24,67 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-    """Write ``directory/checkpoint.safetensors`` atomically (temporary name, fsync, rename)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``directory/checkpoint.safetensors`` atomically (temporary name, fsync, rename).
+
+    Temporaries a killed process left behind are removed first. If the write fails (a full disk),
+    the previous checkpoint stays, no temporary or empty directory is left, and the error says why.
+    """
+    from xlpeft.io import clean_stale, disk_error
+
+    fresh = not directory.exists()
     target = directory / CHECKPOINT
     tmp = directory / f".{CHECKPOINT}.tmp-{os.getpid()}"
-    body = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    save_file(body, str(tmp), metadata={"xlpeft": json.dumps(meta)})
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, target)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        clean_stale(directory, f".{CHECKPOINT}.tmp-")
+        body = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(body, str(tmp), metadata={"xlpeft": json.dumps(meta)})
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if fresh:  # leave no empty .checkpoints/<run>/ (nor an empty .checkpoints/) behind
+            shutil.rmtree(directory, ignore_errors=True)
+            try:
+                directory.parent.rmdir()
+            except OSError:
+                pass
+        kept = f"; the checkpoint of an earlier step is kept in {directory}" if target.is_file() else ""
+        raise XlpeftError(disk_error(exc, f"could not write the training checkpoint at step {meta.get('done')}")
+                          + kept + " (--set checkpoint_every=0 trains without checkpoints)") from None
     return target
+
+
+def clean_checkpoints(root: Path, max_age: float = 3600.0) -> None:
+    """Under ``.checkpoints/``: remove temporaries of killed processes, and run folders left empty for an hour."""
+    import time
+
+    from xlpeft.io import clean_stale
+
+    if not root.is_dir():
+        return
+    for run_dir in root.iterdir():
+        if not run_dir.is_dir() or run_dir.is_symlink():
+            continue
+        clean_stale(run_dir, f".{CHECKPOINT}.tmp-", max_age)
+        try:
+            if not any(run_dir.iterdir()) and time.time() - run_dir.stat().st_mtime > max_age:
+                run_dir.rmdir()
+        except OSError:
+            continue
+
+
+def check_finite_loss(loss: float, step: int, lr: float) -> None:
+    """Stop at the first non-finite training loss: every later step would train on NaN and save a NaN module.
+
+    Raises:
+        XlpeftError: naming the step; the last checkpoint written before it (if any) is kept.
+    """
+    if not math.isfinite(loss):
+        raise XlpeftError(f"the training loss became non-finite ({loss}) at step {step} (learning rate {lr:.3g}); "
+                          "stopped without saving or registering a module, earlier checkpoints are kept. "
+                          "Lower --set lr or --set max_grad_norm and train again")
 
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

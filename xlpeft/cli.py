@@ -7,12 +7,28 @@ shows tracebacks.
 from __future__ import annotations
 
 import os
+import re
+import signal
 import sys
 
 import click
 
 from xlpeft import __version__
 from xlpeft.errors import XlpeftError
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+OVERWRITE_HELP = "replace an xlpeft module of another kind at --output (anything that is not an xlpeft module is never replaced)"
+
+
+def _name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--lang/--task are codes or pack folder names (letters, digits, ``_.-``): never paths or quotes."""
+    if value is not None and not NAME.fullmatch(value):
+        shown = value if len(value) <= 60 else value[:60] + "..."
+        raise click.BadParameter(f"should be a language code or pack name (letters, digits, _ . -); got {shown!r}"
+                                 + ("; packs are looked up by name in task_packs/ or $XLPEFT_PACKS" if "/" in value
+                                    else ""))
+    return value
+
 
 SET_HELP = "method or training hyper-parameter, repeatable (e.g. --set reduction_factor=2 --set lr=1e-4)"
 
@@ -31,7 +47,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command("train-lang")
-@click.option("--lang", required=True, help="language code: a folder of language_packs/ (e.g. sw)")
+@click.option("--lang", required=True, callback=_name, help="language code: a folder of language_packs/ (e.g. sw)")
 @click.option("--method", default="adapter", show_default=True, help="module method (see `xlpeft methods`)")
 @click.option("--base", default="xlmr", show_default=True, help="mbert, xlmr, xlmr-large, tiny-bert, a hub id or a directory")
 @click.option("--corpus", multiple=True, help="a pack corpus name, a UTF-8 text file, or hf:NAME[:CONFIG][:SPLIT]; repeatable")
@@ -40,14 +56,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--seed", type=int, help="random seed [default: 42]")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--output", help="module directory [default: modules/lang-<lang>-<method>]")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--resume", is_flag=True, help="continue the newest unfinished run of this same command from its checkpoint")
-def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, output, resume) -> None:
+def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, output, overwrite, resume) -> None:
     """Train a language module with masked-language modelling."""
     from xlpeft.config import parse_sets
     from xlpeft.recipes.train_lang import LangRequest, train_language
 
     req = LangRequest(lang=lang, method=method, base=base, corpus=tuple(corpus), sets=parse_sets(sets),
-                      output=output, max_steps=max_steps, batch_size=batch_size, seed=seed, resume=resume)
+                      output=output, max_steps=max_steps, batch_size=batch_size, seed=seed, resume=resume,
+                      overwrite=overwrite)
     result = train_language(req)
     if not result.version:  # a data-parallel rank other than 0
         return
@@ -60,8 +78,8 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
 
 
 @cli.command("train-task")
-@click.option("--task", required=True, help="task pack: a folder of task_packs/ (ner, pos, nli)")
-@click.option("--lang", default="en", show_default=True, help="source language of the labelled data")
+@click.option("--task", required=True, callback=_name, help="task pack: a folder of task_packs/ (ner, pos, nli)")
+@click.option("--lang", default="en", show_default=True, callback=_name, help="source language of the labelled data")
 @click.option("--method", default="adapter", show_default=True, help="task module method (see `xlpeft methods`)")
 @click.option("--base", default="xlmr", show_default=True, help="mbert, xlmr, xlmr-large, tiny-bert, a hub id or a directory")
 @click.option("--train-data", help="CoNLL / CoNLL-U / JSONL file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's]")
@@ -72,9 +90,10 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help=SET_HELP + "; also lang_module=auto|none|PATH, head_dropout")
 @click.option("--output", help="module directory [default: modules/task-<task>-<method>]")
+@click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--resume", is_flag=True, help="continue the newest unfinished run of this same command from its checkpoint")
 def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch_size, seed, sets, output,
-               resume) -> None:
+               overwrite, resume) -> None:
     """Train a task module (+ head) over the source language's module."""
     from xlpeft.config import parse_sets
     from xlpeft.recipes.train_task import TaskRequest
@@ -82,7 +101,7 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
 
     req = TaskRequest(task=task, lang=lang, method=method, base=base, train_data=train_data, eval_data=eval_data,
                       sets=parse_sets(sets), output=output, max_steps=max_steps, batch_size=batch_size, seed=seed,
-                      resume=resume)
+                      resume=resume, overwrite=overwrite)
     result = run_train_task(req)
     if not result.version:  # a data-parallel rank other than 0
         return
@@ -96,18 +115,22 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
 
 
 @cli.command("compose")
-@click.option("--lang", required=True, help="target language (its language module is used)")
-@click.option("--task", required=True, help="task pack (its task module is used)")
+@click.option("--lang", required=True, callback=_name, help="target language (its language module is used)")
+@click.option("--task", required=True, callback=_name, help="task pack (its task module is used)")
 @click.option("--base", default="xlmr", show_default=True, help="the base both modules were trained on")
 @click.option("--lang-method", help="adapter or sft [default: newest registered]")
 @click.option("--task-method", help="adapter or sft [default: newest registered]")
 @click.option("--eval-data", help="file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's data for --lang]")
 @click.option("--split", help="task-pack split to evaluate on, e.g. sample_test [default: test, else validation]")
-@click.option("--output", type=click.Path(file_okay=False), help="write the composed model here")
+@click.option("--output", help="write the composed model here (a new or empty directory, or an earlier composed model)")
 def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, output) -> None:
     """Compose a language module with a task module; evaluate zero-shot against the source-language baseline."""
+    from xlpeft.compose import COMPOSITION_FILE
+    from xlpeft.io import check_output_dir
     from xlpeft.recipes.compose import ComposeRequest, compose_task
 
+    if output is not None:  # before any work: never write into another model's directory
+        output = str(check_output_dir(output, COMPOSITION_FILE, "an earlier composed model"))
     r = compose_task(ComposeRequest(lang=lang, task=task, base=base, lang_method=lang_method,
                                     task_method=task_method, eval_data=eval_data, output=output, split=split))
     if r.overlap:
@@ -125,7 +148,7 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, ou
 
 
 @cli.command("evaluate")
-@click.option("--task", required=True, help="task pack")
+@click.option("--task", required=True, callback=_name, help="task pack")
 @click.option("--langs", required=True, help="comma-separated target languages, e.g. sw,yo,ha")
 @click.option("--base", default="xlmr", show_default=True)
 @click.option("--eval-dir", type=click.Path(file_okay=False),
@@ -140,24 +163,33 @@ def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
     from xlpeft.recipes.compose import evaluate_matrix
     from xlpeft.tracking import tracking_uri
 
-    matrix, run_id = evaluate_matrix(task, [x.strip() for x in langs.split(",") if x.strip()], base, eval_dir, split)
+    codes = [x.strip() for x in langs.split(",") if x.strip()]
+    if not codes:
+        raise click.BadParameter(f"lists no language; got {langs!r}, expected e.g. sw,yo,ha", param_hint="--langs")
+    for code in codes:
+        _name(click.get_current_context(), None, code)
+    matrix, run_id = evaluate_matrix(task, codes, base, eval_dir, split)
     click.echo(matrix.format())
     click.echo(f"MLflow run {run_id} (artifacts: evaluation/matrix.png, matrix.json)")
     click.echo(f"browse runs, artifacts and the registry: mlflow ui --backend-store-uri {tracking_uri()}")
 
 
 @cli.command("predict")
-@click.option("--lang", required=True)
-@click.option("--task", required=True)
+@click.option("--lang", required=True, callback=_name)
+@click.option("--task", required=True, callback=_name)
 @click.option("--base", default="xlmr", show_default=True)
 @click.option("--lang-method", help="adapter or sft [default: newest registered]")
 @click.option("--task-method", help="adapter or sft [default: newest registered]")
 def predict_cmd(lang, task, base, lang_method, task_method) -> None:
-    """Tag raw text from stdin (one sentence a line); prints CoNLL `token<TAB>tag`, or one label a line for NLI."""
+    """Tag raw text from stdin (one sentence a line); prints CoNLL `token<TAB>tag`, or one label a line for NLI.
+
+    Every input line gets one output block (token tasks) or line (NLI), blank lines included, so the
+    output can be matched to the input line by line.
+    """
     from xlpeft.data.tasks import TokenExample
     from xlpeft.recipes.compose import predict_lines
 
-    lines = sys.stdin.read().splitlines()
+    lines = read_stdin_lines()
     if not any(line.strip() for line in lines):
         raise XlpeftError("predict reads text from standard input; e.g. echo 'Juma alikwenda Nairobi' | xlpeft predict ...")
     for example, pred in predict_lines(lang, task, base, lines, lang_method, task_method):
@@ -165,6 +197,23 @@ def predict_cmd(lang, task, base, lang_method, task_method) -> None:
             click.echo("\n".join(f"{t}\t{p}" for t, p in zip(example.tokens, pred, strict=True)) + "\n")
         else:
             click.echo(pred)
+
+
+def read_stdin_lines() -> list[str]:
+    """Standard input as UTF-8 lines; invalid UTF-8 is one error naming the byte offset."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text stream without bytes (tests, some IDEs)
+        try:
+            return sys.stdin.read().splitlines()
+        except UnicodeDecodeError as exc:
+            raise XlpeftError(f"standard input is not UTF-8 ({exc.reason}); re-encode it, e.g. iconv -t UTF-8") from None
+    data = stream.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise XlpeftError(f"standard input is not UTF-8 (byte {exc.start}: {exc.reason}); re-encode it, "
+                          "e.g. iconv -t UTF-8") from None
+    return text.removeprefix("\ufeff").splitlines()
 
 
 @cli.command("prepare-base")
@@ -222,6 +271,11 @@ def methods() -> None:
         click.echo(f"{name}: {spec.help}")
         for f in fields(spec.config_cls):
             click.echo(f"  --set {f'{f.name}={f.default}':<28} {f.metadata.get('help', '')}")
+        for kind in ("language", "task"):  # per-kind defaults of the published recipe (method and training keys)
+            kind_defaults = {**getattr(spec.config_cls, "defaults_for", lambda _k: {})(kind),
+                             **getattr(spec.config_cls, "train_defaults_for", lambda _k: {})(kind)}
+            if kind_defaults:
+                click.echo(f"  {kind} modules default to: " + ", ".join(f"{k}={v}" for k, v in kind_defaults.items()))
     click.echo("training (all methods):")
     for f in fields(TrainConfig):
         click.echo(f"  --set {f'{f.name}={f.default}':<28} {f.metadata.get('help', '')}")
@@ -236,7 +290,11 @@ def modules() -> None:
     if not names:
         click.echo(f"no xlpeft modules registered in {tracking.tracking_uri()}")
     for name in names:
-        for v in tracking.list_versions(name):
+        versions = tracking.list_versions(name)
+        if not versions:  # a process was killed between creating the name and registering its version
+            click.echo(f"{name}  (no version: an interrupted registration; the next run that trains it "
+                       "registers version 1)")
+        for v in versions:
             click.echo(f"{name} v{v.version}  base={v.tags.get('xlpeft.base')} "
                        f"({v.tags.get('xlpeft.base_fingerprint')})  run={v.run_id}")
 
@@ -251,10 +309,31 @@ def run(pipeline: str, dry_run: bool) -> None:
     from xlpeft.pipelines import load_pipeline
 
     steps = load_pipeline(Path(pipeline))
+    for i, step in enumerate(steps, 1):  # every step parses before the first one runs
+        check_step(i, step)
     for i, step in enumerate(steps, 1):
         click.echo(f"[{i}/{len(steps)}] xlpeft {' '.join(step)}", err=True)
         if not dry_run:
             cli.main(args=list(step), prog_name="xlpeft", standalone_mode=False)
+
+
+def check_step(index: int, step: list[str]) -> None:
+    """Parse a pipeline step as the CLI would (command, options, types) without running it.
+
+    A path that must exist is not required to yet: an earlier step may create it.
+    """
+    ctx = cli.make_context("xlpeft", list(step), resilient_parsing=False)
+    try:
+        name, command, rest = cli.resolve_command(ctx, ctx.protected_args + ctx.args)
+        command.make_context(name, rest, parent=ctx)
+    except click.BadParameter as exc:
+        if isinstance(exc.param, click.Option | click.Argument) and isinstance(exc.param.type, click.Path):
+            return
+        raise XlpeftError(f"pipeline step {index} (xlpeft {' '.join(step)[:200]}): {exc.format_message()}") from None
+    except click.exceptions.Exit:
+        return
+    except click.ClickException as exc:
+        raise XlpeftError(f"pipeline step {index} (xlpeft {' '.join(step)[:200]}): {exc.format_message()}") from None
 
 
 @cli.command("convert")
@@ -271,11 +350,6 @@ def run(pipeline: str, dry_run: bool) -> None:
 @click.option("--safetensors", is_flag=True, help="AdapterHub export: adapter.safetensors instead of pytorch_adapter.bin")
 @click.option("--layout", default="diffs", show_default=True, type=click.Choice(["diffs", "body"]),
               help="composable-sft export: current {diffs, abs} or earlier {body, head} layout")
-        for kind in ("language", "task"):  # per-kind defaults of the published recipe (method and training keys)
-            kind_defaults = {**getattr(spec.config_cls, "defaults_for", lambda _k: {})(kind),
-                             **getattr(spec.config_cls, "train_defaults_for", lambda _k: {})(kind)}
-            if kind_defaults:
-                click.echo(f"  {kind} modules default to: " + ", ".join(f"{k}={v}" for k, v in kind_defaults.items()))
 def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safetensors, layout) -> None:
     """Convert AdapterHub adapters and composable-sft SFTs to xlpeft modules and back."""
     from xlpeft.interop import convert
@@ -285,16 +359,62 @@ def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safe
     click.echo(f"converted {src} ({from_format}) -> {out} ({to_format})")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the MLflow run is closed and the checkpoint kept on the way out."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+RESUME_HINT = ("a run that had started is marked KILLED in MLflow and its last checkpoint kept; "
+               "run the same command with --resume to continue it")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and turn user errors into one ``Error:`` line."""
     args = sys.argv[1:] if argv is None else argv
+    from xlpeft.progress import quiet_library_bars
+
+    quiet_library_bars()  # a log gets lines, not carriage-return frames
     debug = "--debug" in args or os.environ.get("XLPEFT_DEBUG") == "1"
+    training = any(a in ("train-lang", "train-task", "run") for a in args)
+    previous = None
     try:
-        cli.main(args=args, prog_name="xlpeft", standalone_mode=False)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        _dispatch(args, debug, training)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _close_progress_bars() -> None:
+    """End a progress bar the error interrupted, so the ``Error:`` line starts a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _dispatch(args: list[str], debug: bool, training: bool) -> None:
+    hint = f"; {RESUME_HINT}" if training else ""
+    try:
+        try:
+            cli.main(args=args, prog_name="xlpeft", standalone_mode=False)
+        finally:
+            _close_progress_bars()
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("Error: aborted", err=True)
+    except click.exceptions.Abort as exc:  # click turns KeyboardInterrupt (and so Terminated) into Abort
+        if isinstance(exc.__cause__, Terminated):
+            click.echo(f"Error: terminated (SIGTERM){hint}", err=True)
+            sys.exit(143)
+        click.echo(f"Error: interrupted{hint}", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         if debug:
@@ -309,8 +429,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"Error: {exc}", err=True)
         sys.exit(2)
+    except Terminated:
+        click.echo(f"Error: terminated (SIGTERM){hint}", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
-        click.echo("Error: interrupted", err=True)
+        click.echo(f"Error: interrupted{hint}", err=True)
         sys.exit(130)
     except Exception as exc:  # a bug: keep it to one line unless --debug
         if debug:

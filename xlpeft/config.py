@@ -8,6 +8,8 @@ problems into one :class:`ConfigError`, so a user fixes a command line in one go
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -24,6 +26,9 @@ def check_fields(obj: Any) -> None:
         value = getattr(obj, f.name)
         meta = f.metadata
         if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):  # NaN passes every < and > check
+            problems.append(f"`{f.name}` should be a finite number; got {value!r}")
             continue
         if "choices" in meta and value not in meta["choices"]:
             problems.append(f"`{f.name}` should be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
@@ -66,12 +71,21 @@ def coerce(cls: type, key: str, raw: Any) -> Any:
                 return False
             raise ValueError(text)
         if target is int:
-            return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
+            if "e" in text.lower() and "x" not in text.lower() and float(text).is_integer():
+                return int(float(text))
+            return int(text)
         if target is float:
             return float(text)
-    except ValueError:
-        raise ConfigError(f"`{key}` should be a {target.__name__}; got {raw!r}") from None
+    except (ValueError, OverflowError):
+        article = "an" if target.__name__[0] in "aeiou" else "a"
+        raise ConfigError(f"`{key}` should be {article} {target.__name__}; got {_brief(raw)}") from None
+    if target is str and not text:
+        raise ConfigError(f"`{key}` is empty; give it a value (see `xlpeft methods` for what it accepts)")
     return text
+
+
+def _brief(raw: str, limit: int = 80) -> str:
+    return repr(raw) if len(raw) <= limit else f"{raw[:limit]!r}... ({len(raw)} characters)"
 
 
 def parse_sets(pairs: Iterable[str]) -> dict[str, str]:
@@ -80,7 +94,7 @@ def parse_sets(pairs: Iterable[str]) -> dict[str, str]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value, got {pair!r}; e.g. --set lr=1e-4")
+            raise ConfigError(f"--set expects key=value, got {_brief(pair)}; e.g. --set lr=1e-4")
         out[key.strip()] = value.strip()
     return out
 
@@ -141,10 +155,36 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps", "min": 1})
     max_corpus_lines: int = field(default=0, metadata={"help": "read at most N corpus lines (0: all)", "min": 0})
     checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0: never)", "min": 0})
-    seed: int = field(default=42, metadata={"help": "seed for initialisation, masking and data order"})
+    seed: int = field(default=42, metadata={"help": "seed for initialisation, masking and data order",
+                                            "min": 0, "max": 2**32 - 1})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
                                                      "choices": ("auto", "fp32", "bf16")})
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_device(self.device)
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?|mps")
+
+
+def check_device(name: str) -> None:
+    """``device`` is auto, cpu, cuda, cuda:N or mps, and present in this torch build; else one clear error."""
+    if not DEVICE.fullmatch(name):
+        raise ConfigError(f"invalid TrainConfig: `device` should be auto, cpu, cuda or cuda:N; got {_brief(name)}")
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(f"--set device={name}: this torch ({torch.__version__}, {build}) sees no CUDA device; "
+                              "use device=cpu or device=auto, or install a CUDA build of torch")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--set device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if name == "mps":
+        import torch
+
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ConfigError("--set device=mps: this machine has no MPS device; use device=cpu or device=auto")

@@ -247,6 +247,7 @@ def load_base(name: str, device: str | torch.device = "cpu") -> Base:
     Raises:
         XlpeftError: the base cannot be found, or its architecture is not in :data:`ARCHITECTURES`.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -259,8 +260,9 @@ def load_base(name: str, device: str | torch.device = "cpu") -> Base:
             warnings.simplefilter("ignore")
             model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
             tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise XlpeftError(f"could not load base from {path}: {str(exc).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated or corrupted weight file
+        raise XlpeftError(f"could not load base from {path}: {(str(exc).splitlines() or [type(exc).__name__])[0]}; "
+                          "if it is a cached or downloaded base, delete that directory and prepare it again") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

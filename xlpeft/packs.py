@@ -27,6 +27,12 @@ def pack_roots() -> list[Path]:
 
 
 def find_pack_dir(folder: str, name: str) -> Path:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or ".." in name:
+        kind = folder[:-1].replace("_", " ")
+        raise XlpeftError(f"a {kind} is named by its folder (letters, digits, _ . -), not a path; got {name[:80]!r}; "
+                          f"put it in {folder}/<name>/pack.yaml under the working directory or $XLPEFT_PACKS")
     tried = []
     for root in pack_roots():
         candidate = root / folder / name
@@ -40,12 +46,40 @@ def find_pack_dir(folder: str, name: str) -> Path:
     )
 
 
+MAX_YAML_BYTES = 1 << 20  # packs and pipelines are a few kB
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without YAML aliases: ``*ref`` can expand a 400-byte file to gigabytes ("billion laughs")."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise XlpeftError(f"{self.name}:{mark.line + 1}: YAML aliases (*name) are not accepted in packs and "
+                              "pipelines; write the values out")
+        return super().compose_node(parent, index)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
-    """Load a YAML mapping safely (no arbitrary object construction)."""
+    """Load a YAML mapping safely: no object construction, no aliases, at most :data:`MAX_YAML_BYTES`."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise XlpeftError(f"{path} is {size} bytes; packs and pipelines are small YAML files (at most "
+                              f"{MAX_YAML_BYTES} bytes)")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise XlpeftError(f"{path} is not UTF-8 text; packs and pipelines are UTF-8 YAML files") from None
+    except OSError as exc:
+        raise XlpeftError(f"cannot read {path}: {exc.strerror}") from None
+    loader = _NoAliasLoader(text)
+    loader.name = str(path)
+    try:
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise XlpeftError(f"{path} is not valid YAML: {exc}") from None
+        raise XlpeftError(f"{path} is not valid YAML: {str(exc)[:300]}") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise XlpeftError(f"{path} should hold a mapping at top level; got {type(data).__name__}")
     return data

@@ -27,11 +27,15 @@ def load_pipeline(path: Path) -> list[list[str]]:
     out = []
     for i, step in enumerate(steps, 1):
         if isinstance(step, str):
-            args = shlex.split(step)
+            try:
+                args = shlex.split(step)
+            except ValueError as exc:
+                raise XlpeftError(f"{path}: step {i} cannot be split like a shell command ({exc})") from None
         elif isinstance(step, list) and all(isinstance(a, (str, int, float)) for a in step):
             args = [str(a) for a in step]
         else:
-            raise XlpeftError(f"{path}: step {i} should be a string or a list of arguments; got {step!r}")
+            shown = repr(step) if len(repr(step)) <= 120 else f"{repr(step)[:120]}... ({type(step).__name__})"
+            raise XlpeftError(f"{path}: step {i} should be a string or a list of arguments; got {shown}")
         if not args or args[0] == "run":
             raise XlpeftError(f"{path}: step {i} is empty or nests `run`")
         out.append(args)

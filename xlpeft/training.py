@@ -143,7 +143,7 @@ def train_loop(
         sync_grads: sums gradients (and the step's loss, which it returns) across data-parallel ranks
             before clipping; ``loss_fn`` must then divide by the global batch's labelled count.
     """
-    from xlpeft.checkpoint import restore_optimizer
+    from xlpeft.checkpoint import check_finite_loss, restore_optimizer
 
     on_cuda = bool(params) and params[0].is_cuda
     # fused AdamW: one kernel for all parameters on CUDA (the CPU build has no fused path worth taking)
@@ -174,6 +174,7 @@ def train_loop(
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
+        check_finite_loss(step_loss, step_offset + step, lr)  # before a NaN update reaches the weights
         optimizer.step()
         scheduler.step()
         if after_step is not None:

@@ -5,7 +5,8 @@ A corpus spec is a path (one document or sentence a line) or ``hf:NAME[:CONFIG][
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,25 +71,85 @@ def check_text_file(path: Path) -> None:
         raise XlpeftError(f"corpus file {path} is empty; it needs at least one non-empty line of text")
 
 
+MAX_LINE_CHARS = 10_000  # a longer "line" (a whole book without newlines) is cut into pieces at spaces
+
+
 def iter_lines(spec: CorpusSpec, limit: int = 0) -> Iterator[str]:
-    """Yield non-empty stripped lines of text (at most ``limit`` if > 0)."""
+    """Yield non-empty stripped lines of text (at most ``limit`` if > 0).
+
+    Lines longer than :data:`MAX_LINE_CHARS` are split at whitespace while streaming, so a corpus
+    without newlines costs memory in proportion to a piece, not to the file.
+    """
     count = 0
     for line in _raw_lines(spec):
-        line = line.strip()
-        if not line:
+        for piece in split_long(line):
+            piece = piece.strip()
+            if not piece:
+                continue
+            yield piece
+            count += 1
+            if limit and count >= limit:
+                return
+
+
+def split_long(text: str, limit: int = MAX_LINE_CHARS) -> Iterator[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut at the last whitespace before the limit."""
+    while len(text) > limit:
+        cut = max(text.rfind(" ", 0, limit), text.rfind("\t", 0, limit))
+        cut = cut if cut > 0 else limit  # no space at all (e.g. Thai, Chinese): a hard cut
+        yield text[:cut]
+        text = text[cut:]
+    yield text
+
+
+def _read_pieces(path: Path, chunk: int = 1 << 20) -> Iterator[str]:
+    """Lines of a UTF-8 file; a line of megabytes arrives in ~``chunk``-character pieces cut at spaces."""
+    carry = ""
+    with path.open(encoding="utf-8") as fh:
+        while True:
+            block = fh.readline(chunk)
+            if not block:
+                if carry:
+                    yield carry
+                return
+            block, carry = carry + block, ""
+            if not block.endswith("\n") and len(block) >= chunk:
+                head, sep, tail = block.rpartition(" ")
+                if sep and len(tail) < chunk:  # the word cut by the chunk goes with the next piece
+                    block, carry = head, tail
+            yield block
+
+
+def fingerprint_files(paths: Iterable[str | Path | None], extra: Iterable[str] = ()) -> str:
+    """sha256 (16 hex digits) of the files' bytes and ``extra`` strings: changes when any content changes.
+
+    Recorded in a run's params so ``--resume`` refuses to continue on rewritten data of the same size.
+    """
+    h = hashlib.sha256()
+    for p in paths:
+        if p is None:
             continue
-        yield line
-        count += 1
-        if limit and count >= limit:
-            return
+        h.update(str(Path(p).name).encode() + b"\0")
+        with Path(p).open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        h.update(b"\0")
+    for text in extra:
+        h.update(text.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def fingerprint_corpora(specs: Iterable[CorpusSpec]) -> str:
+    """Content fingerprint of local corpus files; hub corpora contribute their spec."""
+    specs = list(specs)
+    return fingerprint_files([s.path for s in specs if s.path], [s.describe() for s in specs if not s.path])
 
 
 def _raw_lines(spec: CorpusSpec) -> Iterator[str]:
     if spec.path is not None:
         path = Path(spec.path)
         check_text_file(path)
-        with path.open(encoding="utf-8") as fh:
-            yield from fh
+        yield from _read_pieces(path)
         return
     try:
         from datasets import load_dataset

@@ -7,6 +7,7 @@ LT-SFT; sentence-pair tasks label the whole sequence.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def parse_task_data(spec: str) -> TaskSource:
 
 
 def _open_text(path: Path) -> list[str]:
+    if path.is_dir():
+        raise XlpeftError(f"task data {path} is a directory; pass a CoNLL, CoNLL-U or JSONL file inside it")
     if not path.is_file():
         raise XlpeftError(f"task data file {path} does not exist")
     try:
@@ -123,22 +126,54 @@ def read_conllu(path: Path) -> list[TokenExample]:
 
 
 def read_jsonl(path: Path, labels: list[str]) -> list[PairExample]:
-    """One JSON object a line with ``premise``, ``hypothesis``, ``label`` (a name, or an index into ``labels``)."""
-    examples = []
+    """One JSON object a line with ``premise``, ``hypothesis``, ``label`` (a name, or an index into ``labels``).
+
+    ``label`` -1 (XNLI's "no gold label") is skipped and counted, as on the hub path; any other
+    type or index is refused with its line number rather than mapped to some label.
+    """
+    examples, skipped = [], 0
     for n, line in enumerate(_open_text(path), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            label = row["label"]
-            if isinstance(label, int):
-                label = labels[label]
-            examples.append(PairExample(str(row["premise"]), str(row["hypothesis"]), str(label)))
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-            raise XlpeftError(
-                f"{path}:{n}: expected a JSON object with premise, hypothesis, label; {type(exc).__name__}: {exc}"
-            ) from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise XlpeftError(f"{path}:{n}: not a JSON object ({str(exc)[:120]})") from None
+        if not isinstance(row, dict) or not {"premise", "hypothesis", "label"} <= set(row):
+            raise XlpeftError(f"{path}:{n}: expected a JSON object with premise, hypothesis, label; "
+                              f"got {_brief_json(row)}")
+        label = row["label"]
+        if label == -1 and isinstance(label, int) and not isinstance(label, bool):
+            skipped += 1
+            continue
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise XlpeftError(f"{path}:{n}: `label` should be a label name or an index 0..{len(labels) - 1} "
+                              f"(-1: no gold label, skipped); got {_brief_json(label)}")
+        if isinstance(label, int):
+            if not 0 <= label < len(labels):
+                raise XlpeftError(f"{path}:{n}: `label` index {label} is outside 0..{len(labels) - 1} "
+                                  f"({', '.join(labels)}); -1 marks an example without a gold label")
+            label = labels[label]
+        for key in ("premise", "hypothesis"):
+            if not isinstance(row[key], str):
+                raise XlpeftError(f"{path}:{n}: `{key}` should be a string; got {_brief_json(row[key])}")
+        examples.append(PairExample(row["premise"], row["hypothesis"], label))
+    if skipped:
+        print(f"note: {path}: skipped {skipped} example(s) labelled -1 (no gold label)", file=sys.stderr)
     return examples
+
+
+def _brief_json(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def data_fingerprint(*specs: str | None) -> str:
+    """Content fingerprint of the local files among ``--train-data``/``--eval-data`` (hub specs by name)."""
+    from xlpeft.data.corpora import fingerprint_files
+
+    local = [s for s in specs if s and not s.startswith("hf:") and Path(s).is_file()]
+    return fingerprint_files(local, [s for s in specs if s and s.startswith("hf:")])
 
 
 def read_source(source: TaskSource, head: str, labels: list[str]) -> list[Any]:

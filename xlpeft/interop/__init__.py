@@ -61,14 +61,21 @@ def load_pickled(path: Path, numpy_scalars: bool = False) -> Any:
                 return torch.load(path, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported [^\n]*?(?=\. |\n|$)", str(exc))
-        reason = found.group(0) if found else (str(exc).strip().splitlines() or ["not a pickle"])[0]
-        if reason.startswith("Unsupported global"):  # the pickle would import and call something: never run it
+        # torch words this "Unsupported global: GLOBAL os.system ..." (2.13 lower-cases it in places) and then
+        # advises re-running with weights_only=False: never pass that advice on.
+        text = str(exc)
+        found = re.search(r"unsupported global[^\n]*?(?=\. |\n|$)", text, re.IGNORECASE)
+        if found:  # the pickle would import and call something: never run it
             raise XlpeftError(
-                f"{path} holds Python objects besides tensors and plain containers ({reason}); "
-                "xlpeft reads pickles only with torch.load(weights_only=True) and refuses this one"
+                f"{path} holds code ({found.group(0)[:160]}), not only tensors; xlpeft reads pickles only with "
+                "torch.load(weights_only=True), refused it and ran nothing. Ask its author for a .safetensors "
+                "file, or convert only checkpoints from a source you trust"
             ) from None
-        raise XlpeftError(f"cannot read {path} as a weights-only PyTorch pickle ({reason[:200]}); "
+        operand = re.search(r"unsupported operand \d+", text, re.IGNORECASE)
+        first = next((line.strip() for line in text.splitlines() if line.strip()), "not a pickle")
+        if operand or "weights_only" in first or "will likely succeed" in first:  # never pass torch's unsafe advice on
+            first = operand.group(0) if operand else "not a weights-only PyTorch pickle"
+        raise XlpeftError(f"cannot read {path} as a weights-only PyTorch pickle ({first[:200]}); "
                           "is it a complete checkpoint?") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -76,15 +83,14 @@ def load_pickled(path: Path, numpy_scalars: bool = False) -> Any:
 
 
 def check_output_dir(dst: str | Path, marker: str) -> Path:
-    """Refuse to replace a non-empty directory unless it holds ``marker`` (it is an earlier output of the same kind).
+    """Refuse to replace anything but an earlier output of the same kind (a directory holding ``marker``).
 
-    Writing a module or an export replaces ``dst`` as a whole; this keeps a mistyped DST (``.``,
-    a home directory) from being wiped.
+    The same policy as every command's ``--output`` (:func:`xlpeft.io.check_output_dir`): a mistyped
+    DST (``.``, a home directory, a user's folder or file) is never wiped.
     """
-    dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or (any(dst.iterdir()) and not (dst / marker).is_file())):
-        raise XlpeftError(f"{dst} exists and is not an earlier output (no {marker} in it); choose a new directory")
-    return dst
+    from xlpeft.io import check_output_dir as check
+
+    return check(dst, marker, "an earlier output of this kind")
 
 
 def convert(src: str | Path, dst: str | Path, from_format: str, to_format: str = "xlpeft", base: Any = None,

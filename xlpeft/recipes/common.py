@@ -230,7 +230,7 @@ def find_resumable(tags: dict[str, str], params: dict[str, Any]) -> tuple[str, P
     exp = c.get_experiment_by_name(tracking.EXPERIMENT)
     if exp is None:
         return None
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items() if k in tracking.TAG_KEYS)
+    query = " and ".join(f"tags.`{k}` = {tracking.filter_value(v)}" for k, v in tags.items() if k in tracking.TAG_KEYS)
     runs = c.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
     unfinished = [r for r in runs if r.info.status != "FINISHED" and "xlpeft.checkpoint_dir" in r.data.tags]
     if not unfinished:
@@ -238,6 +238,12 @@ def find_resumable(tags: dict[str, str], params: dict[str, Any]) -> tuple[str, P
     run = unfinished[0]
     mine = tracking._flat(params)
     differing = sorted(k for k in set(mine) | set(run.data.params) if mine.get(k) != run.data.params.get(k))
+    changed = [k for k in differing if k.endswith("fingerprint") and k in mine and k in run.data.params]
+    if changed:
+        raise XlpeftError(f"the unfinished run {run.info.run_id} trained on other data: the content of its "
+                          f"{', '.join(k.removesuffix('_fingerprint').replace('_', ' ') for k in changed)} changed "
+                          f"since (fingerprint {run.data.params[changed[0]]} then, {mine[changed[0]]} now); "
+                          "restore the files to resume, or drop --resume to start a new run on the new data")
     if differing:
         shown = "; ".join(f"{k}: {run.data.params.get(k)!r} then, {mine.get(k)!r} now" for k in differing[:8])
         raise XlpeftError(f"the unfinished run {run.info.run_id} was started with another configuration ({shown}); "
@@ -278,11 +284,12 @@ def training_run(run_name: str, tags: dict[str, str], params: dict[str, Any], di
     """Open (or, with ``resume``, reopen) the run; yields (tracker, checkpoint directory, loaded checkpoint or None)."""
     import click
 
-    from xlpeft.checkpoint import load_checkpoint
+    from xlpeft.checkpoint import clean_checkpoints, load_checkpoint
 
     resumed = resume_or_start(resume, tags, params, dist)
     with open_run(run_name, tags, params, dist, resumed and resumed[0]) as tracker:
         ckpt_dir = resumed[1] if resumed else checkpoint_dir_for(out_dir, tracker.run_id or "rank")
+        clean_checkpoints(ckpt_dir.parent)  # what killed runs left: .checkpoint.safetensors.tmp-PID, empty folders
         if dist.main and not resumed:
             tracker.set_tags({"xlpeft.checkpoint_dir": str(ckpt_dir.resolve())})
         checkpoint = load_checkpoint(ckpt_dir) if resumed else None

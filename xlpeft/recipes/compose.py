@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,11 @@ from typing import Any
 import torch
 
 from xlpeft import tracking
-from xlpeft.compose import compose, delta_overlap, save_composed
+from xlpeft.compose import COMPOSITION_FILE, compose, delta_overlap, save_composed
 from xlpeft.data.tasks import PairExample, TokenExample, parse_task_data, read_source
 from xlpeft.errors import XlpeftError
 from xlpeft.evaluation import EVAL_MAX_LEN, predict, score
-from xlpeft.io import LoadedModule, load_module
+from xlpeft.io import LoadedModule, install_dir, load_module
 from xlpeft.metrics import METRICS
 from xlpeft.models import fit_seq_len, load_base
 from xlpeft.packs import TaskPack, load_task_pack
@@ -137,9 +138,11 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
             tracker.set_tags({"xlpeft.baseline_lang": baseline_lang or "none"})
         out = Path(req.output) if req.output else None
         with tempfile.TemporaryDirectory() as tmp:
-            target = out or Path(tmp) / "composed"
+            target = Path(tmp) / "composed"  # written whole, then copied: never mixed into another directory
             save_composed(model, target, base.tokenizer)
             tracker.log_artifacts(target, "composed")
+            if out is not None:
+                out = install_dir(target, out, COMPOSITION_FILE, "an earlier composed model")
     return ComposeResult(tracker.run_id, key, metrics, baseline, baseline_lang, out, overlap, evaluated_on)
 
 
@@ -229,6 +232,9 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
             row[f"{BASELINE}+{tm}"] = evaluate_model(compose(base, references[tm]), pack, base.tokenizer,
                                                      examples)[key]
         matrix.rows[lang] = row
+    if not matrix.rows:  # nothing to show: say why, and open no run
+        why = "; ".join(f"{lang}: {reason}" for lang, reason in matrix.skipped.items())
+        raise XlpeftError(f"nothing to evaluate for {task}: every language was skipped ({why[:600]})")
     tags = {"xlpeft.kind": "composition", "xlpeft.task": task, "xlpeft.lang": ",".join(langs),
             "xlpeft.method": "matrix", "xlpeft.base": base.name, "xlpeft.base_fingerprint": base.fingerprint}
     with tracking.tracked_run(f"evaluate-{task}", tags, {"task": task, "langs": ",".join(langs)}) as tracker:
@@ -272,8 +278,14 @@ WORD = re.compile(r"\w+(?:[-'’]\w+)*|[^\w\s]", re.UNICODE)
 
 
 def tokenize_words(line: str) -> list[str]:
-    """Split raw text into words and punctuation (Unicode-aware, so Ge'ez and Latin scripts both work)."""
-    return WORD.findall(line)
+    """Split raw text into words and punctuation (Unicode-aware, so Ge'ez and Latin scripts both work).
+
+    Invisible format characters (Unicode category Cf: zero-width space and joiners, soft hyphen,
+    BOM, direction marks and isolates) are dropped first: as tokens of their own they would shift
+    every later tag.
+    """
+    visible = "".join(ch for ch in line if unicodedata.category(ch) != "Cf")
+    return WORD.findall(visible)
 
 
 def predict_lines(lang: str, task: str, base_name: str, lines: list[str], lang_method: str | None = None,
@@ -286,14 +298,21 @@ def predict_lines(lang: str, task: str, base_name: str, lines: list[str], lang_m
     model = compose(base, [lang_mod, task_mod])
     fallback = pack.labels[0]
     if pack.head == "token_classification":
-        examples = [TokenExample(tuple(tokenize_words(line)), (fallback,) * len(tokenize_words(line)))
-                    for line in lines if tokenize_words(line)]
+        words = [tokenize_words(line) for line in lines]
+        examples = [TokenExample(tuple(w), (fallback,) * len(w)) for w in words]
+        keep = [i for i, w in enumerate(words) if w]
     else:
-        pairs = [line.split("\t", 1) for line in lines if line.strip()]
-        if any(len(p) != 2 for p in pairs):
-            raise XlpeftError(f"{task} prediction reads `premise<TAB>hypothesis` lines")
-        examples = [PairExample(p, h, fallback) for p, h in pairs]
+        pairs = [line.split("\t", 1) for line in lines]
+        bad = next((n for n, (line, p) in enumerate(zip(lines, pairs, strict=True), 1) if line.strip() and len(p) != 2),
+                   None)
+        if bad is not None:
+            raise XlpeftError(f"{task} prediction reads `premise<TAB>hypothesis` lines; line {bad} has no tab")
+        examples = [PairExample(p[0], p[1], fallback) if len(p) == 2 else PairExample("", "", fallback) for p in pairs]
+        keep = [i for i, line in enumerate(lines) if line.strip()]
     with torch.no_grad():
-        preds = predict(lambda b: model(**b).logits, pack, base.tokenizer, examples, next(model.parameters()).device,
-                        max_len=fit_seq_len(EVAL_MAX_LEN, model, explicit=False))
-    return list(zip(examples, preds, strict=True))
+        preds = predict(lambda b: model(**b).logits, pack, base.tokenizer, [examples[i] for i in keep],
+                        next(model.parameters()).device, max_len=fit_seq_len(EVAL_MAX_LEN, model, explicit=False))
+    out: list[Any] = [[] if pack.head == "token_classification" else "" for _ in lines]  # a blank line: an empty block
+    for i, pred in zip(keep, preds, strict=True):
+        out[i] = pred
+    return list(zip(examples, out, strict=True))

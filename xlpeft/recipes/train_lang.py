@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from xlpeft import tracking
-from xlpeft.data.corpora import check_text_file, iter_lines
+from xlpeft.data.corpora import check_text_file, fingerprint_corpora, iter_lines
 from xlpeft.data.mlm import attention_mask_for, batches, mask_tokens, pack_blocks, split_blocks
 from xlpeft.distributed import init_from_env
-from xlpeft.io import Manifest
+from xlpeft.io import Manifest, check_module_output
 from xlpeft.packs import load_language_pack
 from xlpeft.recipes.common import (
     PhaseRun,
@@ -48,6 +48,7 @@ class LangRequest:
     batch_size: int | None = None
     seed: int | None = None
     resume: bool = False
+    overwrite: bool = False  # replace an xlpeft module of another kind at --output
 
 
 @dataclass
@@ -72,6 +73,7 @@ def train_language(req: LangRequest) -> LangResult:
     for c in corpora:
         if c.path:
             check_text_file(Path(c.path))
+    out_dir = check_module_output(req.output or f"modules/lang-{req.lang}-{req.method}", "language", req.overwrite)
     base, device = start_training(req.base, cfg)
     cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
     dist = init_from_env(device)
@@ -79,12 +81,12 @@ def train_language(req: LangRequest) -> LangResult:
     blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
     method_cfg = resolve_epochs(method_cfg, cfg, len(train_blocks))  # epoch-based phases (LT-SFT) -> steps
-    out_dir = Path(req.output or f"modules/lang-{req.lang}-{req.method}")
     name = tracking.registered_name("language", req.lang, req.method)
     tags = run_tags("language", req.lang, None, req.method, base)
     params = {
         "method": asdict(method_cfg), "train": asdict(cfg), "lang": req.lang, "base": base.name,
-        "corpora": ", ".join(c.describe() for c in corpora), "train_blocks": len(train_blocks),
+        "corpora": ", ".join(c.describe() for c in corpora),
+        "corpus_fingerprint": fingerprint_corpora(corpora), "train_blocks": len(train_blocks),
         "eval_blocks": len(eval_blocks), "world_size": dist.world,
     }
 

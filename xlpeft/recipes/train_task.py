@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from xlpeft import tracking
 from xlpeft.compose import activate
 from xlpeft.config import check_fields
-from xlpeft.data.tasks import TaskSource, collate, parse_task_data, read_source
+from xlpeft.data.tasks import TaskSource, collate, data_fingerprint, parse_task_data, read_source
 from xlpeft.distributed import init_from_env
 from xlpeft.errors import XlpeftError
 from xlpeft.evaluation import encode, predict, score
-from xlpeft.io import LoadedModule, Manifest, load_module
+from xlpeft.io import LoadedModule, Manifest, check_module_output, load_module
 from xlpeft.methods.heads import build_head
 from xlpeft.packs import TaskPack, load_task_pack
 from xlpeft.recipes.common import (
@@ -68,6 +68,7 @@ class TaskRequest:
     batch_size: int | None = None
     seed: int | None = None
     resume: bool = False
+    overwrite: bool = False  # replace an xlpeft module of another kind at --output
 
 
 @dataclass
@@ -91,7 +92,7 @@ def find_language_module(lang: str, fingerprint: str,
     try:
         path, reg = tracking.find_module(tracking.registered_name("language", lang, method), fingerprint)
         return path, reg, True
-    except XlpeftError:
+    except tracking.NotRegistered:  # not "its artifacts are gone": that one is reported
         pass
     found = []
     for other in method_names():
@@ -117,7 +118,7 @@ def resolve_lang_module(setting: str, lang: str, base, method: str) -> tuple[Loa
     if setting == "none":
         return None, {}
     if setting != "auto":
-        module = load_module(setting)
+        module = load_module(setting).expect_kind("language", "--set lang_module")
         return module, {"path": str(Path(setting).resolve()), "lang": module.manifest.lang,
                         "method": module.manifest.method}
     hit = find_language_module(lang, base.fingerprint, method)
@@ -133,7 +134,7 @@ def resolve_lang_module(setting: str, lang: str, base, method: str) -> tuple[Loa
            f"({reg.tags.get('xlpeft.method', '?')}); train one with `xlpeft train-lang --lang {lang} "
            f"--method {method}` or pass --set lang_module=PATH to choose")
     click.echo(f"lang_module=auto: {reg.name} version {reg.version} ({why})", err=True)
-    module = load_module(path)
+    module = load_module(path).expect_kind("language", "the registered language module")
     return module, {"registered_name": reg.name, "version": reg.version, "run_id": reg.run_id,
                     "lang": module.manifest.lang, "method": module.manifest.method,
                     "picked": "same method" if same else "other method (none of the same method)"}
@@ -226,13 +227,13 @@ def train_task(req: TaskRequest) -> TaskResult:
     train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
                                                   cfg.eval_fraction, cfg.seed)
     method_cfg = resolve_epochs(method_cfg, cfg, len(train_ex))  # LT-SFT's epoch-based phases -> steps
+    out_dir = check_module_output(req.output or f"modules/task-{req.task}-{req.method}", "task", req.overwrite)
     base, device = start_training(req.base, cfg)
     cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
     lang_module, lineage = resolve_lang_module(task_cfg.lang_module, req.lang, base, req.method)
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)
     train_enc = encode(pack, base.tokenizer, train_ex, cfg.max_seq_len, purpose="training data")
-    out_dir = Path(req.output or f"modules/task-{req.task}-{req.method}")
     name = tracking.registered_name("task", req.task, req.method)
     tags = run_tags("task", req.lang, req.task, req.method, base)
     if lineage.get("run_id"):
@@ -243,6 +244,7 @@ def train_task(req: TaskRequest) -> TaskResult:
         tags["xlpeft.parent.lang_method"] = lineage["method"]
     params = {"method": asdict(method_cfg), "train": asdict(cfg), "task_config": asdict(task_cfg), "task": req.task,
               "lang": req.lang, "base": base.name, "train_data": ", ".join(train_desc),
+              "train_data_fingerprint": data_fingerprint(req.train_data, req.eval_data),
               "train_examples": len(train_ex), "eval_examples": len(eval_ex), "lang_module": str(lineage or "none")}
 
     dist = init_from_env(device)

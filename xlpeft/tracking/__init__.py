@@ -52,12 +52,26 @@ from xlpeft.tracking.store import (
     tracking_uri,
 )
 
-__all__ = ["EXPERIMENT", "RETRY_ENV", "TAG_KEYS", "RegisteredModule", "Tracker", "TrackingUnfinished",
-           "check_reachable", "client", "download", "find_module", "find_newest", "list_registered",
+__all__ = ["EXPERIMENT", "NotRegistered", "RETRY_ENV", "TAG_KEYS", "RegisteredModule", "Tracker", "TrackingUnfinished",
+           "check_reachable", "client", "download", "filter_value", "list_empty", "find_module", "find_newest", "list_registered",
            "list_versions", "registered_name", "replay_spool", "retry_seconds", "spool_path", "tracked_run",
            "tracking_uri"]
 
 TAG_KEYS = ("xlpeft.kind", "xlpeft.lang", "xlpeft.task", "xlpeft.method", "xlpeft.base", "xlpeft.base_fingerprint")
+
+
+class NotRegistered(XlpeftError):
+    """Nothing is registered under the name (for the base); other lookup errors (artifacts gone) are not this."""
+
+
+def filter_value(value: str) -> str:
+    """``value`` quoted for an MLflow search filter; a value holding both quote characters is refused."""
+    value = str(value)
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise XlpeftError(f"{value[:80]!r} holds both ' and \"; MLflow cannot search for it: use a plain name")
 
 
 def registered_name(kind: str, name: str, method: str) -> str:
@@ -78,7 +92,7 @@ def list_versions(name: str) -> list[RegisteredModule]:
     """All versions of a registered module, newest first (empty if the name is unknown)."""
     c = client()
     try:
-        versions = c.search_model_versions(f"name='{name}'")
+        versions = c.search_model_versions(f"name={filter_value(name)}")
     except Exception as exc:
         if _transient(exc):
             raise XlpeftError(_unreachable(tracking_uri(), _reason(exc))) from None
@@ -91,6 +105,11 @@ def list_versions(name: str) -> list[RegisteredModule]:
 def list_registered(prefix: str = "xlpeft-") -> list[str]:
     c = client()
     return sorted(m.name for m in c.search_registered_models() if m.name.startswith(prefix))
+
+
+def list_empty(prefix: str = "xlpeft-") -> list[str]:
+    """Registered names without any version: left by a process killed between creating the name and its version."""
+    return [n for n in list_registered(prefix) if not list_versions(n)]
 
 
 def find_module(name: str, fingerprint: str | None = None, fetch: bool = True) -> tuple[Path, RegisteredModule]:
@@ -106,7 +125,7 @@ def find_module(name: str, fingerprint: str | None = None, fetch: bool = True) -
     if not matching:
         held = ", ".join(f"{n}" for n in list_registered()) or "nothing"
         detail = f" on base fingerprint {fingerprint}" if fingerprint and versions else ""
-        raise XlpeftError(
+        raise NotRegistered(
             f"no registered module {name!r}{detail} in {tracking_uri()}; the registry holds: {held}. "
             "Train it first (xlpeft train-lang / train-task) or pass a module directory"
         )
@@ -131,7 +150,7 @@ def find_newest(kind: str, name: str, fingerprint: str, method: str | None = Non
         held = [n for n in list_registered()
                 if any(v.tags.get("xlpeft.base_fingerprint") == fingerprint for v in list_versions(n))]
         wanted = registered_name(kind, name, method or "*")
-        raise XlpeftError(
+        raise NotRegistered(
             f"no registered {kind} module {wanted} on base fingerprint {fingerprint} in {tracking_uri()}; "
             f"for this base the registry holds: {', '.join(held) or 'nothing'}"
         )
@@ -139,15 +158,38 @@ def find_newest(kind: str, name: str, fingerprint: str, method: str | None = Non
 
 
 def download(chosen: RegisteredModule) -> tuple[Path, RegisteredModule]:
-    """Fetch a registered module's artifacts into the local cache (once per run id)."""
+    """Fetch a registered module's artifacts into the local cache (once per run id).
+
+    Raises:
+        XlpeftError: the cache is not writable, or the version's artifacts are gone from the store.
+    """
+    from xlpeft.io import clean_stale
     from xlpeft.models import cache_dir
 
     target = cache_dir() / "registry" / chosen.run_id
     if not (target / "module" / "xlpeft.json").is_file():
         tmp = target.with_name(f".{chosen.run_id}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        client().download_artifacts(chosen.run_id, "module", str(tmp))
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(tmp.parent, ".")  # .<run>.tmp-<pid> of killed processes
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as exc:
+            raise XlpeftError(f"cannot write to the xlpeft cache {cache_dir()} ({exc.strerror}); registered modules "
+                              "are downloaded there: set XLPEFT_CACHE to a writable directory") from None
+        try:
+            client().download_artifacts(chosen.run_id, "module", str(tmp))
+            if not (tmp / "module" / "xlpeft.json").is_file():
+                raise FileNotFoundError("module/xlpeft.json")
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if _transient(exc):
+                raise XlpeftError(_unreachable(tracking_uri(), _reason(exc))) from None
+            raise XlpeftError(
+                f"registered module {chosen.name} version {chosen.version} (run {chosen.run_id}) has no readable "
+                f"artifacts in {tracking_uri()} ({_reason(exc)[:160]}); they were deleted or moved: delete that "
+                "version from the registry, or train the module again"
+            ) from None
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
     return target / "module", chosen

@@ -23,6 +23,11 @@ def _main(argv: list[str]) -> int:
         except XlpeftError as exc:
             print(f"Error: {exc}", file=sys.stderr)
             return 2
+        except Exception as exc:  # e.g. the store refuses the run: one line, the spool is kept
+            first = str(exc).splitlines()[0][:300] if str(exc) else ""
+            print(f"Error: replaying run {run_id} failed ({type(exc).__name__}: {first}); its spool "
+                  f"{spool_path(run_id)} is kept for another try", file=sys.stderr)
+            return 1
         print(f"run {run_id}: spooled calls logged" + (f"; registered as version {version}" if version else ""))
     return 0
 

@@ -310,7 +310,7 @@ class Tracker:
         drops uploads and registrations still pending: an interrupted upload is not resumed, and a
         failed run registers nothing.
         """
-        if status == "FAILED":
+        if status in ("FAILED", "KILLED"):
             self._pending = [op for op in self._pending if op["op"] not in ("artifacts", "file", "register")]
             if self._down:
                 self._write_spool()
@@ -347,6 +347,7 @@ def tracked_run(run_name: str, tags: dict[str, Any], params: dict[str, Any],
     """
     uri = tracking_uri()
     retry_seconds()  # a bad $XLPEFT_TRACKING_RETRY_SECONDS fails now, not after training
+    _clean_downloads()
     check_reachable(uri)  # every time: the server may have gone since this process last saw it
     c = client(uri)
     resuming = run_id is not None
@@ -372,10 +373,11 @@ def tracked_run(run_name: str, tags: dict[str, Any], params: dict[str, Any],
     except TrackingUnfinished:
         tracker.close("FINISHED", wait=False, attempt=False)  # the work is done; the replay closes the run
         raise
-    except BaseException:
+    except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"  # Ctrl-C, SIGTERM (cli.Terminated)
         try:
-            if not tracker.close("FAILED", wait=False):
-                print(f"Warning: MLflow run {tracker.run_id} could not be marked FAILED; "
+            if not tracker.close(status, wait=False):
+                print(f"Warning: MLflow run {tracker.run_id} could not be marked {status}; "
                       f"`{REPLAY_HINT} {tracker.run_id}` does it later", file=sys.stderr, flush=True)
         except Exception:  # never hide the error that ended the run
             pass
@@ -404,11 +406,32 @@ def replay_spool(run_id: str, uri: str | None = None) -> str | None:
                           f"spooled runs: {', '.join(held) or 'none'}")
     header, ops = _read_spool(run_id)
     uri = uri or header.get("uri") or tracking_uri()
+    _check_store_exists(uri, run_id)
     outputs = {op["artifact_path"]: op["local_dir"] for op in ops if op["op"] == "artifacts"}
     tracker = Tracker(run_id, client(uri), uri, _pending=ops, _down=True, _outputs=outputs)
     if not tracker._drain(wait=True, force=True):
         raise tracker.unfinished()
     return tracker._version
+
+
+def _clean_downloads() -> None:
+    """Remove registry downloads (``.<run>.tmp-<pid>``) that killed processes left in the cache."""
+    from xlpeft.io import clean_stale
+    from xlpeft.models import cache_dir
+
+    try:
+        clean_stale(cache_dir() / "registry", ".")
+    except OSError:  # a read-only or vanished cache: nothing to clean
+        pass
+
+
+def _check_store_exists(uri: str, run_id: str) -> None:
+    """A local SQLite store the spool was written for must still exist: replaying into a new empty one loses the run."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):].split("?")[0])
+        if not db.is_file():
+            raise XlpeftError(f"the store {uri} that run {run_id} was logged to no longer exists; the spool "
+                              f"{spool_path(run_id)} is kept: restore the store file, then run `{REPLAY_HINT} {run_id}`")
 
 
 def _read_spool(run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -37,6 +37,19 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks", "databricks-uc")
+
+
+def check_uri(uri: str) -> None:
+    """Refuse a tracking URI MLflow cannot open (``foo://bar``, a bare path) before anything runs."""
+    scheme, sep, _ = uri.partition("://")
+    if not sep or scheme.split("+")[0].lower() not in _SCHEMES:
+        shown = uri if len(uri) <= 120 else uri[:120] + "..."
+        raise XlpeftError(f"MLFLOW_TRACKING_URI={shown!r} is not a tracking URI xlpeft can use; expected "
+                          "sqlite:///PATH/mlflow.db, http(s)://HOST:PORT, file:///ABSOLUTE/PATH or a database URL "
+                          "(unset it to use ./mlflow.db)")
+
+
 def _configure() -> None:
     global _user_http
     for noisy in ("alembic", "mlflow", "mlflow.store", "mlflow.tracking"):
@@ -64,6 +77,7 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
         XlpeftError: within about ``timeout`` seconds, naming the server and why it failed.
     """
     uri = uri or tracking_uri()
+    check_uri(uri)
     if not _is_http(uri):
         return
     import requests
@@ -245,6 +259,7 @@ def client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
     uri = uri or tracking_uri()
+    check_uri(uri)
     if _is_http(uri) and uri not in _probed:
         check_reachable(uri)
     lock = _lock_path(uri)

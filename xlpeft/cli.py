@@ -7,28 +7,22 @@ shows tracebacks.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import sys
 
 import click
 
 from xlpeft import __version__
+from xlpeft.console import (
+    OVERWRITE_HELP,
+    RESUME_HINT,
+    Terminated,
+    check_name,
+    close_progress_bars,
+    on_sigterm,
+    read_stdin_lines,
+)
 from xlpeft.errors import XlpeftError
-
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-OVERWRITE_HELP = "replace an xlpeft module of another kind at --output (anything that is not an xlpeft module is never replaced)"
-
-
-def _name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--lang/--task are codes or pack folder names (letters, digits, ``_.-``): never paths or quotes."""
-    if value is not None and not NAME.fullmatch(value):
-        shown = value if len(value) <= 60 else value[:60] + "..."
-        raise click.BadParameter(f"should be a language code or pack name (letters, digits, _ . -); got {shown!r}"
-                                 + ("; packs are looked up by name in task_packs/ or $XLPEFT_PACKS" if "/" in value
-                                    else ""))
-    return value
-
 
 SET_HELP = "method or training hyper-parameter, repeatable (e.g. --set reduction_factor=2 --set lr=1e-4)"
 
@@ -47,7 +41,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command("train-lang")
-@click.option("--lang", required=True, callback=_name, help="language code: a folder of language_packs/ (e.g. sw)")
+@click.option("--lang", required=True, callback=check_name, help="language code: a folder of language_packs/ (e.g. sw)")
 @click.option("--method", default="adapter", show_default=True, help="module method (see `xlpeft methods`)")
 @click.option("--base", default="xlmr", show_default=True, help="mbert, xlmr, xlmr-large, tiny-bert, a hub id or a directory")
 @click.option("--corpus", multiple=True, help="a pack corpus name, a UTF-8 text file, or hf:NAME[:CONFIG][:SPLIT]; repeatable")
@@ -78,8 +72,8 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
 
 
 @cli.command("train-task")
-@click.option("--task", required=True, callback=_name, help="task pack: a folder of task_packs/ (ner, pos, nli)")
-@click.option("--lang", default="en", show_default=True, callback=_name, help="source language of the labelled data")
+@click.option("--task", required=True, callback=check_name, help="task pack: a folder of task_packs/ (ner, pos, nli)")
+@click.option("--lang", default="en", show_default=True, callback=check_name, help="source language of the labelled data")
 @click.option("--method", default="adapter", show_default=True, help="task module method (see `xlpeft methods`)")
 @click.option("--base", default="xlmr", show_default=True, help="mbert, xlmr, xlmr-large, tiny-bert, a hub id or a directory")
 @click.option("--train-data", help="CoNLL / CoNLL-U / JSONL file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's]")
@@ -115,8 +109,8 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
 
 
 @cli.command("compose")
-@click.option("--lang", required=True, callback=_name, help="target language (its language module is used)")
-@click.option("--task", required=True, callback=_name, help="task pack (its task module is used)")
+@click.option("--lang", required=True, callback=check_name, help="target language (its language module is used)")
+@click.option("--task", required=True, callback=check_name, help="task pack (its task module is used)")
 @click.option("--base", default="xlmr", show_default=True, help="the base both modules were trained on")
 @click.option("--lang-method", help="adapter or sft [default: newest registered]")
 @click.option("--task-method", help="adapter or sft [default: newest registered]")
@@ -148,7 +142,7 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, ou
 
 
 @cli.command("evaluate")
-@click.option("--task", required=True, callback=_name, help="task pack")
+@click.option("--task", required=True, callback=check_name, help="task pack")
 @click.option("--langs", required=True, help="comma-separated target languages, e.g. sw,yo,ha")
 @click.option("--base", default="xlmr", show_default=True)
 @click.option("--eval-dir", type=click.Path(file_okay=False),
@@ -167,7 +161,7 @@ def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
     if not codes:
         raise click.BadParameter(f"lists no language; got {langs!r}, expected e.g. sw,yo,ha", param_hint="--langs")
     for code in codes:
-        _name(click.get_current_context(), None, code)
+        check_name(click.get_current_context(), None, code)
     matrix, run_id = evaluate_matrix(task, codes, base, eval_dir, split)
     click.echo(matrix.format())
     click.echo(f"MLflow run {run_id} (artifacts: evaluation/matrix.png, matrix.json)")
@@ -175,8 +169,8 @@ def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
 
 
 @cli.command("predict")
-@click.option("--lang", required=True, callback=_name)
-@click.option("--task", required=True, callback=_name)
+@click.option("--lang", required=True, callback=check_name)
+@click.option("--task", required=True, callback=check_name)
 @click.option("--base", default="xlmr", show_default=True)
 @click.option("--lang-method", help="adapter or sft [default: newest registered]")
 @click.option("--task-method", help="adapter or sft [default: newest registered]")
@@ -197,23 +191,6 @@ def predict_cmd(lang, task, base, lang_method, task_method) -> None:
             click.echo("\n".join(f"{t}\t{p}" for t, p in zip(example.tokens, pred, strict=True)) + "\n")
         else:
             click.echo(pred)
-
-
-def read_stdin_lines() -> list[str]:
-    """Standard input as UTF-8 lines; invalid UTF-8 is one error naming the byte offset."""
-    stream = getattr(sys.stdin, "buffer", None)
-    if stream is None:  # a text stream without bytes (tests, some IDEs)
-        try:
-            return sys.stdin.read().splitlines()
-        except UnicodeDecodeError as exc:
-            raise XlpeftError(f"standard input is not UTF-8 ({exc.reason}); re-encode it, e.g. iconv -t UTF-8") from None
-    data = stream.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise XlpeftError(f"standard input is not UTF-8 (byte {exc.start}: {exc.reason}); re-encode it, "
-                          "e.g. iconv -t UTF-8") from None
-    return text.removeprefix("\ufeff").splitlines()
 
 
 @cli.command("prepare-base")
@@ -359,18 +336,6 @@ def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safe
     click.echo(f"converted {src} ({from_format}) -> {out} ({to_format})")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so the MLflow run is closed and the checkpoint kept on the way out."""
-
-
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
-
-
-RESUME_HINT = ("a run that had started is marked KILLED in MLflow and its last checkpoint kept; "
-               "run the same command with --resume to continue it")
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and turn user errors into one ``Error:`` line."""
     args = sys.argv[1:] if argv is None else argv
@@ -381,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     training = any(a in ("train-lang", "train-task", "run") for a in args)
     previous = None
     try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread
         pass
     try:
@@ -391,23 +356,13 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGTERM, previous)
 
 
-def _close_progress_bars() -> None:
-    """End a progress bar the error interrupted, so the ``Error:`` line starts a line of its own."""
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return
-    for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
-
-
 def _dispatch(args: list[str], debug: bool, training: bool) -> None:
     hint = f"; {RESUME_HINT}" if training else ""
     try:
         try:
             cli.main(args=args, prog_name="xlpeft", standalone_mode=False)
         finally:
-            _close_progress_bars()
+            close_progress_bars()
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort as exc:  # click turns KeyboardInterrupt (and so Terminated) into Abort

@@ -244,3 +244,17 @@ def test_trained_static_head_is_refused_with_the_cli_option_that_helps(tmp_path,
     assert "cls.predictions.transform.dense.weight" in err
     main([*args, "--without-head"])
     assert sorted(load_module(tmp_path / "a").tensors) == ["adapter"]
+
+
+@pytest.mark.parametrize("placement, invertible, preset", [("pfeiffer", True, "seq_bn_inv"),
+                                                           ("houlsby", False, "double_seq_bn")])
+def test_default_configs_export_as_the_adapterhub_presets(tmp_path, placement, invertible, preset):
+    """xlpeft's defaults per placement are AdapterHub's presets: the exported config is the preset's, field for field."""
+    base = xlpeft.load_base(base_dir("tiny-bert"))
+    config = AdapterConfig(placement=placement, reduction_factor=16, invertible=invertible)
+    module = AdapterModule(config, base.hidden_size, len(base.layers))
+    manifest = Manifest(kind="language", method="adapter", lang="sw", config=asdict(config),
+                        base={"name": "tiny", "fingerprint": base.fingerprint, "model_type": "bert"})
+    out = convert(save_module(tmp_path / "m", manifest, {"adapter": module.state_dict()}), tmp_path / "ah", "xlpeft",
+                  "adapterhub")
+    assert json.loads((out / "adapter_config.json").read_text())["config"] == PRESETS[preset]

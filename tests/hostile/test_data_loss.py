@@ -53,13 +53,17 @@ def test_earlier_module_of_same_kind_is_replaced(capsys, store, tiny, corpus):
     assert json.loads((out / "xlpeft.json").read_text())["training"]["seed"] == 3
 
 
-def test_compose_output_never_overwrites_another_model(capsys, store, tiny):
+def test_compose_output_never_overwrites_another_model(capsys, store, tiny, corpus, ner):
+    assert store.run(capsys, *lang_args(tiny, corpus)).code == 0
+    assert store.run(capsys, *task_args(tiny, ner)).code == 0
     other = store.root / "other-model"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "bert"}', encoding="utf-8")
     (other / "model.safetensors").write_bytes(b"not mine to overwrite")
-    outcome = store.run(capsys, "compose", "--lang", "sw", "--task", "ner", "--base", tiny, "--output", other)
+    outcome = store.run(capsys, "compose", "--lang", "sw", "--task", "ner", "--base", tiny, "--eval-data", ner["eval"],
+                        "--output", other)
     store.refused(outcome, "--output", "other-model")
+    assert (other / "model.safetensors").read_bytes() == b"not mine to overwrite"
 
 
 def test_nonfinite_loss_stops_training_and_registers_nothing(capsys, store, tiny, corpus):
@@ -146,6 +150,6 @@ def test_resume_on_rewritten_corpus_refused(capsys, store, tiny, corpus, monkeyp
     first = store.run(capsys, *args)
     assert first.code == 130, first.err[-2000:]
     monkeypatch.setattr(common, "save_checkpoint", real)
-    text = corpus.read_text(encoding="utf-8")
-    corpus.write_text(text.replace("watu", "utaw"), encoding="utf-8")  # same size, other content
+    lines = corpus.read_text(encoding="utf-8").splitlines()
+    corpus.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")  # same size and blocks, other order
     store.refused(store.run(capsys, *args, "--resume"), "corpus", "changed")

@@ -88,11 +88,18 @@ def fixture_base():
     return xlpeft.load_base(base_dir("tiny-bert"))
 
 
-def test_language_adapter_training_matches_adapterhub(fixture_base, tmp_path):
-    """(a) Pfeiffer + NICE invertible language adapter (SeqBnInvConfig, rf 2) trained by MLM for 8 steps."""
-    ours, losses = _train(fixture_base, "lang_seq_bn_inv", tmp_path)
-    assert any(k.startswith("adapter.invertible.") for k in ours)
-    _compare(tmp_path, "lang_seq_bn_inv", ours, losses)
+@pytest.mark.parametrize("case, placement, non_linearity, invertible", [
+    ("lang_seq_bn_inv", "pfeiffer", "relu", True),  # MAD-X: SeqBnInvConfig, rf 2
+    ("lang_double_seq_bn", "houlsby", "swish", False),  # DoubleSeqBnConfig, xlpeft's default activation for houlsby
+])
+def test_language_adapter_training_matches_adapterhub(fixture_base, tmp_path, case, placement, non_linearity,
+                                                      invertible):
+    """(a) A language adapter trained by MLM for 8 steps, from xlpeft's initial weights."""
+    config = _imported(tmp_path, CASES / case / "initial", "config").manifest.config
+    assert (config["placement"], config["non_linearity"], config["invertible"]) == (placement, non_linearity, invertible)
+    ours, losses = _train(fixture_base, case, tmp_path)
+    assert any(k.startswith("adapter.invertible.") for k in ours) == invertible
+    _compare(tmp_path, case, ours, losses)
 
 
 def test_task_adapter_over_frozen_language_adapter_matches_adapterhub(fixture_base, tmp_path):

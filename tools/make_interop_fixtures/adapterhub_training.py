@@ -14,6 +14,7 @@ micro-batch per step. Dropout is off (``model.eval()`` after ``train_adapter``, 
   leaves that head's transform (dense + LayerNorm) trainable after ``train_adapter`` (only
   ``base_model`` and the tied decoder are frozen); MAD-X language adapters, and xlpeft, keep the
   whole base with its MLM head frozen, so the head is frozen here explicitly and the run records it.
+* ``lang_double_seq_bn``: the same with a Houlsby adapter (``double_seq_bn``, swish), no invertible adapter.
 * ``task_ner_stack``: the AdapterHub-made ``adapterhub/seq_bn_inv`` language adapter loaded as
   ``sw``, xlpeft's initial task adapter + tagging head loaded as ``ner``; ``train_adapter("ner")``
   then ``active_adapters = Stack("sw", "ner")`` (the MAD-X recipe); the loss is the tagging
@@ -100,7 +101,8 @@ def main(fixtures: Path) -> None:
     transformers.logging.set_verbosity_error()
     torch.use_deterministic_algorithms(True)
     root = fixtures / "adapterhub_training"
-    for case_name, run in (("lang_seq_bn_inv", lang_case), ("task_ner_stack", task_case)):
+    for case_name, run in (("lang_seq_bn_inv", lang_case), ("task_ner_stack", task_case),
+                           ("lang_double_seq_bn", lang_case)):
         case = root / case_name
         cfg = json.loads((case / "train.json").read_text(encoding="utf-8"))
         record = run(fixtures, case, cfg)

@@ -15,7 +15,8 @@ Writes ``adapterhub_training/<case>/`` with, for each case:
 ``adapterhub_training.py`` (foreign venv) then trains from these with AdapterHub and writes ``final/``.
 Cases: ``lang_seq_bn_inv``, a MAD-X language adapter (Pfeiffer + NICE invertible adapter, rf 2) trained
 by MLM; ``task_ner_stack``, a MAD-X task adapter (rf 16) + tagging head trained over the frozen
-AdapterHub-made ``adapterhub/seq_bn_inv`` language adapter (``Stack(sw, ner)``).
+AdapterHub-made ``adapterhub/seq_bn_inv`` language adapter (``Stack(sw, ner)``); ``lang_double_seq_bn``,
+a Houlsby adapter (rf 2) with xlpeft's default non-linearity for that placement (swish), trained by MLM.
 """
 
 from __future__ import annotations
@@ -94,7 +95,11 @@ def main(fixtures: Path) -> None:
     config = AdapterConfig(**AdapterConfig.defaults_for("task"))
     export_initial(base, task, "task", config, build_head("token_classification", base.hidden_size, len(LABELS), 0.0))
     save_file(tagging_batches(2), str(task / "batches.safetensors"))
-    for case in (lang, task):
+    torch.manual_seed(3)
+    houlsby = root / "lang_double_seq_bn"
+    export_initial(base, houlsby, "language", AdapterConfig(placement="houlsby", invertible=False), None)
+    save_file(mlm_batches(base, 4), str(houlsby / "batches.safetensors"))
+    for case in (lang, task, houlsby):
         (case / "train.json").write_text(json.dumps(TRAIN, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     print(f"initial adapters, batches and settings written under {root}")
 

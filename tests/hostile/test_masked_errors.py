@@ -167,7 +167,7 @@ def test_replay_on_a_spool_whose_store_is_gone(capsys, workdir, monkeypatch):
     path = spool_path("abc123")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"op": "run", "run_id": "abc123", "uri": f"sqlite:///{gone}"}) + "\n"
-                    + json.dumps({"op": "metrics", "metrics": {"loss": 1.0}, "step": 1}) + "\n", encoding="utf-8")
+                    + json.dumps({"op": "metrics", "metrics": {"loss": 1.0}, "step": 1, "ts": 1}) + "\n", encoding="utf-8")
     code = _main(["replay", "abc123"])
     err = capsys.readouterr().err
     assert code != 0 and err.count("Error:") == 1 and "Traceback" not in err, err

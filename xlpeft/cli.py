@@ -342,9 +342,6 @@ def main(argv: list[str] | None = None) -> None:
     from xlpeft.progress import quiet_library_bars
 
     quiet_library_bars()  # a log gets lines, not carriage-return frames
-    from xlpeft.progress import quiet_library_bars
-
-    quiet_library_bars()  # a log gets lines, not carriage-return frames
     debug = "--debug" in args or os.environ.get("XLPEFT_DEBUG") == "1"
     training = any(a in ("train-lang", "train-task", "run") for a in args)
     previous = None

@@ -19,9 +19,12 @@ from typing import Any
 from xlpeft.errors import ConfigError
 
 
-def check_fields(obj: Any) -> None:
-    """Validate ``choices``/``min``/``max`` metadata of a dataclass instance; raise all problems at once."""
-    problems = []
+def check_fields(obj: Any, extra: Iterable[str] = ()) -> None:
+    """Validate ``choices``/``min``/``max`` metadata of a dataclass instance; raise all problems at once.
+
+    ``extra``: problems the caller found itself, reported in the same error.
+    """
+    problems = list(extra)
     for f in fields(obj):
         value = getattr(obj, f.name)
         meta = f.metadata
@@ -162,29 +165,26 @@ class TrainConfig:
                                                      "choices": ("auto", "fp32", "bf16")})
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        check_device(self.device)
+        check_fields(self, extra=device_problems(self.device))
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?|mps")
 
 
-def check_device(name: str) -> None:
-    """``device`` is auto, cpu, cuda, cuda:N or mps, and present in this torch build; else one clear error."""
+def device_problems(name: str) -> list[str]:
+    """``device`` is auto, cpu, cuda, cuda:N or mps, and present in this torch build; else what is wrong."""
     if not DEVICE.fullmatch(name):
-        raise ConfigError(f"invalid TrainConfig: `device` should be auto, cpu, cuda or cuda:N; got {_brief(name)}")
-    if name.startswith("cuda"):
-        import torch
+        return [f"`device` should be auto, cpu, cuda, cuda:N or mps; got {_brief(name)}"]
+    import torch
 
+    if name.startswith("cuda"):
         if not torch.cuda.is_available():
             build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-            raise ConfigError(f"--set device={name}: this torch ({torch.__version__}, {build}) sees no CUDA device; "
-                              "use device=cpu or device=auto, or install a CUDA build of torch")
+            return [f"`device` is {name} but this torch ({torch.__version__}, {build}) sees no CUDA device; "
+                    "use device=cpu or device=auto, or install a CUDA build of torch"]
         index = int(name.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"--set device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if name == "mps":
-        import torch
-
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise ConfigError("--set device=mps: this machine has no MPS device; use device=cpu or device=auto")
+            return [f"`device` is {name} but only {torch.cuda.device_count()} CUDA device(s) are visible"]
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return ["`device` is mps but this machine has no MPS device; use device=cpu or device=auto"]
+    return []

@@ -198,3 +198,17 @@ def test_head_reset_before_phase2_and_resume_across_it_is_bit_identical(base, tm
         assert torch.equal(resumed_head[k], head[k]), k
     for n, (idx, vals) in delta.entries.items():
         assert torch.equal(resumed_delta.entries[n][0], idx) and torch.equal(resumed_delta.entries[n][1], vals), n
+
+
+def test_xlpeft_methods_prints_the_per_kind_defaults(capsys):
+    from xlpeft.cli import main
+
+    try:
+        main(["methods"])
+    except SystemExit as done:
+        assert done.code in (0, None)
+    out = capsys.readouterr().out
+    sft = out[out.index("sft:"):out.index("training (all methods)")]
+    assert "language modules default to: l1=0.1, freeze_decoder=True, lr=5e-05, warmup_ratio=0.0" in sft
+    assert "task modules default to: reference_num_params=14155776, full_epochs=3, sparse_epochs=10, lr=5e-05" in sft
+    assert "--set movement=paper" in sft and "--set reset_head=True" in sft

@@ -63,3 +63,47 @@ def test_unknown_format_version(tmp_path):
     (path / "xlpeft.json").write_text(json.dumps(raw))
     with pytest.raises(XlpeftError, match="format_version 99"):
         load_module(path)
+
+
+# ---- the --output policy and the clean-up of temporaries (issue 15)
+
+
+def test_save_module_never_replaces_what_is_not_a_module(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(XlpeftError, match="not an xlpeft module"):
+        save_module(mine, _manifest(), {"adapter": {"w": torch.zeros(1)}})
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    first = save_module(tmp_path / "m", _manifest(), {"adapter": {"w": torch.zeros(1)}})
+    save_module(first, _manifest(), {"adapter": {"w": torch.ones(1)}})  # an earlier module: replaced
+    assert load_module(first).tensors["adapter"]["w"].item() == 1.0
+
+
+def test_check_module_output_kinds(tmp_path):
+    from dataclasses import replace
+
+    from xlpeft.io import check_module_output
+
+    out = save_module(tmp_path / "task", replace(_manifest(), kind="task"), {"adapter": {"w": torch.zeros(1)}})
+    with pytest.raises(XlpeftError, match="task module.*--overwrite"):
+        check_module_output(out, "language")
+    assert check_module_output(out, "language", overwrite=True) == out.resolve()
+    assert check_module_output(out, "task") == out.resolve()
+    with pytest.raises(XlpeftError, match="existing file"):
+        (tmp_path / "f").write_text("x")
+        check_module_output(tmp_path / "f", "task", overwrite=True)
+
+
+def test_clean_stale_keeps_live_processes_temporaries(tmp_path):
+    import os
+
+    from xlpeft.io import clean_stale
+
+    live = tmp_path / f".m.tmp-{os.getpid()}-x"
+    dead = tmp_path / f".m.tmp-{2**22 + 12345}-x"
+    other = tmp_path / f".n.tmp-{2**22 + 12345}-x"
+    for d in (live, dead, other):
+        d.mkdir()
+    clean_stale(tmp_path, ".m.tmp-")
+    assert live.exists() and not dead.exists() and other.exists()

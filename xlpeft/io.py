@@ -83,7 +83,7 @@ def _holds_cwd(path: Path) -> bool:
     return path == cwd or path in cwd.parents or path == Path.home().resolve()
 
 
-def check_output_dir(dst: str | Path, marker: str, what: str) -> Path:
+def check_output_dir(dst: str | Path, marker: str, what: str, label: str = "--output") -> Path:
     """The one ``--output`` policy: ``dst`` may be new, empty, or an earlier output holding ``marker``.
 
     Writing an output replaces ``dst`` as a whole, so anything else there (a user's directory, a
@@ -97,17 +97,17 @@ def check_output_dir(dst: str | Path, marker: str, what: str) -> Path:
     """
     raw = str(dst)
     if not raw.strip():
-        raise XlpeftError("--output is empty; give a new directory, e.g. --output modules/my-module")
+        raise XlpeftError(f"{label} is empty; give a new directory, e.g. --output modules/my-module")
     path = Path(os.path.expanduser(raw)).resolve()
     shown = brief(raw)
     if _holds_cwd(path):
-        raise XlpeftError(f"--output {shown} is the working directory, one above it or your home directory; "
+        raise XlpeftError(f"{label} {shown} is the working directory, one above it or your home directory; "
                           f"xlpeft replaces the output directory as a whole, so give a new one, e.g. {shown}/module")
     if path.exists() and not path.is_dir():
-        raise XlpeftError(f"--output {shown} is an existing file, not a directory; xlpeft will not replace it: "
+        raise XlpeftError(f"{label} {shown} is an existing file, not a directory; xlpeft will not replace it: "
                           "choose a new directory")
     if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
-        raise XlpeftError(f"--output {shown} is a non-empty directory that is not {what} (no {marker} in it); "
+        raise XlpeftError(f"{label} {shown} is a non-empty directory that is not {what} (no {marker} in it); "
                           "xlpeft never deletes other files: choose a new or empty directory")
     return path
 

@@ -90,7 +90,7 @@ def check_output_dir(dst: str | Path, marker: str) -> Path:
     """
     from xlpeft.io import check_output_dir as check
 
-    return check(dst, marker, "an earlier output of this kind")
+    return check(dst, marker, "an earlier output of this kind", label="DST")
 
 
 def convert(src: str | Path, dst: str | Path, from_format: str, to_format: str = "xlpeft", base: Any = None,

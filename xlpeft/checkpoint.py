@@ -31,6 +31,12 @@ def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], meta: dic
     """
     from xlpeft.io import clean_stale, disk_error
 
+    bad = [k for k, v in tensors.items() if k.startswith("trainable.") and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:  # a NaN checkpoint would only resume into NaN: keep the last good one instead
+        raise XlpeftError(f"the trained weights became non-finite (NaN or infinite) by step {meta.get('done')} "
+                          f"({len(bad)} tensor(s), e.g. {bad[0][len('trainable.'):]}); stopped without writing this "
+                          "checkpoint, the last good one is kept. Lower --set lr and train again")
     fresh = not directory.exists()
     target = directory / CHECKPOINT
     tmp = directory / f".{CHECKPOINT}.tmp-{os.getpid()}"

@@ -281,7 +281,7 @@ def read_manifest(path: str | Path) -> Manifest:
     known = set(Manifest.__dataclass_fields__)
     unknown = set(raw) - known
     if unknown:
-        raise XlpeftError(f"{mpath} has unknown keys {sorted(unknown)}; it was written by a newer xlpeft?")
+        raise XlpeftError(f"{mpath} has unknown keys {brief(sorted(unknown))}; it was written by a newer xlpeft?")
     try:
         return Manifest(**raw)
     except TypeError as exc:

@@ -98,6 +98,17 @@ def test_module_with_nonfinite_weights_refused(capsys, store, tiny, ner):
     store.refused(outcome, "non-finite")
 
 
+def test_nonfinite_weights_never_overwrite_the_last_good_checkpoint(tmp_path):
+    from xlpeft.checkpoint import CHECKPOINT, save_checkpoint
+    from xlpeft.errors import XlpeftError
+
+    save_checkpoint(tmp_path, {"trainable.w": torch.ones(2)}, {"done": 2})
+    good = (tmp_path / CHECKPOINT).read_bytes()
+    with pytest.raises(XlpeftError, match="non-finite.*step 4"):
+        save_checkpoint(tmp_path, {"trainable.w": torch.tensor([1.0, float("nan")])}, {"done": 4})
+    assert (tmp_path / CHECKPOINT).read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
+
+
 def test_nonfinite_module_is_never_saved(tmp_path):
     from xlpeft.errors import XlpeftError
     from xlpeft.io import Manifest, save_module

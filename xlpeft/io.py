@@ -80,7 +80,11 @@ class LoadedModule:
 
 def _holds_cwd(path: Path) -> bool:
     cwd = Path.cwd().resolve()
-    return path == cwd or path in cwd.parents or path == Path.home().resolve()
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):  # no home directory known
+        home = None
+    return path == cwd or path in cwd.parents or path == home
 
 
 def check_output_dir(dst: str | Path, marker: str, what: str, label: str = "--output") -> Path:

@@ -89,8 +89,9 @@ def _check_keys(path: Path, data: dict, required: set[str], optional: set[str]) 
     missing = required - set(data)
     unknown = set(data) - required - optional
     if missing or unknown:
+        shown = [str(k)[:40] for k in sorted(map(str, unknown))[:10]]
         raise XlpeftError(
-            f"{path}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
+            f"{path}: missing keys {sorted(missing)}, unknown keys {shown}{' ...' if len(unknown) > 10 else ''}; "
             f"expected {sorted(required)} and optionally {sorted(optional)}"
         )
 

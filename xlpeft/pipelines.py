@@ -20,7 +20,9 @@ def load_pipeline(path: Path) -> list[list[str]]:
     data = load_yaml(path)
     unknown = set(data) - {"name", "description", "steps"}
     if unknown:
-        raise XlpeftError(f"{path}: unknown keys {sorted(unknown)}; expected name, description, steps")
+        shown = ", ".join(repr(str(k)[:40]) for k in sorted(map(str, unknown))[:10])
+        raise XlpeftError(f"{path}: unknown keys {shown}{' ...' if len(unknown) > 10 else ''}; "
+                          "expected name, description, steps")
     steps = data.get("steps")
     if not isinstance(steps, list) or not steps:
         raise XlpeftError(f"{path}: `steps` should be a non-empty list of xlpeft commands")

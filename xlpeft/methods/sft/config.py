@@ -56,7 +56,7 @@ class SFTConfig:
     sparse_steps: int | None = field(default=None, metadata={"help": "phase-2 steps on the selected entries (None: from sparse_epochs, else the rest of --max-steps)", "min": 1})
     full_epochs: int | None = field(default=None, metadata={"help": "phase-1 length in epochs of the training data (task default 3, composable-sft NER/POS); full_steps wins; an explicit --max-steps drops the default", "min": 1})
     sparse_epochs: int | None = field(default=None, metadata={"help": "phase-2 length in epochs (task default 10, composable-sft NER/POS); sparse_steps wins; an explicit --max-steps drops the default", "min": 1})
-    l1: float = field(default=0.0, metadata={"help": "L1 pull of theta towards theta0, l1 * |theta-theta0|_1 / model parameters (language default 0.1 as composable-sft's MLM recipe; task 0 as its NER/POS recipes)", "min": 0.0})
+    l1: float = field(default=0.0, metadata={"help": "L1 pull of theta towards theta0, l1 * |theta-theta0|_1 / model parameters (language default 0.1 as composable-sft's MLM recipe; task 0 as its NER/POS recipes; its released trainer computes but never applies it, which l1=0 reproduces)", "min": 0.0})
     l1_full_phase: bool = field(default=True, metadata={"help": "apply l1 in phase 1 too (composable-sft --full_l1_reg); false: phase 2 only"})
     reset_head: bool = field(default=True, metadata={"help": "reset the task head to its initial values before phase 2, as composable-sft resets every parameter; false keeps the phase-1 head"})
     freeze_decoder: bool = field(default=False, metadata={"help": "untie the MLM decoder from the word embeddings and keep it frozen, so the embedding delta leaves the output layer alone (language default true, composable-sft --freeze_decoder)"})

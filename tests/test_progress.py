@@ -84,11 +84,11 @@ def test_durations(seconds, text):
 
 
 def test_library_bars_are_turned_off_in_a_log(monkeypatch):
-    from xlpeft.progress import quiet_library_bars
-
     import os
 
     import transformers
+
+    from xlpeft.progress import quiet_library_bars
 
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)

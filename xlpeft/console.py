@@ -45,7 +45,10 @@ class Terminated(KeyboardInterrupt):
 
 
 def on_sigterm(signum, frame) -> None:
-    raise Terminated()
+    """Raise :class:`Terminated`, or hold it until a tracking-store write in progress has ended."""
+    from xlpeft.interrupts import request
+
+    request(Terminated)
 
 
 RESUME_HINT = ("a run that had started is marked KILLED in MLflow and its last checkpoint kept; "

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from xlpeft.errors import XlpeftError
+from xlpeft.interrupts import deferred
 from xlpeft.tracking.store import (
     _experiment_id,
     _is_http,
@@ -165,7 +166,7 @@ class Tracker:
 
     def _attempt(self, quick: bool) -> bool:
         try:
-            with _single_attempt(quick):
+            with _single_attempt(quick), deferred():  # a SIGTERM never cuts a store write in half
                 self._apply_pending()
         except Exception as exc:
             if not _transient(exc):

@@ -51,8 +51,11 @@ def _assert_same_module(one, two) -> None:
             if not x.is_floating_point():  # LT-SFT's selected indices: the same mask, exactly
                 assert torch.equal(x, y), f"{stem}/{name} differs"
                 continue
-            scale = max(float(x.abs().max()), 1e-3)
-            assert float((x - y).abs().max()) <= 1e-5 * scale, f"{stem}/{name}: {float((x - y).abs().max())}"
+            # relative L2 per tensor (the measure the issue reported: 0.38 on v0.1). A max-abs bound
+            # catches float noise: summing a batch in two halves reorders float additions, and Adam's
+            # division by sqrt(v) magnifies those differences at entries whose gradients are tiny.
+            rel = float((x - y).double().norm() / max(float(y.double().norm()), 1e-12))
+            assert rel <= 1e-5, f"{stem}/{name}: relative L2 {rel:.3g}, max |diff| {float((x - y).abs().max()):.3g}"
 
 
 @pytest.mark.slow

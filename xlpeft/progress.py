@@ -29,20 +29,9 @@ def is_terminal(stream: Any) -> bool:
 
 
 def quiet_library_bars(stream: TextIO | None = None) -> None:
-    """Outside a terminal, also turn off the bars libraries draw themselves.
-
-    MLflow's artifact downloads, and the Hugging Face bars (hub downloads, ``save_pretrained``'s
-    "Writing model shards"): the environment variables cover libraries not imported yet, the calls
-    those already imported.
-    """
-    if is_terminal(stream if stream is not None else sys.stderr):
-        return
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if "huggingface_hub" in sys.modules:
-        sys.modules["huggingface_hub"].utils.disable_progress_bars()
-    if "transformers" in sys.modules:
-        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    """Outside a terminal, also turn off the bars libraries draw themselves (MLflow's artifact downloads)."""
+    if not is_terminal(stream if stream is not None else sys.stderr):
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "", unit: str = "it",

@@ -29,10 +29,9 @@ def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], meta: dic
     Temporaries a killed process left behind are removed first. If the write fails (a full disk),
     the previous checkpoint stays, no temporary or empty directory is left, and the error says why.
     """
-    from xlpeft.io import clean_stale, disk_error
+    from xlpeft.io import clean_stale, disk_error, non_finite
 
-    bad = [k for k, v in tensors.items() if k.startswith("trainable.") and v.is_floating_point()
-           and not bool(torch.isfinite(v).all())]
+    bad = non_finite((k, v) for k, v in tensors.items() if k.startswith("trainable."))
     if bad:  # a NaN checkpoint would only resume into NaN: keep the last good one instead
         raise XlpeftError(f"the trained weights became non-finite (NaN or infinite) by step {meta.get('done')} "
                           f"({len(bad)} tensor(s), e.g. {bad[0][len('trainable.'):]}); stopped without writing this "

@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,10 +141,14 @@ def check_module_output(dst: str | Path, kind: str, overwrite: bool = False) -> 
     return path
 
 
+def non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinite value."""
+    return [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def check_finite(where: Path | str, tensors: dict[str, dict[str, torch.Tensor]], action: str) -> None:
     """Refuse NaN or infinite weights: such a module scores nothing and must not be saved or used."""
-    bad = [f"{stem}/{key}" for stem, state in tensors.items() for key, t in state.items()
-           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = non_finite((f"{stem}/{key}", t) for stem, state in tensors.items() for key, t in state.items())
     if bad:
         raise XlpeftError(f"{action} {where}: non-finite (NaN or infinite) values in {len(bad)} tensor(s), e.g. "
                           f"{', '.join(bad[:3])}; the training diverged (lower the learning rate) or the file is corrupted")

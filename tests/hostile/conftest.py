@@ -8,6 +8,7 @@ input that can be checked before work starts) and no registry entry created.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,23 @@ class Store:
         if runs == "none":
             assert now == self.runs, f"bad input created runs: {self.runs} -> {now}"
         assert (registered() if (self.root / "mlflow.db").exists() else []) == self.models, "a registry entry was created"
+
+
+def interrupt_after_checkpoint(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Make training stop like Ctrl-C right after it writes its first checkpoint (kept for --resume).
+
+    Returns a function that puts the real checkpoint writer back, for a test that then resumes.
+    """
+    import xlpeft.recipes.common as common
+
+    real = common.save_checkpoint
+
+    def save_then_interrupt(directory, tensors, meta):
+        real(directory, tensors, meta)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_interrupt)
+    return lambda: monkeypatch.setattr(common, "save_checkpoint", real)
 
 
 @pytest.fixture

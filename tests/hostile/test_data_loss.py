@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.hostile.conftest import lang_args, task_args
+from tests.hostile.conftest import interrupt_after_checkpoint, lang_args, task_args
 
 
 def _user_dir(root: Path) -> Path:
@@ -148,19 +148,11 @@ def test_jsonl_minus_one_is_skipped_with_a_count(tmp_path, capsys):
 
 
 def test_resume_on_rewritten_corpus_refused(capsys, store, tiny, corpus, monkeypatch):
-    import xlpeft.recipes.common as common
-
-    real = common.save_checkpoint
-
-    def save_then_interrupt(directory, tensors, meta):
-        real(directory, tensors, meta)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_interrupt)
+    restore = interrupt_after_checkpoint(monkeypatch)
     args = lang_args(tiny, corpus, "--max-steps", "4", "--set", "checkpoint_every=2")
     first = store.run(capsys, *args)
     assert first.code == 130, first.err[-2000:]
-    monkeypatch.setattr(common, "save_checkpoint", real)
+    restore()
     lines = corpus.read_text(encoding="utf-8").splitlines()
     corpus.write_text("\n".join(reversed(lines)) + "\n", encoding="utf-8")  # same size and blocks, other order
     store.refused(store.run(capsys, *args, "--resume"), "corpus", "changed")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.hostile.conftest import lang_args, task_args
+from tests.hostile.conftest import interrupt_after_checkpoint, lang_args, task_args
 
 # Anchors nest 9 x 9 x ...: 9**7 strings once expanded (kept at 7 levels so the old code only blows up the
 # error message to ~30 MB instead of eating the machine; 9 levels took 5.4 GB in 63 s).
@@ -108,15 +108,7 @@ def test_train_data_directory(capsys, store, tiny, ner):
 
 
 def test_sigint_says_resume_continues(capsys, store, tiny, corpus, monkeypatch):
-    import xlpeft.recipes.common as common
-
-    real = common.save_checkpoint
-
-    def save_then_interrupt(directory, tensors, meta):
-        real(directory, tensors, meta)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_interrupt)
+    interrupt_after_checkpoint(monkeypatch)
     outcome = store.run(capsys, *lang_args(tiny, corpus, "--max-steps", "4", "--set", "checkpoint_every=2"))
     store.refused(outcome, "--resume", runs="failed", code=130)
     assert list(store.root.glob("**/.checkpoints/*/checkpoint.safetensors"))

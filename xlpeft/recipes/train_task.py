@@ -37,7 +37,7 @@ from xlpeft.recipes.common import (
     start_training,
     training_run,
 )
-from xlpeft.registry import get_method, method_names
+from xlpeft.registry import get_method
 from xlpeft.training import fit_train_config
 
 TASK_TRAIN_DEFAULTS = {"max_seq_len": 128, "eval_fraction": 0.1}
@@ -89,25 +89,13 @@ def find_language_module(lang: str, fingerprint: str,
     task adapter over a language adapter, Pfeiffer et al., 2020; LT-SFT: a task delta over a
     language delta, Ansell et al., 2022); only if there is none, the newest of another method.
     """
-    try:
-        path, reg = tracking.find_module(tracking.registered_name("language", lang, method), fingerprint)
-        return path, reg, True
-    except tracking.NotRegistered:  # not "its artifacts are gone": that one is reported
-        pass
-    found = []
-    for other in method_names():
-        if other == method:
-            continue
+    for wanted in (method, None):  # None: the newest of any method, so of another one (none of ``method``)
         try:
-            found.append(tracking.find_module(tracking.registered_name("language", lang, other), fingerprint,
-                                              fetch=False)[1])
-        except XlpeftError:
+            path, reg = tracking.find_newest("language", lang, fingerprint, wanted)
+        except tracking.NotRegistered:  # not "its artifacts are gone": that one is reported
             continue
-    if not found:
-        return None
-    newest = max(found, key=lambda reg: (reg.created, int(reg.version)))
-    path, reg = tracking.find_module(newest.name, fingerprint)
-    return path, reg, False
+        return path, reg, wanted is not None
+    return None
 
 
 def resolve_lang_module(setting: str, lang: str, base, method: str) -> tuple[LoadedModule | None, dict[str, Any]]:

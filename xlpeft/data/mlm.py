@@ -7,6 +7,7 @@ boundaries (each line closed by the separator) so no compute is spent on padding
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -99,8 +100,15 @@ def replacement_ids(tokenizer) -> torch.Tensor:
     Drawing from ``range(len(tokenizer))`` (as HF's collator does) can insert PAD, CLS or SEP
     into the middle of a block; a PAD there would even be masked out of attention.
     """
-    specials = set(tokenizer.all_special_ids)
-    return torch.tensor([i for i in range(len(tokenizer)) if i not in specials], dtype=torch.long)
+    return _non_special_ids(len(tokenizer), frozenset(tokenizer.all_special_ids))
+
+
+@functools.lru_cache(maxsize=8)
+def _non_special_ids(vocab_size: int, specials: frozenset[int]) -> torch.Tensor:
+    """Computed once per vocabulary, not once per micro-batch (a Python pass over 250k ids for XLM-R)."""
+    keep = torch.ones(vocab_size, dtype=torch.bool)
+    keep[[i for i in specials if 0 <= i < vocab_size]] = False
+    return torch.nonzero(keep).squeeze(1)  # (V - specials,) ascending
 
 
 def mask_tokens(input_ids: torch.Tensor, tokenizer, probability: float,

@@ -11,7 +11,7 @@ Three measurements, each through xlpeft's own code (random weights; speed does n
    under its classification head.
 2. Delta composition: two random :class:`~xlpeft.methods.sft.SparseDelta` of K = 7.6M (language)
    and 14.2M (task) entries, spread over the maskable weights in proportion to their size, added
-   into the weights as ``compose`` does (``AppliedDelta``: checked, then ``index_add_`` on flat
+   into the weights as ``compose`` does (``AppliedSFT``: checked, then ``index_add_`` on flat
    views), then removed again; the round trip's largest weight error is reported.
 3. Merged-delta forward: the same forward with both deltas in the weights vs the bare base.
 
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from xlpeft.methods.adapters import AdapterConfig, AdapterModule, attach_adapters  # noqa: E402
-from xlpeft.methods.sft import AppliedDelta, SFTConfig, SparseDelta, maskable_parameters  # noqa: E402
+from xlpeft.methods.sft import AppliedSFT, SFTConfig, SparseDelta, maskable_parameters  # noqa: E402
 from xlpeft.models import load_base  # noqa: E402
 
 
@@ -143,7 +143,7 @@ def composition(base, forward, device, args) -> list[str]:
     for _ in range(args.reps):
         sync(device)
         start = time.perf_counter()
-        applied = [AppliedDelta(lang, base.model), AppliedDelta(task, base.model)]
+        applied = [AppliedSFT(lang, base.model, False), AppliedSFT(task, base.model, False)]
         sync(device)
         apply_t.append(time.perf_counter() - start)
         start = time.perf_counter()
@@ -159,7 +159,7 @@ def composition(base, forward, device, args) -> list[str]:
     base_times, merged_times = [], []
     for r in range(args.reps):
         for merged in ((False, True) if r % 2 == 0 else (True, False)):
-            applied = [AppliedDelta(lang, base.model), AppliedDelta(task, base.model)] if merged else []
+            applied = [AppliedSFT(lang, base.model, False), AppliedSFT(task, base.model, False)] if merged else []
             (merged_times if merged else base_times).append(timed(forward, device))
             for a in reversed(applied):
                 a.remove()
@@ -170,7 +170,7 @@ def composition(base, forward, device, args) -> list[str]:
         "| operation | entries | ms |",
         "|---|---:|---:|",
         f"| apply language (K={lang.num_params:,}) + task (K={task.num_params:,}) deltas into the weights "
-        f"(2 x AppliedDelta: checks + index_add_) | {lang.num_params + task.num_params:,} | {1000 * statistics.median(apply_t):.0f} |",
+        f"(2 x AppliedSFT: checks + index_add_) | {lang.num_params + task.num_params:,} | {1000 * statistics.median(apply_t):.0f} |",
         f"| remove both again (revert) | {lang.num_params + task.num_params:,} | {1000 * statistics.median(revert_t):.0f} |",
         f"| sum the two deltas as values (SparseDelta.__add__, CPU) | {(lang + task).num_params:,} | "
         f"{1000 * statistics.median(sum_t):.0f} |",

@@ -7,7 +7,8 @@ import torch
 
 from tests.conftest import EN_WORDS, SW_WORDS, make_lines, make_ner, use_store, write_conll
 from xlpeft import compose, load_module, tracking
-from xlpeft.compose import Composition, Slot, activate, save_composed
+from xlpeft.compose import Composition, ModuleRef, Stack, activate
+from xlpeft.composed import save_composed
 from xlpeft.errors import XlpeftError
 from xlpeft.methods.heads import build_head
 from xlpeft.models import load_base
@@ -26,12 +27,12 @@ def store(tmp_path_factory, base_dirs):
         for lang, words in (("en", EN_WORDS), ("sw", SW_WORDS)):
             corpus = root / f"{lang}.txt"
             corpus.write_text("\n".join(make_lines(words, 150)), encoding="utf-8")
-            train_language(LangRequest(lang=lang, base=base, corpus=(str(corpus),), max_steps=6,
-                                       sets={"max_seq_len": "32", "lr": "1e-2"}))
+            train_language(LangRequest(lang=lang, base=base, corpus=(str(corpus),),
+                                       sets={"max_steps": "6", "max_seq_len": "32", "lr": "1e-2"}))
         write_conll(root / "train.conll", make_ner(120, seed=1))
         write_conll(root / "sw.conll", make_ner(30, seed=5))
-        train_task(TaskRequest(task="ner", base=base, train_data=str(root / "train.conll"), max_steps=40,
-                               batch_size=16, sets={"max_seq_len": "48", "lr": "3e-3"}))
+        train_task(TaskRequest(task="ner", base=base, train_data=str(root / "train.conll"),
+                               sets={"max_steps": "40", "batch_size": "16", "max_seq_len": "48", "lr": "3e-3"}))
         yield {"root": root, "base": base, "mp": mp}
 
 
@@ -51,7 +52,7 @@ def test_adapter_stack_equals_manual_layer_by_layer(env):
     lang, task = load_module("modules/lang-sw-adapter"), load_module("modules/task-ner-adapter")
     model = compose(base, [lang, task])
     assert type(model).__name__ == "BertForTokenClassification"
-    assert model.xlpeft_composition.describe() == "language:sw/adapter(stack) + task:ner/adapter(stack)"
+    assert model.xlpeft_composition.describe() == "stack(language:sw/adapter, task:ner/adapter)"
     batch = _batch(base)
     with torch.no_grad():
         got = model(**batch).logits
@@ -95,10 +96,11 @@ def test_fingerprint_mismatch_names_both(env, base_dirs):
 
 
 def test_composition_is_data():
-    comp = Composition((Slot("language", "sft", "sw", "x", "sum"), Slot("task", "adapter", "ner", "y", "stack")), "fp")
+    lang, task = ModuleRef("language", "sft", "sw", "x"), ModuleRef("task", "adapter", "ner", "y")
+    comp = Composition(Stack(lang, task), "fp")
     assert Composition.from_dict(json.loads(json.dumps(comp.to_dict()))) == comp
-    with pytest.raises(XlpeftError, match="at most one language"):
-        Composition((Slot("language", "sft", "sw", "x", "sum"), Slot("language", "sft", "yo", "y", "sum")), "fp")
+    with pytest.raises(XlpeftError, match="at most one task"):
+        Composition(Stack(task, task), "fp")
 
 
 def test_saved_composition_reloads_to_identical_logits(env, tmp_path):
@@ -109,7 +111,7 @@ def test_saved_composition_reloads_to_identical_logits(env, tmp_path):
     batch = _batch(base)
     with torch.no_grad():
         torch.testing.assert_close(again(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
-    assert not any(k.startswith("xlpeft_adapters") for k in json.loads(
+    assert not any(k.startswith("xlpeft_modules") for k in json.loads(
         (out / "model.safetensors.index.json").read_text())["weight_map"]) if (out / "model.safetensors.index.json").exists() else True
 
 

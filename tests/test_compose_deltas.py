@@ -7,8 +7,8 @@ import torch
 
 from tests.conftest import SW_WORDS, make_lines, make_ner, use_store, write_conll
 from xlpeft import compose, load_module, tracking
-from xlpeft.compose import delta_overlap, save_composed
-from xlpeft.methods.sft import SparseDelta
+from xlpeft.composed import save_composed
+from xlpeft.methods.sft import SparseDelta, delta_overlap
 from xlpeft.models import load_base
 from xlpeft.recipes.train_lang import LangRequest, train_language
 from xlpeft.recipes.train_task import TaskRequest, train_task
@@ -25,14 +25,15 @@ def store(tmp_path_factory, base_dirs):
         base = str(base_dirs["tiny-bert"])
         corpus = root / "sw.txt"
         corpus.write_text("\n".join(make_lines(SW_WORDS, 150)), encoding="utf-8")
-        train_language(LangRequest(lang="sw", method="sft", base=base, corpus=(str(corpus),), max_steps=6, sets=SFT))
-        train_language(LangRequest(lang="sw", method="adapter", base=base, corpus=(str(corpus),), max_steps=4,
-                                   sets={"max_seq_len": "32", "lr": "1e-2"}))
+        train_language(LangRequest(lang="sw", method="sft", base=base, corpus=(str(corpus),),
+                                   sets={**SFT, "max_steps": "6"}))
+        train_language(LangRequest(lang="sw", method="adapter", base=base, corpus=(str(corpus),),
+                                   sets={"max_steps": "4", "max_seq_len": "32", "lr": "1e-2"}))
         write_conll(root / "train.conll", make_ner(100, seed=1))
         for method in ("sft", "adapter"):
-            train_task(TaskRequest(task="ner", lang="sw", method=method, base=base, train_data=str(root / "train.conll"),
-                                   max_steps=10, batch_size=16,
-                                   sets={"lang_module": str(root / "modules/lang-sw-sft"), "max_seq_len": "48",
+            train_task(TaskRequest(task="ner", lang="sw", method=method, base=base,
+                                   train_data=str(root / "train.conll"),
+                                   sets={"max_steps": "10", "batch_size": "16", "lang_module": str(root / "modules/lang-sw-sft"), "max_seq_len": "48",
                                          "lr": "3e-3", **({"num_params": "3000"} if method == "sft" else {})}))
         yield {"root": root, "base": base}
 
@@ -59,8 +60,8 @@ def test_delta_sum_equals_manual_weight_sum(env):
     base = load_base(env["base"])
     lang, task = load_module("modules/lang-sw-sft"), load_module("modules/task-ner-sft")
     model = compose(base, [lang, task])
-    assert model.xlpeft_composition.describe() == "language:sw/sft(sum) + task:ner/sft(sum)"
-    assert len(model.xlpeft_adapters) == 0
+    assert model.xlpeft_composition.describe() == "sum(language:sw/sft, task:ner/sft)"
+    assert len(model.xlpeft_modules) == 0
     manual = {k: v.clone() for k, v in base.encoder.state_dict().items()}
     prefix = base.arch.encoder + "."
     for module in (lang, task):
@@ -85,8 +86,8 @@ def test_overlap_is_reported_per_layer(env):
 
 
 @pytest.mark.parametrize("lang_dir, task_dir, describe", [
-    ("modules/lang-sw-sft", "modules/task-ner-adapter", "language:sw/sft(sum) + task:ner/adapter(stack)"),
-    ("modules/lang-sw-adapter", "modules/task-ner-sft", "language:sw/adapter(stack) + task:ner/sft(sum)"),
+    ("modules/lang-sw-sft", "modules/task-ner-adapter", "stack(language:sw/sft, task:ner/adapter)"),
+    ("modules/lang-sw-adapter", "modules/task-ner-sft", "stack(language:sw/adapter, task:ner/sft)"),
 ])
 def test_hybrids_equal_their_parts(env, lang_dir, task_dir, describe):
     """A hybrid equals: delta merged into the weights by hand, adapter hooked by hand, same head."""
@@ -121,7 +122,7 @@ def test_delta_only_output_is_a_plain_transformers_checkpoint(env, tmp_path):
     batch = _ids(base)
     with torch.no_grad():
         torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
-    assert json.loads((out / "xlpeft_composition.json").read_text())["adapters"] == []
+    assert json.loads((out / "xlpeft_composition.json").read_text())["unmerged"] == {}
     assert plain.config.id2label[1] == "B-PER"
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from xlpeft.compose import activate, check_head
+from xlpeft.compose import activate
+from xlpeft.composed import check_head
 from xlpeft.errors import XlpeftError
 from xlpeft.io import Manifest, load_module, save_module
 from xlpeft.methods.adapters import AdapterConfig, AdapterModule

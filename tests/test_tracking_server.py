@@ -109,8 +109,8 @@ def on_server(server, tmp_path, monkeypatch) -> Path:
 
 
 def request(base_dirs, corpus, out: Path, steps: int) -> LangRequest:
-    return LangRequest(lang="sw", base=str(base_dirs["tiny-bert"]), corpus=(str(corpus),), max_steps=steps,
-                       output=str(out), sets={"max_seq_len": "32", "lr": "1e-2", "log_every": "1"})
+    return LangRequest(lang="sw", base=str(base_dirs["tiny-bert"]), corpus=(str(corpus),), output=str(out),
+                       sets={"max_steps": str(steps), "max_seq_len": "32", "lr": "1e-2", "log_every": "1"})
 
 
 def kill_at_step(monkeypatch, server: MlflowServer, step: int, then=None) -> threading.Event:
@@ -143,7 +143,7 @@ def test_run_on_a_live_server(on_server, base_dirs, sw_corpus):
                                                                            "module/adapter.safetensors"}
     versions = [v for v in tracking.list_versions(NAME) if v.run_id == result.run_id]
     assert [v.version for v in versions] == [result.version]
-    path, _ = tracking.find_module(NAME, fingerprint)
+    path, _ = tracking.find_reference(NAME, fingerprint)
     downloaded, local = load_module(path).tensors["adapter"], load_module(result.path).tensors["adapter"]
     assert all(torch.equal(downloaded[k], local[k]) for k in local)
 
@@ -207,7 +207,7 @@ def test_server_stays_down_module_is_safe_and_the_spool_replays(on_server, serve
     assert [m.step for m in c.get_metric_history(run_id, "loss")] == list(range(1, 11))
     assert {a.path for a in c.list_artifacts(run_id, "module")} == {"module/xlpeft.json",
                                                                     "module/adapter.safetensors"}
-    path, version = tracking.find_module(NAME, module.manifest.base["fingerprint"])
+    path, version = tracking.find_reference(NAME, module.manifest.base["fingerprint"])
     assert version.run_id == run_id
     downloaded = load_module(path).tensors["adapter"]
     assert all(torch.equal(downloaded[k], v) for k, v in module.tensors["adapter"].items())

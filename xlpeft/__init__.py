@@ -9,10 +9,12 @@ Public API::
 
 __version__ = "0.1.0"
 
-from xlpeft.compose import compose, load_composed, save_composed  # noqa: E402
+import xlpeft.methods  # noqa: E402, F401  (registers the built-in methods)
+from xlpeft.compose import Composition, ModuleRef, Stack, Sum, activate, compose  # noqa: E402
+from xlpeft.composed import load_composed, save_composed  # noqa: E402
 from xlpeft.errors import XlpeftError  # noqa: E402
 from xlpeft.io import load_module, save_module  # noqa: E402
 from xlpeft.models import load_base  # noqa: E402
 
-__all__ = ["XlpeftError", "__version__", "compose", "load_base", "load_composed", "load_module", "save_composed",
+__all__ = ["Composition", "ModuleRef", "Stack", "Sum", "XlpeftError", "__version__", "activate", "compose", "load_base", "load_composed", "load_module", "save_composed",
            "save_module"]

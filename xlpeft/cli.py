@@ -13,6 +13,7 @@ import sys
 import click
 
 from xlpeft import __version__
+from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD, merge_flags, parse_sets
 from xlpeft.console import (
     OVERWRITE_HELP,
     RESUME_HINT,
@@ -25,6 +26,16 @@ from xlpeft.console import (
 from xlpeft.errors import XlpeftError
 
 SET_HELP = "method or training hyper-parameter, repeatable (e.g. --set reduction_factor=2 --set lr=1e-4)"
+METHOD_HELP = "a registered method (see `xlpeft methods`)"
+BASE_HELP = "mbert, xlmr, xlmr-large, tiny-bert, a hub id or a directory"
+
+
+def _train_default(name: str) -> str:
+    """``[default: N]`` from TrainConfig: the CLI shows defaults, it does not hold them."""
+    from xlpeft.config import TrainConfig, default_of
+
+    return f"[default: {default_of(TrainConfig, name)}; same as --set {name}=N]"
+
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -42,24 +53,23 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 @cli.command("train-lang")
 @click.option("--lang", required=True, callback=check_name, help="language code: a folder of language_packs/ (e.g. sw)")
-@click.option("--method", default="adapter", show_default=True, help="module method (see `xlpeft methods`)")
-@click.option("--base", default="xlmr", show_default=True, help="mbert, xlmr, xlmr-large, tiny-bert, a hub id or a directory")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, help=METHOD_HELP)
+@click.option("--base", default=DEFAULT_BASE, show_default=True, help=BASE_HELP)
 @click.option("--corpus", multiple=True, help="a pack corpus name, a UTF-8 text file, or hf:NAME[:CONFIG][:SPLIT]; repeatable")
-@click.option("--max-steps", type=int, help="optimizer steps [default: 1000]")
-@click.option("--batch-size", type=int, help="sequences per step [default: 8]")
-@click.option("--seed", type=int, help="random seed [default: 42]")
+@click.option("--max-steps", type=int, help=f"optimizer steps {_train_default('max_steps')}")
+@click.option("--batch-size", type=int, help=f"sequences per step {_train_default('batch_size')}")
+@click.option("--seed", type=int, help=f"random seed {_train_default('seed')}")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--output", help="module directory [default: modules/lang-<lang>-<method>]")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--resume", is_flag=True, help="continue the newest unfinished run of this same command from its checkpoint")
 def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, output, overwrite, resume) -> None:
     """Train a language module with masked-language modelling."""
-    from xlpeft.config import parse_sets
     from xlpeft.recipes.train_lang import LangRequest, train_language
 
-    req = LangRequest(lang=lang, method=method, base=base, corpus=tuple(corpus), sets=parse_sets(sets),
-                      output=output, max_steps=max_steps, batch_size=batch_size, seed=seed, resume=resume,
-                      overwrite=overwrite)
+    sets = merge_flags(parse_sets(sets), max_steps=max_steps, batch_size=batch_size, seed=seed)
+    req = LangRequest(lang=lang, method=method, base=base, corpus=tuple(corpus), sets=sets, output=output,
+                      resume=resume, overwrite=overwrite)
     result = train_language(req)
     if not result.version:  # a data-parallel rank other than 0
         return
@@ -74,13 +84,13 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
 @cli.command("train-task")
 @click.option("--task", required=True, callback=check_name, help="task pack: a folder of task_packs/ (ner, pos, nli)")
 @click.option("--lang", default="en", show_default=True, callback=check_name, help="source language of the labelled data")
-@click.option("--method", default="adapter", show_default=True, help="task module method (see `xlpeft methods`)")
-@click.option("--base", default="xlmr", show_default=True, help="mbert, xlmr, xlmr-large, tiny-bert, a hub id or a directory")
+@click.option("--method", default=DEFAULT_METHOD, show_default=True, help=METHOD_HELP)
+@click.option("--base", default=DEFAULT_BASE, show_default=True, help=BASE_HELP)
 @click.option("--train-data", help="CoNLL / CoNLL-U / JSONL file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's]")
 @click.option("--eval-data", help="evaluation file or hf: spec [default: the pack's validation split or a held-out slice]")
-@click.option("--max-steps", type=int, help="optimizer steps [default: 1000]")
-@click.option("--batch-size", type=int, help="examples per step [default: 8]")
-@click.option("--seed", type=int, help="random seed [default: 42]")
+@click.option("--max-steps", type=int, help=f"optimizer steps {_train_default('max_steps')}")
+@click.option("--batch-size", type=int, help=f"examples per step {_train_default('batch_size')}")
+@click.option("--seed", type=int, help=f"random seed {_train_default('seed')}")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help=SET_HELP + "; also lang_module=auto|none|PATH, head_dropout")
 @click.option("--output", help="module directory [default: modules/task-<task>-<method>]")
@@ -89,13 +99,12 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
 def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch_size, seed, sets, output,
                overwrite, resume) -> None:
     """Train a task module (+ head) over the source language's module."""
-    from xlpeft.config import parse_sets
     from xlpeft.recipes.train_task import TaskRequest
     from xlpeft.recipes.train_task import train_task as run_train_task
 
+    sets = merge_flags(parse_sets(sets), max_steps=max_steps, batch_size=batch_size, seed=seed)
     req = TaskRequest(task=task, lang=lang, method=method, base=base, train_data=train_data, eval_data=eval_data,
-                      sets=parse_sets(sets), output=output, max_steps=max_steps, batch_size=batch_size, seed=seed,
-                      resume=resume, overwrite=overwrite)
+                      sets=sets, output=output, resume=resume, overwrite=overwrite)
     result = run_train_task(req)
     if not result.version:  # a data-parallel rank other than 0
         return
@@ -111,15 +120,15 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
 @cli.command("compose")
 @click.option("--lang", required=True, callback=check_name, help="target language (its language module is used)")
 @click.option("--task", required=True, callback=check_name, help="task pack (its task module is used)")
-@click.option("--base", default="xlmr", show_default=True, help="the base both modules were trained on")
-@click.option("--lang-method", help="adapter or sft [default: newest registered]")
-@click.option("--task-method", help="adapter or sft [default: newest registered]")
+@click.option("--base", default=DEFAULT_BASE, show_default=True, help="the base both modules were trained on")
+@click.option("--lang-method", help=f"{METHOD_HELP} [default: the newest registered language module]")
+@click.option("--task-method", help=f"{METHOD_HELP} [default: the newest registered task module]")
 @click.option("--eval-data", help="file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's data for --lang]")
 @click.option("--split", help="task-pack split to evaluate on, e.g. sample_test [default: test, else validation]")
 @click.option("--output", help="write the composed model here (a new or empty directory, or an earlier composed model)")
 def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, output) -> None:
     """Compose a language module with a task module; evaluate zero-shot against the source-language baseline."""
-    from xlpeft.compose import COMPOSITION_FILE
+    from xlpeft.composed import COMPOSITION_FILE
     from xlpeft.io import check_output_dir
     from xlpeft.recipes.compose import ComposeRequest, compose_task
 
@@ -144,7 +153,7 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, ou
 @cli.command("evaluate")
 @click.option("--task", required=True, callback=check_name, help="task pack")
 @click.option("--langs", required=True, help="comma-separated target languages, e.g. sw,yo,ha")
-@click.option("--base", default="xlmr", show_default=True)
+@click.option("--base", default=DEFAULT_BASE, show_default=True)
 @click.option("--eval-dir", type=click.Path(file_okay=False),
               help="folder of <lang>.conll or <lang>.test.conll files overriding the pack's data")
 @click.option("--split", help="task-pack split to evaluate on, e.g. sample_test [default: test, else validation]")
@@ -171,9 +180,9 @@ def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
 @cli.command("predict")
 @click.option("--lang", required=True, callback=check_name)
 @click.option("--task", required=True, callback=check_name)
-@click.option("--base", default="xlmr", show_default=True)
-@click.option("--lang-method", help="adapter or sft [default: newest registered]")
-@click.option("--task-method", help="adapter or sft [default: newest registered]")
+@click.option("--base", default=DEFAULT_BASE, show_default=True)
+@click.option("--lang-method", help=f"{METHOD_HELP} [default: the newest registered language module]")
+@click.option("--task-method", help=f"{METHOD_HELP} [default: the newest registered task module]")
 def predict_cmd(lang, task, base, lang_method, task_method) -> None:
     """Tag raw text from stdin (one sentence a line); prints CoNLL `token<TAB>tag`, or one label a line for NLI.
 
@@ -241,6 +250,7 @@ def methods() -> None:
     from dataclasses import fields
 
     from xlpeft.config import TrainConfig
+    from xlpeft.methods.base import MODULE_KINDS
     from xlpeft.registry import get_method, method_names
 
     for name in method_names():
@@ -248,9 +258,9 @@ def methods() -> None:
         click.echo(f"{name}: {spec.help}")
         for f in fields(spec.config_cls):
             click.echo(f"  --set {f'{f.name}={f.default}':<28} {f.metadata.get('help', '')}")
-        for kind in ("language", "task"):  # per-kind defaults of the published recipe (method and training keys)
-            kind_defaults = {**getattr(spec.config_cls, "defaults_for", lambda _k: {})(kind),
-                             **getattr(spec.config_cls, "train_defaults_for", lambda _k: {})(kind)}
+        click.echo(f"  combines by {spec.combine}")
+        for kind in MODULE_KINDS:  # per-kind defaults of the published recipe (method and training keys)
+            kind_defaults = spec.kind_defaults(kind)
             if kind_defaults:
                 click.echo(f"  {kind} modules default to: " + ", ".join(f"{k}={v}" for k, v in kind_defaults.items()))
     click.echo("training (all methods):")

@@ -1,140 +1,309 @@
-"""Composition: put a language module under a task module on a frozen base.
+"""Compositions as data: which modules, in which order, combined how; :func:`activate` executes one.
 
-Adapters stack by hooks (language adapter below the task adapter; the language module's
-invertible adapter on the embeddings), sparse deltas add into the weights
-(θ0 + δ_lang + δ_task), and hybrids mix both (Pfeiffer et al. 2020; Ansell et al. 2022).
-A composition is data (:class:`Composition`): which modules, in which order, how combined.
+A composition is a tree of blocks over module references, built and validated *before* anything
+is applied (as AdapterHub's ``composition.py``, Pfeiffer et al. 2020):
+
+* :class:`Stack` — children act in turn on the hidden states, bottom first (MAD-X: a language
+  adapter under a task adapter; any number of modules, e.g. language + domain + task);
+* :class:`Sum` — deltas added into the weights, θ0 + δ_lang + δ_task (LT-SFT, Ansell et al. 2022);
+* :class:`Fuse`, :class:`Average` — declared and validated, not executable yet (AdapterFusion,
+  Pfeiffer et al. 2021; output/weight averaging): :func:`activate` refuses them by name.
+
+Which block a module may sit in follows its method's ``combine`` (``stack`` or ``sum``, see
+:mod:`xlpeft.methods.base`), so a new method needs no edit here. A composition is written to
+and read from ``xlpeft_composition.json`` with a checked format version (:mod:`xlpeft.composed`).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from xlpeft.errors import XlpeftError
 from xlpeft.io import LoadedModule, load_module
+from xlpeft.methods.base import MODULE_KINDS, Applied
 from xlpeft.registry import get_method
 
-COMBINE = {"adapter": "stack", "sft": "sum"}
-"""How each method combines with the modules below it."""
+FORMAT_VERSION = 2
+"""Version of the composition record; 1 (xlpeft 0.1: a list of slots, adapters under ``adapters/``) is still read."""
+
+ALLOWED = {
+    "stack": ("module", "stack", "sum", "fuse", "average"),
+    "sum": ("module", "sum", "average"),
+    "fuse": ("module", "stack"),
+    "average": ("module",),
+}
+"""Which nodes each block may hold directly (``module``: a module reference)."""
+
+COMBINES_IN = {"stack": ("stack", "sum"), "sum": ("sum",), "fuse": ("stack",), "average": ("stack", "sum")}
+"""Which method ``combine`` values each block accepts for the modules it holds directly."""
+
+EXECUTABLE = ("stack", "sum")
+
+
+@dataclass(frozen=True)
+class ModuleRef:
+    """A leaf: one module, by what it is and where it comes from (a directory or ``NAME@VERSION``).
+
+    ``module`` carries the loaded module once resolved; it is not part of the record.
+    """
+
+    kind: str  # language | task
+    method: str
+    name: str  # lang code or task name
+    source: str
+    module: LoadedModule | None = field(default=None, compare=False, repr=False)
+
+    BLOCK: ClassVar[str] = "module"
+
+    def __post_init__(self) -> None:
+        if self.kind not in MODULE_KINDS:
+            raise XlpeftError(f"a composition holds {' and '.join(MODULE_KINDS)} modules; {self.source} is a "
+                              f"{self.kind!r} artifact")
+        get_method(self.method)  # an unknown method names the registered ones
+
+    @classmethod
+    def of(cls, module: LoadedModule, source: str | None = None) -> ModuleRef:
+        m = module.manifest
+        return cls(m.kind, m.method, (m.lang if m.kind == "language" else m.task) or "?",
+                   source or str(module.path), module)
+
+    def leaves(self) -> list[ModuleRef]:
+        return [self]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"module": {"kind": self.kind, "method": self.method, "name": self.name, "source": self.source}}
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.name}/{self.method}"
+
+
+@dataclass(frozen=True)
+class Block:
+    """A composition block; subclasses only name themselves. Validated against :data:`ALLOWED` on creation."""
+
+    children: tuple[Node, ...]
+
+    BLOCK: ClassVar[str] = ""
+
+    def __init__(self, *children: Node) -> None:
+        object.__setattr__(self, "children", tuple(children))
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        if not self.children:
+            raise XlpeftError(f"a {self.BLOCK} block needs at least one module or block")
+        for child in self.children:
+            if not isinstance(child, ModuleRef | Block):
+                raise XlpeftError(f"a {self.BLOCK} block holds modules and blocks; got {type(child).__name__}")
+            if child.BLOCK not in ALLOWED[self.BLOCK]:
+                raise XlpeftError(f"a {self.BLOCK} block cannot hold a {child.BLOCK} block "
+                                  f"(a {self.BLOCK} holds: {', '.join(ALLOWED[self.BLOCK])})")
+            if isinstance(child, ModuleRef):
+                combine = get_method(child.method).combine
+                if combine not in COMBINES_IN[self.BLOCK]:
+                    raise XlpeftError(f"a {self.BLOCK} block cannot hold {child.describe()}: {child.method} modules "
+                                      f"combine by {combine}; put it in a {combine.capitalize()} block")
+
+    def leaves(self) -> list[ModuleRef]:
+        """Every module reference, bottom first (the order they are applied in)."""
+        return [leaf for child in self.children for leaf in child.leaves()]
+
+    def blocks(self) -> list[Block]:
+        return [self] + [b for c in self.children if isinstance(c, Block) for b in c.blocks()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.BLOCK: [c.to_dict() for c in self.children]}
+
+    def describe(self) -> str:
+        return f"{self.BLOCK}({', '.join(c.describe() for c in self.children)})"
+
+
+class Stack(Block):
+    BLOCK = "stack"
+
+
+class Sum(Block):
+    BLOCK = "sum"
+
+
+class Fuse(Block):
+    BLOCK = "fuse"
+
+
+class Average(Block):
+    BLOCK = "average"
+
+
+Node = ModuleRef | Block
+BLOCKS: dict[str, type[Block]] = {b.BLOCK: b for b in (Stack, Sum, Fuse, Average)}
+
+
+def node_from_dict(data: dict[str, Any]) -> Node:
+    """Inverse of ``to_dict``; an unknown block names the known ones."""
+    if not isinstance(data, dict) or len(data) != 1:
+        raise XlpeftError(f"a composition node is one key (module or a block name); got {str(data)[:120]}")
+    (key, value), = data.items()
+    if key == "module":
+        return ModuleRef(**value)
+    if key not in BLOCKS:
+        raise XlpeftError(f"unknown composition block {key!r}; known blocks: {', '.join(BLOCKS)}")
+    return BLOCKS[key](*(node_from_dict(c) for c in value))
+
+
+@dataclass(frozen=True)
+class Composition:
+    """A root block over modules, for one base. Validated on creation: at most one task module, on top."""
+
+    root: Block
+    base_fingerprint: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.root, Block):
+            raise XlpeftError(f"a composition's root is a block (Stack, Sum, ...); got {type(self.root).__name__}")
+        leaves = self.root.leaves()
+        tasks = [i for i, leaf in enumerate(leaves) if leaf.kind == "task"]
+        if len(tasks) > 1:
+            raise XlpeftError(f"a composition holds at most one task module; got {len(tasks)}: "
+                              + ", ".join(leaves[i].describe() for i in tasks))
+        if tasks and tasks[0] != len(leaves) - 1:
+            raise XlpeftError("the task module must sit on top of the other modules (last, bottom first); got order "
+                              + ", ".join(leaf.describe() for leaf in leaves))
+
+    @classmethod
+    def of(cls, modules: Sequence[ModuleRef], base_fingerprint: str) -> Composition:
+        """The default shape for modules given bottom first: a Sum if every one is a delta, else a Stack.
+
+        In a Stack, consecutive delta modules form a Sum block (they add into the weights together).
+        """
+        if not modules:
+            raise XlpeftError("a composition needs at least one module")
+        if all(get_method(m.method).combine == "sum" for m in modules):
+            return cls(Sum(*modules), base_fingerprint)
+        children: list[Node] = []
+        run: list[ModuleRef] = []
+        for m in [*modules, None]:
+            if m is not None and get_method(m.method).combine == "sum":
+                run.append(m)
+                continue
+            children += [Sum(*run)] if len(run) > 1 else run
+            run = []
+            if m is not None:
+                children.append(m)
+        return cls(Stack(*children), base_fingerprint)
+
+    def leaves(self) -> list[ModuleRef]:
+        return self.root.leaves()
+
+    @property
+    def task(self) -> ModuleRef | None:
+        return next((leaf for leaf in self.leaves() if leaf.kind == "task"), None)
+
+    def methods(self) -> str:
+        """``lang_method+task_method`` (bottom first): the name of the composition in runs and tables."""
+        return "+".join(leaf.method for leaf in self.leaves())
+
+    def describe(self) -> str:
+        return self.root.describe()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, "base_fingerprint": self.base_fingerprint, "root": self.root.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Composition:
+        """Read a record written by :meth:`to_dict` (format 2) or by xlpeft 0.1 (format 1, a list of slots)."""
+        version = data.get("format_version")
+        if version == 1 or (version is None and "slots" in data):
+            refs = [ModuleRef(s["kind"], s["method"], s["name"], s["source"]) for s in data["slots"]]
+            return cls.of(refs, data["base_fingerprint"])
+        if version != FORMAT_VERSION:
+            raise XlpeftError(f"composition record has format version {version!r}; this xlpeft reads versions 1 and "
+                              f"{FORMAT_VERSION}: upgrade xlpeft (pip install -U xlpeft) to read it")
+        root = node_from_dict(data["root"])
+        if not isinstance(root, Block):
+            root = Stack(root)
+        return cls(root, data["base_fingerprint"])
 
 
 @dataclass
 class Active:
-    """Modules currently applied to a base; ``remove()`` restores the bare base exactly (reverse order)."""
+    """A composition applied to a base: per module its reference and :class:`~xlpeft.methods.base.Applied` handle."""
 
-    modules: list[LoadedModule] = field(default_factory=list)
-    handles: list[Any] = field(default_factory=list)
+    composition: Composition | None = None
+    entries: list[tuple[int, ModuleRef, Applied]] = field(default_factory=list)  # (position in leaves(), ref, handle)
+
+    def modules(self) -> list[nn.Module]:
+        return [m for _, _, handle in self.entries for m in handle.modules()]
 
     def remove(self) -> None:
-        while self.handles:
-            self.handles.pop().remove()
-        self.modules.clear()
+        """Restore the bare base exactly: every module removed, newest first."""
+        while self.entries:
+            self.entries.pop()[2].remove()
 
 
-def activate(base, modules: list[LoadedModule], force: bool = False) -> Active:
-    """Apply ``modules`` (bottom first) to ``base`` after checking each was trained on this base."""
-    active = Active()
+def resolve_module(ref: str | Path | LoadedModule, fingerprint: str | None = None) -> ModuleRef:
+    """A module from a directory, or from the registry as ``NAME`` or ``NAME@VERSION``, as a resolved reference."""
+    from xlpeft import tracking
+
+    if isinstance(ref, LoadedModule):
+        return ModuleRef.of(ref)
+    text = str(ref)
+    if Path(text).is_dir():
+        return ModuleRef.of(load_module(text), text)
+    if not text.startswith("xlpeft-"):
+        raise XlpeftError(f"module {text!r} is neither a directory nor a registered name (xlpeft-lang-..., xlpeft-task-...)")
+    path, reg = tracking.find_reference(text, fingerprint)
+    return ModuleRef.of(load_module(path), f"{reg.name}@{reg.version}")
+
+
+def bind(composition: Composition, fingerprint: str | None = None) -> Composition:
+    """The composition with every reference resolved (loaded once; references already loaded are kept)."""
+    loaded = {id(leaf): leaf if leaf.module is not None else resolve_module(leaf.source, fingerprint)
+              for leaf in composition.leaves()}
+
+    def rebuild(node: Node) -> Node:
+        if isinstance(node, ModuleRef):
+            return loaded[id(node)]
+        return type(node)(*(rebuild(c) for c in node.children))
+
+    return Composition(rebuild(composition.root), composition.base_fingerprint)
+
+
+def activate(base, composition: Composition | Sequence[LoadedModule], force: bool = False) -> Active:
+    """Execute a composition on ``base``: apply every module, bottom first; all or nothing.
+
+    Args:
+        base: a :class:`~xlpeft.models.Base` (its model is changed in place until ``remove()``).
+        composition: a :class:`Composition`, or loaded modules bottom first (the default shape, :meth:`Composition.of`).
+        force: apply modules whose base fingerprint differs (you know the weights are the same).
+
+    Raises:
+        XlpeftError: a block that cannot run yet (Fuse, Average), a module trained on another base,
+            or a module that does not fit; whatever was applied is removed again.
+    """
+    if not isinstance(composition, Composition):
+        composition = Composition.of([ModuleRef.of(m) for m in composition], base.fingerprint)
+    waiting = [b.BLOCK for b in composition.root.blocks() if b.BLOCK not in EXECUTABLE]
+    if waiting:
+        raise XlpeftError(f"{composition.describe()}: {', '.join(sorted(set(waiting)))} blocks are validated but cannot "
+                          f"be executed yet; use {' or '.join(EXECUTABLE)} blocks")
+    composition = bind(composition, base.fingerprint)
+    active = Active(composition)
     try:
-        for module in modules:
-            module.check_base(base.fingerprint, force=force)
-            spec = get_method(module.manifest.method)
-            active.handles.append(spec.activate(base, module))
-            active.modules.append(module)
-    except XlpeftError:
+        for i, leaf in enumerate(composition.leaves()):
+            leaf.module.check_base(base.fingerprint, force=force)
+            active.entries.append((i, leaf, get_method(leaf.method).apply(base, leaf.module)))
+    except BaseException:
         active.remove()
         raise
     return active
 
 
-@dataclass(frozen=True)
-class Slot:
-    """One module in a composition."""
-
-    kind: str  # language | task
-    method: str
-    name: str  # lang code or task name
-    source: str  # where it came from: a path or registry name@version
-    combine: str  # stack | sum
-
-    def to_dict(self) -> dict[str, str]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class Composition:
-    """Which modules, bottom first, and how each combines. Validated on creation."""
-
-    slots: tuple[Slot, ...]
-    base_fingerprint: str
-
-    def __post_init__(self) -> None:
-        kinds = [s.kind for s in self.slots]
-        if not self.slots:
-            raise XlpeftError("a composition needs at least one module")
-        if kinds.count("task") > 1 or kinds.count("language") > 1:
-            raise XlpeftError(f"a composition holds at most one language and one task module; got {kinds}")
-        if "task" in kinds and kinds[-1] != "task":
-            raise XlpeftError(f"the task module must sit on top of the language module; got order {kinds}")
-
-    @property
-    def task(self) -> Slot | None:
-        return next((s for s in self.slots if s.kind == "task"), None)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"base_fingerprint": self.base_fingerprint, "slots": [s.to_dict() for s in self.slots]}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Composition:
-        return cls(tuple(Slot(**s) for s in data["slots"]), data["base_fingerprint"])
-
-    def describe(self) -> str:
-        return " + ".join(f"{s.kind}:{s.name}/{s.method}({s.combine})" for s in self.slots)
-
-
-def resolve_module(ref: str | Path | LoadedModule, fingerprint: str | None = None) -> tuple[LoadedModule, str]:
-    """A module from a directory, or from the registry as ``NAME`` or ``NAME@VERSION``."""
-    from xlpeft import tracking
-
-    if isinstance(ref, LoadedModule):
-        return ref, str(ref.path)
-    text = str(ref)
-    if Path(text).is_dir():
-        return load_module(text), text
-    name, _, version = text.partition("@")
-    if not name.startswith("xlpeft-"):
-        raise XlpeftError(f"module {text!r} is neither a directory nor a registered name (xlpeft-lang-..., xlpeft-task-...)")
-    if version:
-        match = [v for v in tracking.list_versions(name) if v.version == version]
-        if not match:
-            raise XlpeftError(f"registered module {name!r} has no version {version}")
-        path, reg = tracking.download(match[0])
-    else:
-        path, reg = tracking.find_module(name, fingerprint)
-    return load_module(path), f"{reg.name}@{reg.version}"
-
-
-def describe_modules(modules: list[tuple[LoadedModule, str]], fingerprint: str) -> Composition:
-    slots = []
-    for module, source in modules:
-        m = module.manifest
-        if m.kind not in ("language", "task"):
-            raise XlpeftError(f"{module.path} is a {m.kind} artifact; compose takes language and task modules")
-        combine = COMBINE.get(m.method)
-        if combine is None:
-            raise XlpeftError(f"{module.path}: method {m.method!r} cannot be composed (known: {', '.join(COMBINE)})")
-        slots.append(Slot(m.kind, m.method, (m.lang if m.kind == "language" else m.task) or "?", source, combine))
-    return Composition(tuple(slots), fingerprint)
-
-
-def check_same_base(base, modules: list[LoadedModule]) -> None:
+def check_same_base(base, modules: Sequence[LoadedModule]) -> None:
     """Refuse a module trained on another base, naming both fingerprints and the module."""
     for module in modules:
         theirs = module.manifest.base
@@ -145,181 +314,46 @@ def check_same_base(base, modules: list[LoadedModule]) -> None:
             )
 
 
-def target_model(base, task: LoadedModule | None) -> nn.Module:
-    """A fresh Hugging Face model for the composition: MLM, or token/sequence classification with the task head."""
-    if task is None:
-        return copy.deepcopy(base.model)
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
-
-    labels = task.manifest.extra["labels"]
-    head_kind = task.manifest.extra["head"]
-    check_head(task, base.hidden_size)
-    config = copy.deepcopy(base.model.config)
-    config.num_labels = len(labels)
-    config.id2label = dict(enumerate(labels))
-    config.label2id = {label: i for i, label in enumerate(labels)}
-    auto = AutoModelForTokenClassification if head_kind == "token_classification" else AutoModelForSequenceClassification
-    model = auto.from_config(config)
-    encoder = model.get_submodule(base.arch.encoder)
-    missing, unexpected = encoder.load_state_dict(base.encoder.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("pooler.") for k in missing):
-        raise XlpeftError(f"base encoder does not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
-    head = task.tensors["head"]
-    with torch.no_grad():
-        if head_kind == "token_classification":
-            _copy_linear(model.get_submodule(base.arch.token_head), head, "classifier")
-        else:
-            dense, out = base.arch.seq_head
-            _copy_linear(model.get_submodule(dense), head, "dense")
-            _copy_linear(model.get_submodule(out), head, "classifier")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.to(next(base.model.parameters()).device)
-
-
-def check_head(task: LoadedModule, hidden_size: int) -> None:
-    """The saved head must fit the base's hidden size and the module's label list."""
-    from xlpeft.methods.heads import build_head
-
-    extra = task.manifest.extra
-    if "head" not in task.tensors or "labels" not in extra or "head" not in extra:
-        raise XlpeftError(f"task module {task.path} has no head (head.safetensors and labels); it is incomplete")
-    expected = build_head(extra["head"], hidden_size, len(extra["labels"])).state_dict()
-    got = task.tensors["head"]
-    problems = [f"{k}: expected {tuple(v.shape)}, got {tuple(got[k].shape) if k in got else 'nothing'}"
-                for k, v in expected.items() if k not in got or got[k].shape != v.shape]
-    problems += [f"unexpected {k}" for k in got if k not in expected]
-    if problems:
-        raise XlpeftError(f"task head in {task.path} does not fit a base of hidden size {hidden_size} with "
-                          f"{len(extra['labels'])} labels: {'; '.join(problems)}")
-
-
-def _copy_linear(target: nn.Linear, state: dict[str, torch.Tensor], prefix: str) -> None:
-    target.weight.copy_(state[f"{prefix}.weight"])
-    target.bias.copy_(state[f"{prefix}.bias"])
-
-
-def compose(base, modules: list[str | Path | LoadedModule], force: bool = False) -> nn.Module:
+def compose(base, modules: Composition | Sequence[str | Path | LoadedModule], force: bool = False) -> nn.Module:
     """Compose modules on a base into a Hugging Face model whose forward returns the usual outputs.
 
     Args:
-        base: a :class:`~xlpeft.models.Base`, or anything :func:`~xlpeft.models.load_base` takes.
-        modules: module directories or registry references (``xlpeft-lang-sw-adapter[@3]``), bottom first:
-            the language module, then the task module.
+        base: a :class:`~xlpeft.models.Base`, or anything :func:`~xlpeft.models.load_base` takes (or the
+            directory of a composed model written by :func:`~xlpeft.composed.save_composed`, with no modules).
+        modules: a :class:`Composition`, or module directories / registry references
+            (``xlpeft-lang-sw-adapter[@3]``) / loaded modules, bottom first: language module(s), then the task module.
         force: compose even if a module's base fingerprint differs (you know the weights are the same).
 
     Returns:
         ``*ForMaskedLM`` (language modules only), ``*ForTokenClassification`` or
         ``*ForSequenceClassification`` (a task module on top), in eval mode, with the composition
-        at ``model.xlpeft_composition`` and the adapter weights as ``model.xlpeft_adapters``.
+        at ``model.xlpeft_composition`` and the modules' own weights under ``model.xlpeft_modules``.
 
     Raises:
-        XlpeftError: a module was trained on another base (both fingerprints named), or the order is invalid.
+        XlpeftError: a module was trained on another base (both fingerprints named), or the composition is invalid.
     """
-    from xlpeft.models import load_base
+    import dataclasses
 
-    if isinstance(base, (str, Path)) and not modules and (Path(base) / COMPOSITION_FILE).is_file():
+    from xlpeft.composed import COMPOSITION_FILE, load_composed, target_model
+    from xlpeft.models import Base, load_base
+
+    if isinstance(base, str | Path) and not modules and (Path(base) / COMPOSITION_FILE).is_file():
         return load_composed(base)
-    if not isinstance(base, (str, Path)) and not hasattr(base, "fingerprint"):
+    if not isinstance(base, str | Path | Base):
         raise XlpeftError(f"base should be a Base or a name/path; got {type(base).__name__}")
-    if isinstance(base, (str, Path)):
+    if isinstance(base, str | Path):
         base = load_base(str(base))
-    resolved = [resolve_module(m, base.fingerprint) for m in modules]
-    loaded = [m for m, _ in resolved]
+    if isinstance(modules, Composition):
+        composition = bind(modules, base.fingerprint)
+    else:
+        composition = Composition.of([resolve_module(m, base.fingerprint) for m in modules], base.fingerprint)
+    loaded = [leaf.module for leaf in composition.leaves()]
     if not force:
         check_same_base(base, loaded)
-    composition = describe_modules(resolved, base.fingerprint)
-    task = loaded[-1] if composition.task is not None else None
-    model = target_model(base, task)
-    target = dataclasses.replace(base, model=model)
-    active = activate(target, loaded, force=True)
-    adapters = [h.module for h in active.handles if hasattr(h, "module")]
-    model.add_module("xlpeft_adapters", nn.ModuleList(adapters))
-    model.xlpeft_composition = composition
-    model.xlpeft_active = active
-    return model.eval()
-
-
-def delta_overlap(lower: LoadedModule, upper: LoadedModule) -> dict[str, int]:
-    """Shared indices between two sparse deltas, per transformer layer (``layer_03``), ``embeddings`` or ``other``."""
-    from xlpeft.methods.sft import SparseDelta
-
-    shared = SparseDelta.from_tensors(lower.tensors["delta"]).overlap(SparseDelta.from_tensors(upper.tensors["delta"]))
-    per_layer: dict[str, int] = {}
-    for name, count in shared.items():
-        match = re.search(r"layer\.(\d+)\.", name)
-        bucket = f"layer_{int(match.group(1)):02d}" if match else ("embeddings" if "embeddings" in name else "other")
-        per_layer[bucket] = per_layer.get(bucket, 0) + count
-    return dict(sorted(per_layer.items()))
-
-
-COMPOSITION_FILE = "xlpeft_composition.json"
-
-
-def save_composed(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write a composed model so that :func:`compose` (or ``from_pretrained``) loads it back.
-
-    Deltas are already merged into the weights, so with no adapter involved the directory is a
-    plain transformers checkpoint. Adapters are written next to it as xlpeft module folders
-    (``adapters/0``, ...) and re-hooked by :func:`load_composed`; ``from_pretrained`` alone
-    would then give the model *without* adapters.
-    """
-    import json
-
-    from xlpeft.io import save_module
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    adapters = model._modules.pop("xlpeft_adapters", None)
-    try:
-        model.save_pretrained(out_dir)
-    finally:
-        if adapters is not None:
-            model.add_module("xlpeft_adapters", adapters)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-    composition: Composition = model.xlpeft_composition
-    active: Active = model.xlpeft_active
-    adapter_dirs = []
-    for i, (module, handle) in enumerate(zip(active.modules, active.handles, strict=True)):
-        if not hasattr(handle, "module"):
-            continue
-        sub = out_dir / "adapters" / str(i)
-        save_module(sub, module.manifest, {"adapter": handle.module.state_dict()})
-        adapter_dirs.append(f"adapters/{i}")
-    record = {"composition": composition.to_dict(), "adapters": adapter_dirs, "format_version": 1}
-    (out_dir / COMPOSITION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return out_dir
-
-
-def load_composed(path: str | Path) -> nn.Module:
-    """Load a directory written by :func:`save_composed`: the checkpoint, then its adapters re-hooked."""
-    import json
-
-    from transformers import (
-        AutoConfig,
-        AutoModelForMaskedLM,
-        AutoModelForSequenceClassification,
-        AutoModelForTokenClassification,
-    )
-
-    from xlpeft.models import Base, arch_for
-
-    path = Path(path)
-    record = json.loads((path / COMPOSITION_FILE).read_text(encoding="utf-8"))
-    composition = Composition.from_dict(record["composition"])
-    arch_name = (AutoConfig.from_pretrained(path).architectures or [""])[0]
-    auto = (AutoModelForTokenClassification if arch_name.endswith("ForTokenClassification")
-            else AutoModelForSequenceClassification if arch_name.endswith("ForSequenceClassification")
-            else AutoModelForMaskedLM)
-    model = auto.from_pretrained(path)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    base = Base(name=str(path), path=path, model=model, tokenizer=None, fingerprint=composition.base_fingerprint,
-                arch=arch_for(model))
-    adapters = [load_module(path / sub) for sub in record["adapters"]]
-    active = activate(base, adapters, force=True)
-    model.add_module("xlpeft_adapters", nn.ModuleList(h.module for h in active.handles))
+    task = composition.task
+    model = target_model(base, task.module if task is not None else None)
+    active = activate(dataclasses.replace(base, model=model), composition, force=True)
+    model.add_module("xlpeft_modules", nn.ModuleList(active.modules()))
     model.xlpeft_composition = composition
     model.xlpeft_active = active
     return model.eval()

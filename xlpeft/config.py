@@ -18,6 +18,11 @@ from typing import Any
 
 from xlpeft.errors import ConfigError
 
+DEFAULT_BASE = "xlmr"
+"""The base of every command and request that takes one (``--base``)."""
+DEFAULT_METHOD = "adapter"
+"""The method of ``train-lang`` / ``train-task`` when ``--method`` is not given (MAD-X)."""
+
 
 def check_fields(obj: Any, extra: Iterable[str] = ()) -> None:
     """Validate ``choices``/``min``/``max`` metadata of a dataclass instance; raise all problems at once.
@@ -100,6 +105,30 @@ def parse_sets(pairs: Iterable[str]) -> dict[str, str]:
             raise ConfigError(f"--set expects key=value, got {_brief(pair)}; e.g. --set lr=1e-4")
         out[key.strip()] = value.strip()
     return out
+
+
+def merge_flags(sets: Mapping[str, str], **flags: Any) -> dict[str, str]:
+    """``--set`` pairs with the CLI's shorthand flags (``--max-steps``...) folded in: one route per setting.
+
+    Raises:
+        ConfigError: a flag and a ``--set`` of the same key disagree.
+    """
+    out = dict(sets)
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in out and out[key] != str(value):
+            raise ConfigError(f"--{key.replace('_', '-')} {value} and --set {key}={out[key]} both set `{key}`; give one")
+        out[key] = str(value)
+    return out
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The declared default of field ``name`` of dataclass ``cls`` (for help texts: defaults live in one place)."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.default
+    raise KeyError(name)
 
 
 def field_names(cls: type) -> list[str]:

@@ -15,7 +15,7 @@ from tests.hostile.conftest import lang_args, run_cli, task_args
     ("lr=nan", "lr"), ("eval_fraction=nan", "eval_fraction"), ("mlm_probability=nan", "mlm_probability"),
     ("warmup_ratio=nan", "warmup_ratio"), ("reduction_factor=nan", "reduction_factor"),
     (f"seed={2**70}", "seed"), ("seed=-1", "seed"), ("device=banana", "device"),
-    ("max_steps=1.5", "an int"), ("lang_module=", "lang_module"),
+    ("eval_every=1.5", "an int"), ("lang_module=", "lang_module"),
 ])
 def test_bad_set_values(capsys, store, tiny, corpus, ner, pair, needle):
     args = task_args(tiny, ner) if pair.startswith("lang_module") else lang_args(tiny, corpus)

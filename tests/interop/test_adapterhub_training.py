@@ -106,7 +106,7 @@ def test_task_adapter_over_frozen_language_adapter_matches_adapterhub(fixture_ba
     """(b) Task adapter + tagging head over AdapterHub's seq_bn_inv language adapter: train_adapter("ner"), Stack(sw, ner)."""
     lang = _imported(tmp_path, FIXTURES / "adapterhub" / "seq_bn_inv", "lang")
     active = activate(fixture_base, [lang])
-    lang_adapter = active.handles[0].module
+    lang_adapter = active.modules()[0]
     head = build_head("token_classification", fixture_base.hidden_size, 5, dropout=0.0)
     try:
         ours, losses = _train(fixture_base, "task_ner_stack", tmp_path, head)

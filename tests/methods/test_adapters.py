@@ -156,7 +156,7 @@ def test_language_module_stays_frozen_while_a_task_adapter_trains(base, tmp_path
     saved = (_saved_delta(tmp_path, base) if lang_kind == "sft" else
              _saved_module(tmp_path, base, AdapterConfig(invertible=lang_kind == "adapter+inv"), 7))
     active = activate(base, [saved])
-    lang = getattr(active.handles[0], "module", torch.nn.Module())  # an SFT adds into the base's own weights
+    lang = torch.nn.ModuleList(active.modules())  # empty for an SFT: it adds into the base's own weights
     before = {k: v.clone() for k, v in lang.state_dict().items()}
     cfg = TrainConfig(max_steps=3, lr=1e-3, warmup_ratio=0.0)
     trainable = prepare_adapter(base, AdapterConfig(**AdapterConfig.defaults_for("task")), cfg)
@@ -205,7 +205,7 @@ def test_modules_that_recorded_their_non_linearity_load_identically(base, tmp_pa
         handle.remove()
         active = activate(base, [saved])
         got = base.model(input_ids=ids).logits
-        rebuilt = active.handles[0].module
+        rebuilt = active.modules()[0]
         active.remove()
     assert isinstance(rebuilt.layers[0]["attn"].act, torch.nn.ReLU) and rebuilt.config.non_linearity == "relu"
     torch.testing.assert_close(got, expected, rtol=0, atol=0)

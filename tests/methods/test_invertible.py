@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from xlpeft.errors import XlpeftError
 from xlpeft.methods.invertible import InvertibleAdapter
 
 
@@ -35,7 +36,7 @@ def test_untrained_invertible_is_identity():
 
 
 def test_odd_hidden_size_is_refused():
-    with pytest.raises(ValueError, match="odd"):
+    with pytest.raises(XlpeftError, match="odd"):
         InvertibleAdapter(33)
 
 

@@ -425,11 +425,11 @@ def test_revert_apply_is_identity_and_apply_changes_output(base):
         delta.revert(base.model)  # once only
 
 
-def test_applied_delta_remove_is_bit_exact(base):
-    from xlpeft.methods.sft import AppliedDelta
+def test_applied_sft_remove_is_bit_exact(base):
+    from xlpeft.methods.sft import AppliedSFT
 
     before = _weights(base)
-    handle = AppliedDelta(_delta(base, 30, seed=5), base.model)
+    handle = AppliedSFT(_delta(base, 30, seed=5), base.model, freeze_decoder=False)
     handle.remove()
     handle.remove()  # a second remove does nothing
     _assert_bit_identical(base, before)

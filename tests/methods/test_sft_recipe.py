@@ -11,33 +11,33 @@ from xlpeft.config import TrainConfig
 from xlpeft.distributed import Dist
 from xlpeft.errors import ConfigError
 from xlpeft.methods.heads import TokenClassificationHead
-from xlpeft.methods.sft import SFTConfig, SFTTrainable, SparseDelta, activate_sft, split_steps
+from xlpeft.methods.sft import SFTConfig, SFTTrainable, SparseDelta, apply_sft, split_steps
 from xlpeft.recipes.common import NullTracker, PhaseRun, resolve_configs, resolve_epochs, run_phases
 from xlpeft.training import mlm_loss
 
 
 # ---- defaults and their precedence
 def test_published_defaults_per_kind():
-    lang, lang_train = resolve_configs("sft", "language", {}, {})
+    lang, lang_train = resolve_configs("sft", "language", {})
     assert (lang.reference_num_params, lang.l1, lang.l1_full_phase, lang.freeze_decoder) == (7_667_712, 0.1, True, True)
     assert (lang_train.lr, lang_train.warmup_ratio) == (5e-5, 0.0)
-    task, task_train = resolve_configs("sft", "task", {}, {})
+    task, task_train = resolve_configs("sft", "task", {})
     assert (task.reference_num_params, task.l1, task.full_epochs, task.sparse_epochs) == (14_155_776, 0.0, 3, 10)
     assert task.reset_head and not task.freeze_decoder and task_train.lr == 5e-5
-    assert resolve_configs("sft", "task", {"lr": "1e-4", "l1": "0.2"}, {})[0:2][1].lr == 1e-4  # --set wins
-    assert resolve_configs("adapter", "language", {}, {})[1].lr == 1e-4  # adapters keep MAD-X's rate
+    assert resolve_configs("sft", "task", {"lr": "1e-4", "l1": "0.2"})[0:2][1].lr == 1e-4  # --set wins
+    assert resolve_configs("adapter", "language", {})[1].lr == 1e-4  # adapters keep MAD-X's rate
 
 
 def test_explicit_max_steps_replaces_the_default_epochs_but_not_explicit_ones():
-    cfg, train = resolve_configs("sft", "task", {}, {"max_steps": 200})
+    cfg, train = resolve_configs("sft", "task", {"max_steps": "200"})
     assert (cfg.full_epochs, cfg.sparse_epochs) == (None, None)
-    assert resolve_epochs(cfg, train, 1000) == cfg  # nothing to convert: the 100 + 100 split of --max-steps
-    cfg, train = resolve_configs("sft", "task", {"full_epochs": "2", "max_steps": "50"}, {})
-    converted = resolve_epochs(cfg, train, 64)  # batch 8: 8 steps an epoch
+    assert resolve_epochs("sft", cfg, train, 1000) == cfg  # nothing to convert: the 100 + 100 split of --max-steps
+    cfg, train = resolve_configs("sft", "task", {"full_epochs": "2", "max_steps": "50"})
+    converted = resolve_epochs("sft", cfg, train, 64)  # batch 8: 8 steps an epoch
     assert (converted.full_steps, converted.sparse_steps) == (16, None)
     assert split_steps(converted, train.max_steps) == (16, 34)  # the sparse phase gets the rest of --max-steps
-    cfg, train = resolve_configs("sft", "task", {"full_steps": "5"}, {})
-    converted = resolve_epochs(cfg, train, 64)
+    cfg, train = resolve_configs("sft", "task", {"full_steps": "5"})
+    converted = resolve_epochs("sft", cfg, train, 64)
     assert (converted.full_steps, converted.sparse_steps) == (5, 80)  # explicit steps beat epochs; 10 epochs sparse
 
 
@@ -111,7 +111,7 @@ def test_activated_language_sft_keeps_its_decoder_as_in_training(base, freeze_de
                     if q is model.get_input_embeddings().weight and not n.startswith(base.arch.mlm_head + "."))
     before = {n: q.detach().clone() for n, q in model.named_parameters(remove_duplicate=False)}
     delta = SparseDelta({emb_name: (torch.arange(0, 64, 3), torch.full((22,), 0.5))})
-    handle = activate_sft(base, _Loaded(delta, freeze_decoder))
+    handle = apply_sft(base, _Loaded(delta, freeze_decoder))
     dec = model.get_output_embeddings()
     untied = dec.weight is not model.get_input_embeddings().weight
     assert untied == bool(freeze_decoder)

@@ -16,8 +16,8 @@ from xlpeft.recipes.train_lang import LangRequest, train_language
 def trained(request, workdir, base_dirs, sw_corpus):
     base_dir = base_dirs[request.param]
     before = {k: v.clone() for k, v in load_file(str(base_dir / "model.safetensors")).items()}
-    req = LangRequest(lang="sw", base=str(base_dir), corpus=(str(sw_corpus),), max_steps=12,
-                      sets={"max_seq_len": "32", "lr": "1e-2", "log_every": "4", "eval_every": "6"})
+    req = LangRequest(lang="sw", base=str(base_dir), corpus=(str(sw_corpus),),
+                      sets={"max_steps": "12", "max_seq_len": "32", "lr": "1e-2", "log_every": "4", "eval_every": "6"})
     result = train_language(req)
     return result, base_dir, before
 
@@ -73,19 +73,19 @@ def test_mlflow_run_tags_params_metrics_artifacts_and_registry(trained):
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "module")}
     assert artifacts == {"module/xlpeft.json", "module/adapter.safetensors"}
     assert result.registered_name == "xlpeft-lang-sw-adapter"
-    path, version = tracking.find_module("xlpeft-lang-sw-adapter", load_base(str(base_dir)).fingerprint)
+    path, version = tracking.find_reference("xlpeft-lang-sw-adapter", load_base(str(base_dir)).fingerprint)
     assert version.run_id == result.run_id
     downloaded = load_module(path)
     for k, v in load_module(result.path).tensors["adapter"].items():
         assert torch.equal(downloaded.tensors["adapter"][k], v)
     with pytest.raises(Exception, match="no registered module"):
-        tracking.find_module("xlpeft-lang-sw-adapter", "otherbase")
+        tracking.find_reference("xlpeft-lang-sw-adapter", "otherbase")
 
 
 def test_same_seed_same_module(workdir, base_dirs, sw_corpus):
     def run(out):
-        req = LangRequest(lang="sw", base=str(base_dirs["tiny-bert"]), corpus=(str(sw_corpus),), max_steps=5,
-                          output=str(workdir / out), sets={"max_seq_len": "32", "lr": "1e-2"})
+        req = LangRequest(lang="sw", base=str(base_dirs["tiny-bert"]), corpus=(str(sw_corpus),),
+                          output=str(workdir / out), sets={"max_steps": "5", "max_seq_len": "32", "lr": "1e-2"})
         return load_module(train_language(req).path).tensors["adapter"]
 
     a, b = run("a"), run("b")

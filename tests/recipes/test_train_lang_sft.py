@@ -27,7 +27,8 @@ def trained_once(request, tmp_path_factory, base_dirs):
     before = {k: v.clone() for k, v in load_file(str(base_dir / "model.safetensors")).items()}
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, root)
-        req = LangRequest(lang="sw", method="sft", base=str(base_dir), corpus=(str(corpus),), max_steps=20, sets=SETS)
+        req = LangRequest(lang="sw", method="sft", base=str(base_dir), corpus=(str(corpus),),
+                          sets={**SETS, "max_steps": "20"})
         result = train_language(req)
     return result, base_dir, before, root
 
@@ -79,7 +80,7 @@ def test_manifest_and_mlflow_run(trained):
     assert {a.path for a in client.list_artifacts(result.run_id, "module")} == {
         "module/xlpeft.json", "module/delta.safetensors"}
     assert result.registered_name == "xlpeft-lang-sw-sft"
-    path, version = tracking.find_module("xlpeft-lang-sw-sft", load_base(str(base_dir)).fingerprint)
+    path, version = tracking.find_reference("xlpeft-lang-sw-sft", load_base(str(base_dir)).fingerprint)
     assert version.run_id == result.run_id
     downloaded = load_module(path).tensors["delta"]
     assert all(torch.equal(downloaded[k], v) for k, v in load_module(result.path).tensors["delta"].items())
@@ -92,7 +93,7 @@ def test_activate_applies_the_delta_and_remove_reverts_it(trained):
     before = {n: p.detach().clone() for n, p in base.model.named_parameters()}
     with torch.no_grad():
         ref = base.model(input_ids=ids).logits
-    handle = get_method("sft").activate(base, load_module(result.path))
+    handle = get_method("sft").apply(base, load_module(result.path))
     with torch.no_grad():
         out = base.model(input_ids=ids).logits
     handle.remove()
@@ -104,7 +105,7 @@ def test_activate_applies_the_delta_and_remove_reverts_it(trained):
 
 def test_random_selection_spends_every_step_on_phase2(workdir, base_dirs, sw_corpus):
     req = LangRequest(lang="sw", method="sft", base=str(base_dirs["tiny-bert"]), corpus=(str(sw_corpus),),
-                      max_steps=6, sets={**SETS, "selection": "random", "num_params": "300"})
+                      sets={"max_steps": "6", **SETS, "selection": "random", "num_params": "300"})
     manifest = load_module(train_language(req).path).manifest
     assert {k: v["steps"] for k, v in manifest.training["phases"].items()} == {"sparse": 6}
     assert manifest.trainable_parameters == 300

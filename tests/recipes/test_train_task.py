@@ -27,13 +27,14 @@ def lang_en(workdir, base_dirs, tmp_path):
     corpus = tmp_path / "en.txt"
     corpus.write_text("\n".join(make_lines(EN_WORDS, 120)), encoding="utf-8")
     return train_language(LangRequest(lang="en", base=str(base_dirs["tiny-bert"]), corpus=(str(corpus),),
-                                      max_steps=4, sets={"max_seq_len": "32"}))
+                                      sets={"max_steps": "4", "max_seq_len": "32"}))
 
 
 def test_task_adapter_over_registered_language_module(workdir, base_dirs, lang_en, ner_files):
     base_dir = str(base_dirs["tiny-bert"])
     result = train_task(TaskRequest(task="ner", lang="en", base=base_dir, train_data=str(ner_files["train"]),
-                                    eval_data=str(ner_files["eval"]), max_steps=60, batch_size=16, sets=SETS))
+                                    eval_data=str(ner_files["eval"]),
+                                    sets={**SETS, "max_steps": "60", "batch_size": "16"}))
     # lineage: the language module found by name, recorded in manifest and tags
     manifest = json.loads((result.path / "xlpeft.json").read_text())
     assert manifest["kind"] == "task" and manifest["task"] == "ner" and manifest["lang"] == "en"
@@ -55,7 +56,8 @@ def test_task_adapter_over_registered_language_module(workdir, base_dirs, lang_e
 def test_reloaded_task_module_predicts_the_same(workdir, base_dirs, lang_en, ner_files):
     base_dir = str(base_dirs["tiny-bert"])
     result = train_task(TaskRequest(task="ner", lang="en", base=base_dir, train_data=str(ner_files["train"]),
-                                    eval_data=str(ner_files["eval"]), max_steps=30, batch_size=16, sets=SETS))
+                                    eval_data=str(ner_files["eval"]),
+                                    sets={**SETS, "max_steps": "30", "batch_size": "16"}))
     pack = load_task_pack("ner")
     base = load_base(base_dir)
     task = load_module(result.path)
@@ -82,9 +84,10 @@ def test_reloaded_task_module_predicts_the_same(workdir, base_dirs, lang_en, ner
 def test_lang_module_none_and_missing(workdir, base_dirs, ner_files):
     base_dir = str(base_dirs["tiny-xlmr"])
     with pytest.raises(XlpeftError, match="no registered language module for 'en'.*lang_module=none"):
-        train_task(TaskRequest(task="ner", base=base_dir, train_data=str(ner_files["train"]), max_steps=2))
-    result = train_task(TaskRequest(task="ner", base=base_dir, train_data=str(ner_files["train"]), max_steps=3,
-                                    sets={**SETS, "lang_module": "none"}))
+        train_task(TaskRequest(task="ner", base=base_dir, train_data=str(ner_files["train"]),
+                               sets={"max_steps": "2"}))
+    result = train_task(TaskRequest(task="ner", base=base_dir, train_data=str(ner_files["train"]),
+                                    sets={"max_steps": "3", **SETS, "lang_module": "none"}))
     assert result.lang_module is None
     assert json.loads((result.path / "xlpeft.json").read_text())["extra"]["lang_module"] is None
 
@@ -95,15 +98,15 @@ def test_nli_and_pos_heads(workdir, base_dirs, tmp_path):
             for h, lab in [("Juma works", "entailment"), ("Juma sleeps", "neutral"), ("nobody works", "contradiction")]]
     nli = tmp_path / "nli.jsonl"
     nli.write_text("\n".join(json.dumps(r) for r in rows * 10), encoding="utf-8")
-    res = train_task(TaskRequest(task="nli", base=base_dir, train_data=str(nli), max_steps=3,
-                                 sets={**SETS, "lang_module": "none"}))
+    res = train_task(TaskRequest(task="nli", base=base_dir, train_data=str(nli),
+                                 sets={"max_steps": "3", **SETS, "lang_module": "none"}))
     assert "accuracy" in res.metrics
     assert load_module(res.path).tensors["head"]["classifier.weight"].shape == (3, 32)
     conllu = tmp_path / "pos.conllu"
     sent = "1\tJuma\t_\tPROPN\t_\t_\t0\troot\t_\t_\n2\tanakula\t_\tVERB\t_\t_\t1\tx\t_\t_\n"
     conllu.write_text((sent + "\n") * 20, encoding="utf-8")
-    res = train_task(TaskRequest(task="pos", base=base_dir, train_data=str(conllu), max_steps=3,
-                                 sets={**SETS, "lang_module": "none"}))
+    res = train_task(TaskRequest(task="pos", base=base_dir, train_data=str(conllu),
+                                 sets={"max_steps": "3", **SETS, "lang_module": "none"}))
     assert "accuracy" in res.metrics and "f1_PROPN" in res.metrics
 
 
@@ -123,5 +126,5 @@ def test_unknown_label_through_cli(capsys, workdir, base_dirs, tmp_path):
 def test_fingerprint_mismatch_refused(workdir, base_dirs, lang_en, ner_files):
     with pytest.raises(XlpeftError, match="fingerprint"):
         train_task(TaskRequest(task="ner", base=str(base_dirs["tiny-xlmr"]), train_data=str(ner_files["train"]),
-                               max_steps=2, sets={"lang_module": str(lang_en.path)}))
+                               sets={"max_steps": "2", "lang_module": str(lang_en.path)}))
     assert torch.is_tensor(load_module(lang_en.path).tensors["adapter"]["layers.0.ffn.up.weight"])

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from xlpeft.config import check_fields
+from xlpeft.config import build, check_fields
+from xlpeft.errors import XlpeftError
+from xlpeft.methods.base import MethodSpec, Phase
 from xlpeft.methods.bottleneck import ACTIVATIONS, Bottleneck
 from xlpeft.methods.invertible import InvertibleAdapter
 from xlpeft.models import ArchSpec, get_submodule
@@ -96,8 +98,8 @@ class _Site:
         return h
 
 
-class Attachment:
-    """Handles of hooks placed on a model; ``remove()`` restores the bare base."""
+class Hooks:
+    """The hook handles one :func:`attach_adapters` call placed; ``remove()`` takes them all off."""
 
     def __init__(self, handles: list) -> None:
         self.handles = handles
@@ -108,8 +110,8 @@ class Attachment:
         self.handles.clear()
 
 
-def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterModule]) -> Attachment:
-    """Hook a stack of adapter modules (bottom first) into ``model``; returns an :class:`Attachment`.
+def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterModule]) -> Hooks:
+    """Hook a stack of adapter modules (bottom first) into ``model``; returns the :class:`Hooks` placed.
 
     The invertible adapter of the first module that has one is used (MAD-X: the language
     adapter's), on the embedding layer's output and, inverted, on the MLM decoder's input.
@@ -132,7 +134,7 @@ def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterMod
         decoder = model.get_output_embeddings()  # None for task models: the inverse only precedes the MLM decoder
         if decoder is not None:
             handles.append(decoder.register_forward_pre_hook(lambda mod, args: (inv.inverse(args[0]),) + args[1:]))
-    return Attachment(handles)
+    return Hooks(handles)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -143,34 +145,35 @@ class AdapterTrainable:
     """Training-time wrapper: one adapter module hooked on top of whatever is already active."""
 
     def __init__(self, base, config: AdapterConfig, steps: int) -> None:
-        from xlpeft.registry import Phase
-
         self.module = AdapterModule(config, base.hidden_size, len(base.layers)).to(_device(base.model))
-        self.attachment = attach_adapters(base.model, base.arch, [self.module])
+        self.hooks = attach_adapters(base.model, base.arch, [self.module])
         self.phases = [Phase("adapter", steps)]
 
-    def begin_phase(self, phase) -> list[nn.Parameter]:
+    def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
         self.module.train()
         return list(self.module.parameters())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
-    def resume_phase(self, phase, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
+    def resume_phase(self, phase: Phase, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
         self.module.load_state_dict(state, strict=True)
         return self.begin_phase(phase)
 
-    def after_step(self, phase, step: int) -> None:
+    def after_step(self, phase: Phase, step: int) -> None:
         pass
 
-    def end_phase(self, phase) -> dict[str, float]:
+    def end_phase(self, phase: Phase) -> dict[str, float]:
         return {}
+
+    def replicated(self) -> None:
+        return None  # plain dense parameters: the summed gradients keep every rank's copy equal
 
     def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         return {"adapter": self.module.state_dict()}, {}
 
     def close(self) -> None:
-        self.attachment.remove()
+        self.hooks.remove()
 
 
 def prepare_adapter(base, config: AdapterConfig, train_cfg) -> AdapterTrainable:
@@ -179,35 +182,50 @@ def prepare_adapter(base, config: AdapterConfig, train_cfg) -> AdapterTrainable:
 
 
 @dataclass
-class ActiveAdapter:
-    """A saved adapter module hooked onto a base; ``remove()`` unhooks it."""
+class AppliedAdapter:
+    """A saved adapter module hooked onto a base (:class:`~xlpeft.methods.base.Applied`); ``remove()`` unhooks it."""
 
     module: AdapterModule
-    attachment: Attachment
+    hooks: Hooks
 
     def remove(self) -> None:
-        self.attachment.remove()
+        self.hooks.remove()
+
+    def modules(self) -> list[nn.Module]:
+        return [self.module]
+
+    def saved_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"adapter": self.module.state_dict()}  # hooks are not in a checkpoint: the weights go beside it
 
 
-def activate_adapter(base, loaded) -> ActiveAdapter:
+def apply_adapter(base, loaded) -> AppliedAdapter:
     """Rebuild a saved adapter module, load its weights (strictly) and hook it onto ``base``, frozen.
 
     Frozen (``requires_grad=False``, its invertible adapter included) as in MAD-X and AdapterHub's
     ``train_adapter``: while a task module trains over it, backward neither computes nor stores its gradients.
     """
-    from xlpeft.config import build
-
     config = build(AdapterConfig, loaded.manifest.config)
     module = AdapterModule(config, base.hidden_size, len(base.layers))
     state = loaded.tensors.get("adapter")
     if state is None:
-        raise ValueError(f"adapter module {loaded.path} has no adapter.safetensors")
+        raise XlpeftError(f"adapter module {loaded.path} has no adapter.safetensors; it is incomplete: retrain or "
+                          "re-convert it")
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        from xlpeft.errors import XlpeftError
-
         raise XlpeftError(f"adapter weights in {loaded.path} do not fit this base: {str(exc).splitlines()[0]}") from None
     module.to(_device(base.model)).eval()
     module.requires_grad_(False)  # frozen: a task module trained above it computes and stores no gradient for it
-    return ActiveAdapter(module, attach_adapters(base.model, base.arch, [module]))
+    return AppliedAdapter(module, attach_adapters(base.model, base.arch, [module]))
+
+
+SPEC = MethodSpec(
+    name="adapter",
+    config_cls=AdapterConfig,
+    prepare=prepare_adapter,
+    apply=apply_adapter,
+    combine="stack",  # MAD-X: the task adapter transforms the language adapter's output (Pfeiffer et al. 2020)
+    help="MAD-X bottleneck adapters (+ invertible embedding adapter for language modules)",
+    defaults=AdapterConfig.defaults_for,
+    files=("adapter",),
+)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xlpeft.errors import ConfigError
+
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
@@ -18,7 +20,7 @@ class Bottleneck(nn.Module):
     def __init__(self, in_features: int, reduction_factor: float, non_linearity: str = "relu") -> None:
         super().__init__()
         if non_linearity not in ACTIVATIONS:
-            raise ValueError(f"non_linearity should be one of {', '.join(ACTIVATIONS)}; got {non_linearity!r}")
+            raise ConfigError(f"non_linearity should be one of {', '.join(ACTIVATIONS)}; got {non_linearity!r}")
         width = max(1, int(in_features // reduction_factor))
         self.down = nn.Linear(in_features, width)
         self.act = ACTIVATIONS[non_linearity]()

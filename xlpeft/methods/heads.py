@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xlpeft.errors import ConfigError
+
 HEADS = ("token_classification", "sequence_classification")
 
 
@@ -39,4 +41,4 @@ def build_head(kind: str, hidden_size: int, num_labels: int, dropout: float = 0.
         return TokenClassificationHead(hidden_size, num_labels, dropout)
     if kind == "sequence_classification":
         return SequenceClassificationHead(hidden_size, num_labels, dropout)
-    raise ValueError(f"head should be one of {', '.join(HEADS)}; got {kind!r}")
+    raise ConfigError(f"head should be one of {', '.join(HEADS)}; got {kind!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from xlpeft.errors import ConfigError
 from xlpeft.methods.bottleneck import Bottleneck
 
 
@@ -24,7 +25,7 @@ class InvertibleAdapter(nn.Module):
     def __init__(self, hidden_size: int, reduction_factor: float = 2.0, non_linearity: str = "relu") -> None:
         super().__init__()
         if hidden_size % 2:
-            raise ValueError(f"invertible adapters split the hidden vector in halves; hidden size {hidden_size} is odd")
+            raise ConfigError(f"invertible adapters split the hidden vector in halves; hidden size {hidden_size} is odd")
         half = hidden_size // 2
         self.F = Bottleneck(half, reduction_factor, non_linearity)
         self.G = Bottleneck(half, reduction_factor, non_linearity)

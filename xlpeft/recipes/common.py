@@ -21,40 +21,34 @@ from xlpeft.registry import get_method
 from xlpeft.training import Resume, train_loop
 
 
-def resolve_configs(method: str, kind: str, sets: dict[str, Any], cli: dict[str, Any],
-                    *extra_classes: type, train_defaults: dict[str, Any] | None = None) -> tuple[Any, ...]:
-    """(method config, TrainConfig, *extra configs) from --set overrides and explicit CLI flags (flags win).
+def resolve_configs(method: str, kind: str, sets: dict[str, Any], *extra_classes: type,
+                    train_defaults: dict[str, Any] | None = None) -> tuple[Any, ...]:
+    """(method config, TrainConfig, *extra configs) from ``--set`` overrides (the CLI's flags arrive as keys too).
 
     Precedence, lowest first: TrainConfig's own defaults, the recipe's ``train_defaults``, the
-    method's per-kind ``train_defaults_for(kind)`` (e.g. LT-SFT's lr 5e-5), ``--set``, CLI flags.
-    Method fields: the dataclass defaults, the method's ``defaults_for(kind)``, ``--set``; a method
-    may list in ``DROPPED_BY`` per-kind defaults that an explicit TrainConfig key replaces (LT-SFT's
-    task epochs give way to an explicit ``--max-steps``). Unknown keys are reported against the
-    union of all the classes' fields.
+    method's per-kind ``spec.train_defaults(kind)`` (e.g. LT-SFT's lr 5e-5), ``--set``. Method
+    fields: the dataclass defaults, ``spec.defaults(kind)``, ``--set``; ``spec.dropped_by`` names
+    per-kind defaults that an explicit training key replaces (LT-SFT's task epochs give way to an
+    explicit ``max_steps``). Unknown keys are reported against the union of all the classes' fields.
     """
     spec = get_method(method)
-    cls = spec.config_cls
-    routed = split_overrides(sets, cls, TrainConfig, *extra_classes)
-    method_over, train_over, extra_over = routed[0], routed[1], routed[2:]
-    explicit_train = {**train_over, **{k: v for k, v in cli.items() if v is not None}}
-    method_train = getattr(cls, "train_defaults_for", lambda _kind: {})(kind)
-    train_over = {**(train_defaults or {}), **method_train, **explicit_train}
-    defaults = dict(getattr(cls, "defaults_for", lambda _kind: {})(kind))
-    for key, dropped in getattr(cls, "DROPPED_BY", {}).items():
+    routed = split_overrides(sets, spec.config_cls, TrainConfig, *extra_classes)
+    method_over, explicit_train, extra_over = routed[0], routed[1], routed[2:]
+    train_over = {**(train_defaults or {}), **spec.train_defaults(kind), **explicit_train}
+    defaults = dict(spec.defaults(kind))
+    for key, dropped in spec.dropped_by.items():
         if key in explicit_train:
             for name in dropped:
                 defaults.pop(name, None)
     extras = tuple(c(**over) for c, over in zip(extra_classes, extra_over, strict=True))
-    method_cfg, train_cfg = cls(**{**defaults, **method_over}), TrainConfig(**train_over)
-    if hasattr(method_cfg, "check_against"):  # e.g. LT-SFT: can --max-steps be split into its phases?
-        method_cfg.check_against(train_cfg)
+    method_cfg, train_cfg = spec.config_cls(**{**defaults, **method_over}), TrainConfig(**train_over)
+    method_cfg = spec.plan(method_cfg, train_cfg, None)  # e.g. LT-SFT: can max_steps be split into its phases?
     return (method_cfg, train_cfg, *extras)
 
 
-def resolve_epochs(method_cfg: Any, train_cfg: TrainConfig, num_examples: int) -> Any:
-    """The method config with epoch-based phase lengths turned into steps, once the data is known (before a run)."""
-    convert = getattr(method_cfg, "with_epochs", None)
-    return convert(num_examples, train_cfg) if convert is not None else method_cfg
+def resolve_epochs(method: str, method_cfg: Any, train_cfg: TrainConfig, num_examples: int) -> Any:
+    """The method config planned for the data once it is known (e.g. epoch-based phases -> steps), before a run."""
+    return get_method(method).plan(method_cfg, train_cfg, num_examples)
 
 
 def base_ref(base) -> dict[str, str]:
@@ -199,9 +193,9 @@ def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | Non
         done += phase.steps
         metrics = {f"{phase.name}_steps_per_second": result.steps_per_second, **run.trainable.end_phase(phase)}
         run.tracker.log_metrics(metrics, done)
-        indices = getattr(run.trainable, "indices", None)
-        if isinstance(indices, dict) and indices:  # LT-SFT: every rank must hold the same mask
-            run.dist.same_everywhere(torch.cat([i.reshape(-1).cpu() for i in indices.values()]), "the LT-SFT mask")
+        shared = run.trainable.replicated()
+        if shared is not None:  # e.g. LT-SFT's mask: every rank must have chosen the same entries
+            run.dist.same_everywhere(shared, f"the {phase.name} phase's selected state")
         summary[phase.name] = {"steps": phase.steps, "last_loss": result.last_loss, "seconds": result.seconds}
     return done, summary
 

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 from xlpeft import tracking
-from xlpeft.compose import COMPOSITION_FILE, compose, delta_overlap, save_composed
+from xlpeft.compose import compose
+from xlpeft.composed import COMPOSITION_FILE, save_composed
+from xlpeft.config import DEFAULT_BASE
 from xlpeft.data.tasks import PairExample, TokenExample, parse_task_data, read_source
 from xlpeft.errors import XlpeftError
 from xlpeft.evaluation import EVAL_MAX_LEN, predict, score
@@ -21,13 +23,14 @@ from xlpeft.io import LoadedModule, install_dir, load_module
 from xlpeft.metrics import METRICS
 from xlpeft.models import fit_seq_len, load_base
 from xlpeft.packs import TaskPack, load_task_pack
+from xlpeft.registry import get_method
 
 
 @dataclass(frozen=True)
 class ComposeRequest:
     lang: str
     task: str
-    base: str = "xlmr"
+    base: str = DEFAULT_BASE
     lang_method: str | None = None
     task_method: str | None = None
     eval_data: str | None = None
@@ -48,7 +51,7 @@ class ComposeResult:
 
 
 def resolve(kind: str, name: str, method: str | None, fingerprint: str) -> tuple[LoadedModule, tracking.RegisteredModule]:
-    path, reg = tracking.find_newest(kind, name, fingerprint, method)
+    path, reg = tracking.find_module(kind, name, method, fingerprint=fingerprint)
     return load_module(path), reg
 
 
@@ -110,8 +113,9 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
     task_mod, task_reg = resolve("task", req.task, req.task_method, base.fingerprint)
     examples, evaluated_on = eval_examples(pack, req.lang, req.eval_data, req.split)
     overlap = {}
-    if lang_mod.manifest.method == "sft" and task_mod.manifest.method == "sft":
-        overlap = delta_overlap(lang_mod, task_mod)
+    spec = get_method(task_mod.manifest.method)
+    if lang_mod.manifest.method == spec.name and spec.overlap is not None:  # e.g. two deltas: shared entries add up
+        overlap = spec.overlap(lang_mod, task_mod)
     key = METRICS[pack.metric]
     methods = f"{lang_mod.manifest.method}+{task_mod.manifest.method}"
     tags = {

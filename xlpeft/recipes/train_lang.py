@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from xlpeft import tracking
+from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD
 from xlpeft.data.corpora import check_text_file, fingerprint_corpora, iter_lines
 from xlpeft.data.mlm import attention_mask_for, batches, mask_tokens, pack_blocks, split_blocks
 from xlpeft.distributed import init_from_env
@@ -39,14 +40,11 @@ class LangRequest:
     """What the user asked for on the command line."""
 
     lang: str
-    method: str = "adapter"
-    base: str = "xlmr"
+    method: str = DEFAULT_METHOD
+    base: str = DEFAULT_BASE
     corpus: tuple[str, ...] = ()
-    sets: dict[str, str] = field(default_factory=dict)  # --set key=value
+    sets: dict[str, str] = field(default_factory=dict)  # --set key=value (the CLI's --max-steps etc. included)
     output: str | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    seed: int | None = None
     resume: bool = False
     overwrite: bool = False  # replace an xlpeft module of another kind at --output
 
@@ -66,9 +64,7 @@ def train_language(req: LangRequest) -> LangResult:
     # ---- setup: validate everything before an MLflow run exists
     pack = load_language_pack(req.lang)
     spec = get_method(req.method)
-    method_cfg, cfg = resolve_configs(
-        req.method, "language", req.sets, {"max_steps": req.max_steps, "batch_size": req.batch_size, "seed": req.seed}
-    )
+    method_cfg, cfg = resolve_configs(req.method, "language", req.sets)
     corpora = pack.resolve(list(req.corpus))
     for c in corpora:
         if c.path:
@@ -80,7 +76,7 @@ def train_language(req: LangRequest) -> LangResult:
     lines = itertools.chain.from_iterable(iter_lines(c, cfg.max_corpus_lines) for c in corpora)
     blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
-    method_cfg = resolve_epochs(method_cfg, cfg, len(train_blocks))  # epoch-based phases (LT-SFT) -> steps
+    method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_blocks))  # epoch-based phases (LT-SFT) -> steps
     name = tracking.registered_name("language", req.lang, req.method)
     tags = run_tags("language", req.lang, None, req.method, base)
     params = {

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from xlpeft import tracking
 from xlpeft.compose import activate
-from xlpeft.config import check_fields
+from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD, check_fields
 from xlpeft.data.tasks import TaskSource, collate, data_fingerprint, parse_task_data, read_source
 from xlpeft.distributed import init_from_env
 from xlpeft.errors import XlpeftError
@@ -58,15 +58,12 @@ class TaskConfig:
 class TaskRequest:
     task: str
     lang: str = "en"
-    method: str = "adapter"
-    base: str = "xlmr"
+    method: str = DEFAULT_METHOD
+    base: str = DEFAULT_BASE
     train_data: str | None = None
     eval_data: str | None = None
-    sets: dict[str, str] = field(default_factory=dict)
+    sets: dict[str, str] = field(default_factory=dict)  # --set key=value (the CLI's --max-steps etc. included)
     output: str | None = None
-    max_steps: int | None = None
-    batch_size: int | None = None
-    seed: int | None = None
     resume: bool = False
     overwrite: bool = False  # replace an xlpeft module of another kind at --output
 
@@ -91,7 +88,7 @@ def find_language_module(lang: str, fingerprint: str,
     """
     for wanted in (method, None):  # None: the newest of any method, so of another one (none of ``method``)
         try:
-            path, reg = tracking.find_newest("language", lang, fingerprint, wanted)
+            path, reg = tracking.find_module("language", lang, wanted, fingerprint=fingerprint)
         except tracking.NotRegistered:  # not "its artifacts are gone": that one is reported
             continue
         return path, reg, wanted is not None
@@ -208,13 +205,11 @@ def train_task(req: TaskRequest) -> TaskResult:
     # ---- setup: everything checkable is checked before an MLflow run exists
     pack = load_task_pack(req.task)
     spec = get_method(req.method)
-    method_cfg, cfg, task_cfg = resolve_configs(
-        req.method, "task", req.sets, {"max_steps": req.max_steps, "batch_size": req.batch_size, "seed": req.seed},
-        TaskConfig, train_defaults=TASK_TRAIN_DEFAULTS,
-    )
+    method_cfg, cfg, task_cfg = resolve_configs(req.method, "task", req.sets, TaskConfig,
+                                                train_defaults=TASK_TRAIN_DEFAULTS)
     train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
                                                   cfg.eval_fraction, cfg.seed)
-    method_cfg = resolve_epochs(method_cfg, cfg, len(train_ex))  # LT-SFT's epoch-based phases -> steps
+    method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_ex))  # LT-SFT's epoch-based phases -> steps
     out_dir = check_module_output(req.output or f"modules/task-{req.task}-{req.method}", "task", req.overwrite)
     base, device = start_training(req.base, cfg)
     cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table

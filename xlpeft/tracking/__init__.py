@@ -53,10 +53,11 @@ from xlpeft.tracking.store import (
 )
 
 __all__ = ["EXPERIMENT", "NotRegistered", "RETRY_ENV", "TAG_KEYS", "RegisteredModule", "Tracker", "TrackingUnfinished",
-           "check_reachable", "client", "download", "filter_value", "list_empty", "find_module", "find_newest", "list_registered",
-           "list_versions", "registered_name", "replay_spool", "retry_seconds", "spool_path", "tracked_run",
+           "check_reachable", "client", "download", "filter_value", "find_module", "find_reference", "list_empty", "list_registered",
+           "list_versions", "parse_registered_name", "registered_name", "replay_spool", "retry_seconds", "spool_path", "tracked_run",
            "tracking_uri"]
 
+PREFIXES = {"language": "lang", "task": "task"}  # module kind -> the word in registered names
 TAG_KEYS = ("xlpeft.kind", "xlpeft.lang", "xlpeft.task", "xlpeft.method", "xlpeft.base", "xlpeft.base_fingerprint")
 
 
@@ -75,8 +76,8 @@ def filter_value(value: str) -> str:
 
 
 def registered_name(kind: str, name: str, method: str) -> str:
-    prefix = {"language": "lang", "task": "task"}[kind]
-    return f"xlpeft-{prefix}-{name}-{method}"
+    """The registry name of a ``kind`` module: ``xlpeft-lang-<lang>-<method>`` or ``xlpeft-task-<task>-<method>``."""
+    return f"xlpeft-{PREFIXES[kind]}-{name}-{method}"
 
 
 @dataclass(frozen=True)
@@ -112,49 +113,76 @@ def list_empty(prefix: str = "xlpeft-") -> list[str]:
     return [n for n in list_registered(prefix) if not list_versions(n)]
 
 
-def find_module(name: str, fingerprint: str | None = None, fetch: bool = True) -> tuple[Path, RegisteredModule]:
-    """Newest version of ``name`` trained on the base ``fingerprint``, downloaded to the local cache.
-
-    With ``fetch=False`` only the registry is consulted (the returned path may not exist yet).
+def parse_registered_name(text: str) -> tuple[str, str, str]:
+    """``xlpeft-lang-sw-adapter`` -> ``("language", "sw", "adapter")``: the inverse of :func:`registered_name`.
 
     Raises:
-        XlpeftError: nothing registered under ``name`` for that base; the message lists what exists.
-    """
-    versions = list_versions(name)
-    matching = [v for v in versions if fingerprint is None or v.tags.get("xlpeft.base_fingerprint") == fingerprint]
-    if not matching:
-        held = ", ".join(f"{n}" for n in list_registered()) or "nothing"
-        detail = f" on base fingerprint {fingerprint}" if fingerprint and versions else ""
-        raise NotRegistered(
-            f"no registered module {name!r}{detail} in {tracking_uri()}; the registry holds: {held}. "
-            "Train it first (xlpeft train-lang / train-task) or pass a module directory"
-        )
-    if not fetch:
-        return Path(), matching[0]
-    return download(matching[0])
-
-
-def find_newest(kind: str, name: str, fingerprint: str, method: str | None = None) -> tuple[Path, RegisteredModule]:
-    """Newest registered ``kind`` module for ``name`` (lang or task) on this base, of ``method`` or any method.
-
-    Raises:
-        XlpeftError: none registered; the message lists what the registry holds for this base.
+        XlpeftError: not an xlpeft registered name, or its method is not registered.
     """
     from xlpeft.registry import method_names
 
+    for kind, prefix in PREFIXES.items():
+        head = f"xlpeft-{prefix}-"
+        if text.startswith(head):
+            name, _, method = text[len(head):].rpartition("-")
+            if name and method in method_names():
+                return kind, name, method
+            raise XlpeftError(f"{text!r} ends in method {method!r}, which is not registered (methods: "
+                              f"{', '.join(method_names())}); expected xlpeft-{prefix}-<name>-<method>")
+    raise XlpeftError(f"{text!r} is not an xlpeft registered name; expected xlpeft-lang-<lang>-<method> or "
+                      "xlpeft-task-<task>-<method>, optionally with @VERSION")
+
+
+def find_module(kind: str, name: str, method: str | None = None, version: str | None = None,
+                fingerprint: str | None = None, fetch: bool = True) -> tuple[Path, RegisteredModule]:
+    """The one lookup of a registered module: ``kind`` (language/task) for ``name`` (lang code or task name).
+
+    Args:
+        method: only this method's modules; None: the newest of any registered method.
+        version: this registry version (needs ``method``: versions are numbered per registered name).
+        fingerprint: only modules trained on the base with this fingerprint.
+        fetch: download the artifacts to the local cache (False: consult the registry only; the path
+            returned may not exist yet).
+
+    Returns:
+        (module directory, the registry entry).
+
+    Raises:
+        NotRegistered: nothing matches; the message lists what the registry holds (for this base).
+        XlpeftError: the store is unreachable, or the version's artifacts are gone.
+    """
+    from xlpeft.registry import method_names
+
+    if kind not in PREFIXES:
+        raise XlpeftError(f"module kind should be one of {', '.join(PREFIXES)}; got {kind!r}")
+    if version is not None and method is None:
+        raise XlpeftError(f"version {version} of a {kind} module for {name!r} needs its method: registry versions "
+                          "are numbered per registered name (xlpeft-<kind>-<name>-<method>@VERSION)")
     candidates = []
     for m in [method] if method else method_names():
-        versions = list_versions(registered_name(kind, name, m))
-        candidates += [v for v in versions if v.tags.get("xlpeft.base_fingerprint") == fingerprint]
+        candidates += [v for v in list_versions(registered_name(kind, name, m))
+                       if (fingerprint is None or v.tags.get("xlpeft.base_fingerprint") == fingerprint)
+                       and (version is None or v.version == str(version))]
     if not candidates:
+        wanted = registered_name(kind, name, method or "*") + (f"@{version}" if version else "")
         held = [n for n in list_registered()
-                if any(v.tags.get("xlpeft.base_fingerprint") == fingerprint for v in list_versions(n))]
-        wanted = registered_name(kind, name, method or "*")
+                if fingerprint is None or any(v.tags.get("xlpeft.base_fingerprint") == fingerprint
+                                              for v in list_versions(n))]
+        where = f" on base fingerprint {fingerprint}" if fingerprint else ""
         raise NotRegistered(
-            f"no registered {kind} module {wanted} on base fingerprint {fingerprint} in {tracking_uri()}; "
-            f"for this base the registry holds: {', '.join(held) or 'nothing'}"
+            f"no registered {kind} module {wanted}{where} in {tracking_uri()}; "
+            f"{'for this base ' if fingerprint else ''}the registry holds: {', '.join(held) or 'nothing'}. "
+            "Train it first (xlpeft train-lang / train-task) or pass a module directory"
         )
-    return download(max(candidates, key=lambda v: (v.created, int(v.version))))
+    chosen = max(candidates, key=lambda v: (v.created, int(v.version)))
+    return download(chosen) if fetch else (Path(), chosen)
+
+
+def find_reference(ref: str, fingerprint: str | None = None) -> tuple[Path, RegisteredModule]:
+    """A registry reference ``NAME`` or ``NAME@VERSION`` (``xlpeft-lang-sw-adapter@3``), through :func:`find_module`."""
+    text, _, version = ref.partition("@")
+    kind, name, method = parse_registered_name(text)
+    return find_module(kind, name, method, version or None, fingerprint)
 
 
 def download(chosen: RegisteredModule) -> tuple[Path, RegisteredModule]:

@@ -17,21 +17,65 @@ top-K, movement scores), :mod:`.delta` (the SparseDelta value: apply/revert/sum/
 :mod:`.trainable` (the two phases and activation), :mod:`.memory` (per-phase peak memory).
 """
 
+from __future__ import annotations
+
+import re
+
+from xlpeft.methods.base import MethodSpec
 from xlpeft.methods.sft.config import SELECTIONS, SFTConfig, default_num_params, split_steps
-from xlpeft.methods.sft.delta import AppliedDelta, SparseDelta
+from xlpeft.methods.sft.delta import SparseDelta
 from xlpeft.methods.sft.memory import PeakMemory
 from xlpeft.methods.sft.selection import MovementScores, top_k_indices
 from xlpeft.methods.sft.trainable import (
-    ActiveSFT,
+    AppliedSFT,
     SFTTrainable,
-    activate_sft,
+    apply_sft,
     maskable_parameters,
     prepare_sft,
     retie_decoder,
     untie_decoder,
 )
 
+
+def plan_sft(config: SFTConfig, train_cfg, num_examples: int | None) -> SFTConfig:
+    """Before the data is read: can ``max_steps`` be split into the phases? After: epoch-based phases -> steps."""
+    if num_examples is None:
+        config.check_against(train_cfg)
+        return config
+    return config.with_epochs(num_examples, train_cfg)
+
+
+def delta_overlap(lower, upper) -> dict[str, int]:
+    """Indices two sft modules share, per transformer layer (``layer_03``), ``embeddings`` or ``other``.
+
+    Where two deltas overlap, θ0 + δ_lang + δ_task adds both values to one weight (Ansell et al. 2022, §3.3).
+    """
+    shared = SparseDelta.from_tensors(lower.tensors["delta"]).overlap(SparseDelta.from_tensors(upper.tensors["delta"]))
+    per_layer: dict[str, int] = {}
+    for name, count in shared.items():
+        match = re.search(r"layer\.(\d+)\.", name)
+        bucket = f"layer_{int(match.group(1)):02d}" if match else ("embeddings" if "embeddings" in name else "other")
+        per_layer[bucket] = per_layer.get(bucket, 0) + count
+    return dict(sorted(per_layer.items()))
+
+
+SPEC = MethodSpec(
+    name="sft",
+    config_cls=SFTConfig,
+    prepare=prepare_sft,
+    apply=apply_sft,
+    combine="sum",  # θ0 + δ_lang + δ_task
+    help="LT-SFT sparse fine-tuning: a delta on K base weights (magnitude/movement/random/bias selection)",
+    defaults=SFTConfig.defaults_for,
+    train_defaults=SFTConfig.train_defaults_for,
+    dropped_by=SFTConfig.DROPPED_BY,
+    plan=plan_sft,
+    overlap=delta_overlap,
+    files=("delta",),
+)
+
 __all__ = [
-    "SELECTIONS", "ActiveSFT", "AppliedDelta", "MovementScores", "PeakMemory", "SFTConfig", "SFTTrainable", "SparseDelta",
-    "activate_sft", "default_num_params", "maskable_parameters", "prepare_sft", "retie_decoder", "split_steps", "top_k_indices", "untie_decoder",
+    "SELECTIONS", "SPEC", "AppliedSFT", "MovementScores", "PeakMemory", "SFTConfig", "SFTTrainable", "SparseDelta",
+    "apply_sft", "default_num_params", "delta_overlap", "maskable_parameters", "plan_sft", "prepare_sft",
+    "retie_decoder", "split_steps", "top_k_indices", "untie_decoder",
 ]

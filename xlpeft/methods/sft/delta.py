@@ -184,17 +184,3 @@ class _Applied:
 
 # model -> its applied deltas, oldest first; weak so that a dropped model frees them
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, list[_Applied]] = weakref.WeakKeyDictionary()
-
-
-class AppliedDelta:
-    """A delta added to a model's weights in place; ``remove()`` restores the weights bit-exactly (once)."""
-
-    def __init__(self, delta: SparseDelta, model: nn.Module) -> None:
-        self.delta, self.model = delta, model
-        delta.apply(model)
-        self._applied = True
-
-    def remove(self) -> None:
-        if self._applied:
-            self.delta.revert(self.model)
-            self._applied = False

@@ -1,4 +1,4 @@
-"""Training an LT-SFT through the :class:`~xlpeft.registry.Trainable` protocol, and activating a saved one.
+"""Training an LT-SFT through the :class:`~xlpeft.methods.base.Trainable` protocol, and activating a saved one.
 
 Phase 1 ("full") fine-tunes every maskable weight in place, keeping a copy of theta0. At its end
 the K entries are selected, the weights are reset to theta0 (an exact copy back), and phase 2
@@ -45,11 +45,11 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from xlpeft.errors import XlpeftError
+from xlpeft.methods.base import Phase
 from xlpeft.methods.sft.config import SFTConfig, default_num_params, layer_params, split_steps
-from xlpeft.methods.sft.delta import AppliedDelta, SparseDelta
+from xlpeft.methods.sft.delta import SparseDelta
 from xlpeft.methods.sft.memory import PeakMemory
 from xlpeft.methods.sft.selection import MovementScores, random_scores, top_k_indices
-from xlpeft.registry import Phase
 
 _WEIGHT, _MOVEMENT, _INDICES, _VALUES = "full.weight.", "full.movement.", "sparse.indices.", "sparse.values."  # state keys
 
@@ -217,6 +217,12 @@ class SFTTrainable:
             return {"full_peak_memory_mb": peak, **self._pop_pending()}
         return {"sparse_peak_memory_mb": peak, **self._pop_pending()}
 
+    def replicated(self) -> torch.Tensor | None:
+        """The selected indices, flattened: every data-parallel rank must have chosen the same mask."""
+        if not self.indices:
+            return None
+        return torch.cat([i.reshape(-1).cpu() for i in self.indices.values()])
+
     def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         if not self.values:
             raise XlpeftError("sft: nothing to export before the sparse phase has run")
@@ -346,24 +352,36 @@ def retie_decoder(decoder: nn.Module, shared: nn.Parameter) -> None:
     decoder.weight = shared
 
 
-class ActiveSFT:
-    """An activated sft module: its delta applied (bit-exact ``remove()``), and the decoder untied if it was in training."""
+class AppliedSFT:
+    """A saved sft module applied (:class:`~xlpeft.methods.base.Applied`): its delta added to the weights in place.
+
+    ``remove()`` restores the weights bit-exactly (:meth:`SparseDelta.revert`) and re-ties the
+    decoder if it was untied for a module trained with ``freeze_decoder``.
+    """
 
     def __init__(self, delta: SparseDelta, model: nn.Module, freeze_decoder: bool) -> None:
         self._decoder = untie_decoder(model) if freeze_decoder else None  # before the delta changes the embeddings
         try:
-            self._applied = AppliedDelta(delta, model)
+            delta.apply(model)
         except BaseException:
             if self._decoder is not None:
                 retie_decoder(*self._decoder)
             raise
-        self.delta = delta
+        self.delta, self.model, self._applied = delta, model, True
 
     def remove(self) -> None:
-        self._applied.remove()
+        if self._applied:
+            self.delta.revert(self.model)
+            self._applied = False
         if self._decoder is not None:
             retie_decoder(*self._decoder)
             self._decoder = None
+
+    def modules(self) -> list[nn.Module]:
+        return []  # nothing but the base's own weights
+
+    def saved_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {}  # merged into the weights: a checkpoint of the composed model already holds it
 
 
 def prepare_sft(base, config: SFTConfig, train_cfg) -> SFTTrainable:
@@ -371,7 +389,7 @@ def prepare_sft(base, config: SFTConfig, train_cfg) -> SFTTrainable:
     return SFTTrainable(base, config, train_cfg)
 
 
-def activate_sft(base, loaded) -> ActiveSFT:
+def apply_sft(base, loaded) -> AppliedSFT:
     """Add a saved module's delta to ``base``'s weights in place; the handle's ``remove()`` restores the weights bit-exactly.
 
     A language delta may touch the MLM head (composable-sft releases do); on a task model, which has
@@ -385,4 +403,4 @@ def activate_sft(base, loaded) -> ActiveSFT:
     head = base.arch.mlm_head + "."
     if base.model.get_output_embeddings() is None:
         delta = SparseDelta({n: e for n, e in delta.entries.items() if not n.startswith(head)})
-    return ActiveSFT(delta, base.model, bool((loaded.manifest.config or {}).get("freeze_decoder", False)))
+    return AppliedSFT(delta, base.model, bool((loaded.manifest.config or {}).get("freeze_decoder", False)))

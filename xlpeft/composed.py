@@ -1,0 +1,169 @@
+"""Composed models as Hugging Face models, and their directories: the checkpoint plus what it cannot hold.
+
+:func:`target_model` builds the model a composition runs in (MLM, or token/sequence
+classification with the task module's head). :func:`save_composed` writes it so that
+``from_pretrained`` loads the merged weights (deltas are already in them) and :func:`load_composed`
+re-applies what a checkpoint cannot hold (hooked modules such as adapters, each method saying
+what through ``Applied.saved_tensors``), reading the composition record with a checked version.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xlpeft.compose import Active, Composition
+from xlpeft.errors import XlpeftError
+from xlpeft.io import LoadedModule, load_module
+from xlpeft.registry import get_method
+
+COMPOSITION_FILE = "xlpeft_composition.json"
+UNMERGED_DIR = "modules"  # modules/<leaf index>: the modules a checkpoint cannot hold, as xlpeft module folders
+
+
+def target_model(base, task: LoadedModule | None) -> nn.Module:
+    """A fresh Hugging Face model for the composition: MLM, or token/sequence classification with the task head."""
+    if task is None:
+        return copy.deepcopy(base.model)
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    check_head(task, base.hidden_size)  # before reading the labels: an incomplete module is one clear error
+    labels = task.manifest.extra["labels"]
+    head_kind = task.manifest.extra["head"]
+    config = copy.deepcopy(base.model.config)
+    config.num_labels = len(labels)
+    config.id2label = dict(enumerate(labels))
+    config.label2id = {label: i for i, label in enumerate(labels)}
+    auto = AutoModelForTokenClassification if head_kind == "token_classification" else AutoModelForSequenceClassification
+    model = auto.from_config(config)
+    encoder = model.get_submodule(base.arch.encoder)
+    missing, unexpected = encoder.load_state_dict(base.encoder.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("pooler.") for k in missing):
+        raise XlpeftError(f"base encoder does not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
+    head = task.tensors["head"]
+    with torch.no_grad():
+        if head_kind == "token_classification":
+            _copy_linear(model.get_submodule(base.arch.token_head), head, "classifier")
+        else:
+            dense, out = base.arch.seq_head
+            _copy_linear(model.get_submodule(dense), head, "dense")
+            _copy_linear(model.get_submodule(out), head, "classifier")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(next(base.model.parameters()).device)
+
+
+def check_head(task: LoadedModule, hidden_size: int) -> None:
+    """The saved head must fit the base's hidden size and the module's label list."""
+    from xlpeft.methods.heads import build_head
+
+    extra = task.manifest.extra
+    if "head" not in task.tensors or "labels" not in extra or "head" not in extra:
+        raise XlpeftError(f"task module {task.path} has no head (head.safetensors and labels); it is incomplete")
+    expected = build_head(extra["head"], hidden_size, len(extra["labels"])).state_dict()
+    got = task.tensors["head"]
+    problems = [f"{k}: expected {tuple(v.shape)}, got {tuple(got[k].shape) if k in got else 'nothing'}"
+                for k, v in expected.items() if k not in got or got[k].shape != v.shape]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    if problems:
+        raise XlpeftError(f"task head in {task.path} does not fit a base of hidden size {hidden_size} with "
+                          f"{len(extra['labels'])} labels: {'; '.join(problems)}")
+
+
+def _copy_linear(target: nn.Linear, state: dict[str, torch.Tensor], prefix: str) -> None:
+    target.weight.copy_(state[f"{prefix}.weight"])
+    target.bias.copy_(state[f"{prefix}.bias"])
+
+
+def save_composed(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write a composed model so that :func:`~xlpeft.compose.compose` (or ``from_pretrained``) loads it back.
+
+    Merged modules (deltas) are in the weights, so with no hooked module the directory is a plain
+    transformers checkpoint. Hooked modules (adapters) are written next to it as xlpeft module
+    folders (``modules/<i>``, ``i`` the module's position in the composition) and re-applied by
+    :func:`load_composed`; ``from_pretrained`` alone gives the model *without* them.
+    """
+    from xlpeft.io import save_module
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    own = model._modules.pop("xlpeft_modules", None)
+    try:
+        model.save_pretrained(out_dir)
+    finally:
+        if own is not None:
+            model.add_module("xlpeft_modules", own)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    composition: Composition = model.xlpeft_composition
+    active: Active = model.xlpeft_active
+    unmerged = {}
+    for i, leaf, handle in active.entries:
+        tensors = handle.saved_tensors()
+        if tensors:
+            sub = f"{UNMERGED_DIR}/{i}"
+            save_module(out_dir / sub, leaf.module.manifest, tensors)
+            unmerged[str(i)] = sub
+    record = {**composition.to_dict(), "unmerged": unmerged}
+    (out_dir / COMPOSITION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def read_record(path: Path) -> tuple[Composition, dict[int, Path]]:
+    """The composition and its unmerged module folders (by leaf index) from a composed model's directory."""
+    try:
+        record = json.loads((path / COMPOSITION_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise XlpeftError(f"cannot read {path / COMPOSITION_FILE} ({exc}); it is not a composed model written by "
+                          "xlpeft: compose it again") from None
+    if record.get("format_version") == 1:  # xlpeft 0.1: {"composition": {slots}, "adapters": ["adapters/<slot>"]}
+        composition = Composition.from_dict({**record["composition"], "format_version": 1})
+        return composition, {int(sub.rsplit("/", 1)[1]): path / sub for sub in record.get("adapters", [])}
+    composition = Composition.from_dict(record)
+    return composition, {int(i): path / sub for i, sub in record.get("unmerged", {}).items()}
+
+
+def load_composed(path: str | Path) -> nn.Module:
+    """Load a directory written by :func:`save_composed`: the checkpoint, then its unmerged modules re-applied."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
+
+    from xlpeft.models import Base, arch_for
+
+    path = Path(path)
+    composition, unmerged = read_record(path)
+    arch_name = (AutoConfig.from_pretrained(path).architectures or [""])[0]
+    auto = (AutoModelForTokenClassification if arch_name.endswith("ForTokenClassification")
+            else AutoModelForSequenceClassification if arch_name.endswith("ForSequenceClassification")
+            else AutoModelForMaskedLM)
+    model = auto.from_pretrained(path)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    base = Base(name=str(path), path=path, model=model, tokenizer=None, fingerprint=composition.base_fingerprint,
+                arch=arch_for(model))
+    active = Active(composition)
+    leaves = composition.leaves()
+    try:
+        for i, sub in sorted(unmerged.items()):
+            module = load_module(sub)
+            if i >= len(leaves) or module.manifest.method != leaves[i].method:
+                raise XlpeftError(f"{sub} does not match module {i} of the composition record in {path}; the "
+                                  "directory was edited by hand: compose it again")
+            leaf = dataclasses.replace(leaves[i], module=module)
+            active.entries.append((i, leaf, get_method(leaf.method).apply(base, module)))
+    except BaseException:
+        active.remove()
+        raise
+    model.add_module("xlpeft_modules", nn.ModuleList(active.modules()))
+    model.xlpeft_composition = composition
+    model.xlpeft_active = active
+    return model.eval()

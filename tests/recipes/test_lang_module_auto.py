@@ -21,14 +21,16 @@ def en_corpus(tmp_path):
 
 def _lang(base_dir, corpus, method, seed=None):
     return train_language(LangRequest(lang="en", method=method, base=str(base_dir), corpus=(str(corpus),),
-                                      sets={"max_steps": "2", "seed": str(seed), "max_seq_len": "32", **SMALL.get(method, {})}))
+                                      sets={"max_steps": "2", "max_seq_len": "32", **SMALL.get(method, {}),
+                                            **({"seed": str(seed)} if seed is not None else {})}))
 
 
 def _task(base_dir, ner_files, method, **sets):
     return train_task(TaskRequest(task="ner", lang="en", method=method, base=str(base_dir),
                                   train_data=str(ner_files["train"]), eval_data=str(ner_files["eval"]),
                                   output=f"modules/task-ner-{method}",
-                                  sets={"max_steps": "2", "batch_size": "8", "max_seq_len": "48", **SMALL.get(method, {}), **sets}))
+                                  sets={"max_steps": "2", "batch_size": "8", "max_seq_len": "48",
+                                        **SMALL.get(method, {}), **sets}))
 
 
 def test_auto_prefers_the_same_method_and_says_so(workdir, base_dirs, en_corpus, ner_files, capsys):

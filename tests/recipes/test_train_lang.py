@@ -78,7 +78,7 @@ def test_mlflow_run_tags_params_metrics_artifacts_and_registry(trained):
     downloaded = load_module(path)
     for k, v in load_module(result.path).tensors["adapter"].items():
         assert torch.equal(downloaded.tensors["adapter"][k], v)
-    with pytest.raises(Exception, match="no registered module"):
+    with pytest.raises(Exception, match="no registered language module"):
         tracking.find_reference("xlpeft-lang-sw-adapter", "otherbase")
 
 

@@ -91,6 +91,7 @@ def flaky(store_dir, monkeypatch) -> Flaky:
     """Runs opened by tracked_run (and replays) go through a Flaky client on the workdir store."""
     wrapper = Flaky(tracking.client())
     monkeypatch.setattr("xlpeft.tracking.run.client", lambda uri=None: wrapper)
+    monkeypatch.setattr("xlpeft.tracking.spool.client", lambda uri=None: wrapper)  # replay_spool's
     return wrapper
 
 

@@ -4,7 +4,9 @@ Tracking URI: ``$MLFLOW_TRACKING_URI`` or an embedded SQLite store ``mlflow.db``
 directory (browse with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``). Registered model
 names are ``xlpeft-lang-<lang>-<method>`` and ``xlpeft-task-<task>-<method>``, so later commands
 find modules by name, never by run id. :mod:`~xlpeft.tracking.store` opens the store,
-:mod:`~xlpeft.tracking.run` is the run; this module looks modules up in the registry.
+:mod:`~xlpeft.tracking.run` is the run, :mod:`~xlpeft.tracking.spool` keeps its calls while the store is
+down, :mod:`~xlpeft.tracking.lifecycle` opens, resumes and publishes a training run; this module looks
+modules up in the registry.
 
 What keeps a module safe when the store misbehaves:
 
@@ -37,11 +39,10 @@ from xlpeft.tracking.run import (
     Tracker,
     TrackingUnfinished,
     _flat,  # noqa: F401 (recipes.common compares run params with it)
-    replay_spool,
     retry_seconds,
-    spool_path,
     tracked_run,
 )
+from xlpeft.tracking.spool import replay_spool, spool_path
 from xlpeft.tracking.store import (
     EXPERIMENT,
     _reason,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from xlpeft.errors import XlpeftError
-from xlpeft.tracking.run import REPLAY_HINT, replay_spool, spool_path
+from xlpeft.tracking.spool import REPLAY_HINT, replay_spool, spool_path
 
 
 def _main(argv: list[str]) -> int:

@@ -6,12 +6,12 @@ wait. Uploading the module, registering it and closing the run retry for ``$XLPE
 (default 60); then the run stops with :class:`TrackingUnfinished`, which names the module directory
 (complete on disk: recipes save and verify it before logging) and the replay command,
 ``python -m xlpeft.tracking replay RUN_ID``. A version is registered only after the uploaded files were
-listed back and match the module directory.
+listed back and match the module directory. The spool file itself and its replay are
+:mod:`xlpeft.tracking.spool`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -23,6 +23,7 @@ from typing import Any
 
 from xlpeft.errors import XlpeftError
 from xlpeft.interrupts import deferred
+from xlpeft.tracking.spool import REPLAY_HINT, append_spool, read_spool, spool_path, write_spool
 from xlpeft.tracking.store import (
     _experiment_id,
     _is_http,
@@ -36,7 +37,6 @@ from xlpeft.tracking.store import (
 )
 
 RETRY_ENV = "XLPEFT_TRACKING_RETRY_SECONDS"
-REPLAY_HINT = "python -m xlpeft.tracking replay"
 _MAX_DELAY = 10.0  # seconds between retries at most, so a server that is back is noticed soon
 
 
@@ -67,12 +67,6 @@ def retry_seconds() -> float:
     if value < 0:
         raise XlpeftError(f"{RETRY_ENV} should be a number of seconds >= 0, got {raw!r}")
     return value
-
-
-def spool_path(run_id: str) -> Path:
-    from xlpeft.models import cache_dir
-
-    return cache_dir() / "spool" / f"{run_id}.jsonl"
 
 
 @dataclass
@@ -289,20 +283,11 @@ class Tracker:
 
     # -- the spool file
 
-    def _spool_lines(self) -> list[str]:
-        header = {"op": "run", "run_id": self.run_id, "uri": self._uri or tracking_uri()}
-        return [json.dumps(header)] + [json.dumps(op) for op in self._pending]
-
     def _write_spool(self) -> None:
-        path = spool_path(self.run_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("\n".join(self._spool_lines()) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        write_spool(self.run_id, self._uri or tracking_uri(), self._pending)
 
     def _append_spool(self, op: dict[str, Any]) -> None:
-        with spool_path(self.run_id).open("a", encoding="utf-8") as f:
-            f.write(json.dumps(op) + "\n")
+        append_spool(self.run_id, op)
 
     def close(self, status: str, wait: bool, attempt: bool = True) -> bool:
         """End the run as ``status``; False if that (or an earlier call) is only spooled.
@@ -365,7 +350,7 @@ def tracked_run(run_name: str, tags: dict[str, Any], params: dict[str, Any],
     tracker = Tracker(run_id, c, uri)
     try:
         if resuming and spool_path(run_id).is_file():  # left by a killed process
-            tracker._pending = [op for op in _read_spool(run_id)[1] if op["op"] in ("params", "metrics", "tags")]
+            tracker._pending = [op for op in read_spool(run_id)[1] if op["op"] in ("params", "metrics", "tags")]
             tracker._down = True
             tracker._drain(force=True)
         if not resuming:
@@ -387,34 +372,6 @@ def tracked_run(run_name: str, tags: dict[str, Any], params: dict[str, Any],
         raise tracker.unfinished()
 
 
-def replay_spool(run_id: str, uri: str | None = None) -> str | None:
-    """Log a run's spooled tracking calls, in order, to the store the run lives in (or ``uri``).
-
-    Safe to repeat: metrics are de-duplicated by MLflow, params and tags are rewritten with the same
-    values, artifacts overwritten, and a version already registered for the run is not registered again.
-
-    Returns:
-        The registered version if the spool registered a module, else None.
-
-    Raises:
-        XlpeftError: no spool for ``run_id``, or the server is unreachable; TrackingUnfinished: it stopped
-            answering again within the retry window (the spool keeps what is left).
-    """
-    path = spool_path(run_id)
-    if not path.is_file():
-        held = sorted(p.stem for p in path.parent.glob("*.jsonl")) if path.parent.is_dir() else []
-        raise XlpeftError(f"no spooled tracking calls for run {run_id} in {path.parent}; "
-                          f"spooled runs: {', '.join(held) or 'none'}")
-    header, ops = _read_spool(run_id)
-    uri = uri or header.get("uri") or tracking_uri()
-    _check_store_exists(uri, run_id)
-    outputs = {op["artifact_path"]: op["local_dir"] for op in ops if op["op"] == "artifacts"}
-    tracker = Tracker(run_id, client(uri), uri, _pending=ops, _down=True, _outputs=outputs)
-    if not tracker._drain(wait=True, force=True):
-        raise tracker.unfinished()
-    return tracker._version
-
-
 def _clean_downloads() -> None:
     """Remove registry downloads (``.<run>.tmp-<pid>``) that killed processes left in the cache."""
     from xlpeft.io import clean_stale
@@ -424,25 +381,3 @@ def _clean_downloads() -> None:
         clean_stale(cache_dir() / "registry", ".")
     except OSError:  # a read-only or vanished cache: nothing to clean
         pass
-
-
-def _check_store_exists(uri: str, run_id: str) -> None:
-    """A local SQLite store the spool was written for must still exist: replaying into a new empty one loses the run."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):].split("?")[0])
-        if not db.is_file():
-            raise XlpeftError(f"the store {uri} that run {run_id} was logged to no longer exists; the spool "
-                              f"{spool_path(run_id)} is kept: restore the store file, then run `{REPLAY_HINT} {run_id}`")
-
-
-def _read_spool(run_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(header, calls) of a run's spool; a line cut short by a crash is skipped."""
-    lines = []
-    for line in spool_path(run_id).read_text(encoding="utf-8").splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    if not lines or lines[0].get("op") != "run":
-        raise XlpeftError(f"{spool_path(run_id)} is not an xlpeft tracking spool (no header line)")
-    return lines[0], lines[1:]

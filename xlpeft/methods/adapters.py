@@ -132,8 +132,10 @@ def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterMod
         embeddings = get_submodule(model, arch.embeddings)
         handles.append(embeddings.register_forward_hook(lambda mod, args, out: inv(out)))
         decoder = model.get_output_embeddings()  # None for task models: the inverse only precedes the MLM decoder
-        if decoder is not None:
-            handles.append(decoder.register_forward_pre_hook(lambda mod, args: (inv.inverse(args[0]),) + args[1:]))
+        if decoder is not None:  # prepend: with two language modules (f2 after f1 on the embeddings) the decoder
+            # must see f1^-1(f2^-1(h)), so the inverse of the module applied last runs first
+            handles.append(decoder.register_forward_pre_hook(lambda mod, args: (inv.inverse(args[0]),) + args[1:],
+                                                             prepend=True))
     return Hooks(handles)
 
 

@@ -156,13 +156,14 @@ def prepare(base, method: str, kind: str, seed: int = 0):
     return trainable, head, cfg, train_cfg
 
 
-def save(base, method: str, kind: str, cfg, tensors: dict, extra: dict, head, out_dir: Path) -> Path:
+def save(base, method: str, kind: str, cfg, tensors: dict, extra: dict, head, out_dir: Path,
+         name: str | None = None) -> Path:
     """Write a module directory as the recipes do (a task module carries its head and labels)."""
     tensors, extra = dict(tensors), {k: v for k, v in extra.items() if k != "trainable_parameters"}
     if head is not None:
         tensors["head"] = head.state_dict()
         extra.update(labels=LABELS, head="token_classification")
-    label = "sw" if kind == "language" else "ner"
+    label = name or ("sw" if kind == "language" else "ner")
     manifest = Manifest(kind=kind, method=method, config=asdict(cfg),
                         base={"name": base.name, "fingerprint": base.fingerprint,
                               "model_type": base.model.config.model_type},
@@ -171,7 +172,7 @@ def save(base, method: str, kind: str, cfg, tensors: dict, extra: dict, head, ou
     return save_module(out_dir, manifest, tensors)
 
 
-def train_and_save(base, method: str, kind: str, out_dir: Path, seed: int = 0):
+def train_and_save(base, method: str, kind: str, out_dir: Path, seed: int = 0, name: str | None = None):
     """Train a module through the protocol and save it; returns (path, outputs when trained, stems export() wrote)."""
     trainable, head, cfg, train_cfg = prepare(base, method, kind, seed)
     try:
@@ -180,7 +181,7 @@ def train_and_save(base, method: str, kind: str, out_dir: Path, seed: int = 0):
         tensors, extra = trainable.export()
     finally:
         trainable.close()
-    return save(base, method, kind, cfg, tensors, extra, head, out_dir), trained, set(tensors)
+    return save(base, method, kind, cfg, tensors, extra, head, out_dir, name), trained, set(tensors)
 
 
 @pytest.fixture(scope="module")

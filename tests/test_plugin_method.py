@@ -20,11 +20,12 @@ from torch import nn
 
 from tests.conftest import SW_WORDS, make_lines, make_ner, use_store, write_conll
 from tests.hostile.conftest import interrupt_after_checkpoint, run_cli
+from tests.methods import test_contract as contract
 from xlpeft import compose, load_module
 from xlpeft.cli import main
 from xlpeft.config import build, check_fields
 from xlpeft.errors import XlpeftError
-from xlpeft.methods.base import MethodSpec, Phase
+from xlpeft.methods.base import MODULE_KINDS, MethodSpec, Phase
 from xlpeft.models import get_submodule, load_base
 from xlpeft.registry import get_method, method_names, register_method, unregister_method
 
@@ -331,3 +332,22 @@ def test_convert_refuses_the_plug_in_by_name(env, capsys, tmp_path, fmt):
     assert out.code == 2 and len(errors) == 1, out.err[-2000:]
     assert "'scale'" in errors[0] and "unexpected" not in errors[0] and "Traceback" not in out.err
     assert not (tmp_path / "out").exists()
+
+
+# ---- the method-contract table, run for the plug-in (its rows are generated for registered methods at collection)
+
+trained, fresh = contract.trained, contract.fresh  # the contract's fixtures, for this module
+
+
+def test_the_plug_in_meets_the_method_contract(scale_method, trained, fresh, tmp_path):
+    for kind in MODULE_KINDS:
+        contract.test_untrained_module_is_the_identity(fresh, tmp_path / f"untrained-{kind}", NAME, kind)
+        contract.test_save_load_round_trip_gives_the_trained_outputs(trained, fresh, tmp_path / kind, NAME, kind)
+        contract.test_resume_phase_rebuilds_the_module_where_state_dict_left_it(fresh, NAME, kind)
+    for arch in contract.ARCHS:
+        contract.test_apply_then_remove_restores_the_base_bit_exactly(trained, fresh, arch, NAME)
+    for other in method_names():
+        for lower, upper in ((NAME, other), (other, NAME)):
+            contract.test_removed_out_of_order_leaves_what_the_other_alone_gives(trained, fresh, lower, upper)
+            contract.test_every_method_composes_under_every_method(trained, fresh, lower, upper)
+    contract.test_the_spec_is_complete(trained, NAME)

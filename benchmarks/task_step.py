@@ -47,8 +47,10 @@ from xlpeft.io import Manifest, load_module, save_module  # noqa: E402
 from xlpeft.methods.adapters import AdapterConfig, AdapterModule, prepare_adapter  # noqa: E402
 from xlpeft.methods.heads import build_head  # noqa: E402
 from xlpeft.models import load_base  # noqa: E402
-from xlpeft.recipes.train_task import task_loss  # noqa: E402
-from xlpeft.training import train_loop  # noqa: E402
+from xlpeft.training import (
+    task_loss,  # noqa: E402
+    train_loop,  # noqa: E402
+)
 
 PATTERN = ("fixed", "old", "old", "fixed")
 NUM_LABELS = 9  # CoNLL/WikiANN-style BIO tags

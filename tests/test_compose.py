@@ -14,7 +14,8 @@ from xlpeft.methods.heads import build_head
 from xlpeft.models import load_base
 from xlpeft.recipes.compose import ComposeRequest, compose_task
 from xlpeft.recipes.train_lang import LangRequest, train_language
-from xlpeft.recipes.train_task import TaskRequest, task_logits, train_task
+from xlpeft.recipes.train_task import TaskRequest, train_task
+from xlpeft.training import task_logits
 
 
 @pytest.fixture(scope="module")

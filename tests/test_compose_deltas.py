@@ -93,7 +93,7 @@ def test_hybrids_equal_their_parts(env, lang_dir, task_dir, describe):
     """A hybrid equals: delta merged into the weights by hand, adapter hooked by hand, same head."""
     from xlpeft.compose import activate
     from xlpeft.methods.heads import build_head
-    from xlpeft.recipes.train_task import task_logits
+    from xlpeft.training import task_logits
 
     base = load_base(env["base"])
     lang, task = load_module(lang_dir), load_module(task_dir)

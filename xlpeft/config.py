@@ -197,6 +197,13 @@ class TrainConfig:
         check_fields(self, extra=device_problems(self.device))
 
 
+KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "language": {},
+    "task": {"max_seq_len": 128, "eval_fraction": 0.1},  # MAD-X trains NER/POS at 128 sub-words; a 10% held-out slice
+}
+"""TrainConfig defaults per module kind, over the dataclass's own (which are the language modules')."""
+
+
 DEVICE = re.compile(r"auto|cpu|cuda(:\d{1,3})?|mps")
 
 

@@ -1,7 +1,8 @@
-"""Task evaluation shared by training and composition: encode, predict, score.
+"""Task evaluation shared by training and composition: which examples, encode, predict, score.
 
 Prediction takes a ``logits_fn`` (batch -> logits), so the same code scores a base + head
-during training and a composed Hugging Face model afterwards.
+during training (:func:`evaluate_task`) and a composed Hugging Face model afterwards
+(:func:`evaluate_model`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Any
 
 import torch
 
-from xlpeft.data.tasks import NO_SUBWORD, Encoded, collate, encode_pairs, encode_tokens
+from xlpeft.data.tasks import NO_SUBWORD, Encoded, collate, encode_pairs, encode_tokens, parse_task_data, read_source
 from xlpeft.metrics import accuracy, span_f1
+from xlpeft.models import fit_seq_len
 from xlpeft.packs import TaskPack
 from xlpeft.progress import progress
+from xlpeft.training import task_logits
 
 EVAL_MAX_LEN = 128
 """Sub-words per example when scoring a composed model (MAD-X evaluates NER/POS at 128)."""
@@ -82,3 +85,47 @@ def score(pack: TaskPack, examples: list, predictions: list) -> dict[str, float]
     if pack.head == "token_classification":
         return accuracy([t for e in examples for t in e.tags], [t for p in predictions for t in p])
     return accuracy([e.label for e in examples], predictions)
+
+
+def evaluate_task(base, head, pack: TaskPack, tokenizer, examples: list, max_len: int) -> dict[str, float]:
+    """Score base + head on examples (during training), in eval mode, restoring the previous train/eval state."""
+    was = (base.model.training, head.training)
+    base.model.eval()
+    head.eval()
+    device = next(head.parameters()).device
+    preds = predict(lambda b: task_logits(base, head, b), pack, tokenizer, examples, device, max_len=max_len)
+    base.model.train(was[0])
+    head.train(was[1])
+    return score(pack, examples, preds)
+
+
+def predict_model(model, pack: TaskPack, tokenizer, examples: list) -> list[Any]:
+    """Predictions of a composed model (:func:`xlpeft.compose.compose`), at up to :data:`EVAL_MAX_LEN` sub-words."""
+    device = next(model.parameters()).device
+    max_len = fit_seq_len(EVAL_MAX_LEN, model, explicit=False)  # long sentences are cut with a warning
+    return predict(lambda b: model(**b).logits, pack, tokenizer, examples, device, max_len=max_len)
+
+
+def evaluate_model(model, pack: TaskPack, tokenizer, examples: list) -> dict[str, float]:
+    """Score a composed model on examples (:func:`predict_model`, then the pack's metric)."""
+    return score(pack, examples, predict_model(model, pack, tokenizer, examples))
+
+
+def eval_examples(pack: TaskPack, lang: str, spec: str | None,
+                  split: str | None = None) -> tuple[list | None, str | None]:
+    """--eval-data, else the pack's ``split`` (default test, else validation) for ``lang``, else nothing.
+
+    Returns:
+        (examples, description of where they came from), or (None, None) when the pack has no data for ``lang``.
+    """
+    if spec:
+        source = parse_task_data(spec)
+    elif split:
+        source = pack.source(lang, split)
+    else:
+        splits = pack.sources.get(lang, {})
+        split = next((s for s in ("test", "validation") if s in splits), None)
+        if split is None:
+            return None, None
+        source = splits[split]
+    return read_source(source, pack.head, list(pack.labels)), source.describe()

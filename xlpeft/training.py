@@ -1,7 +1,9 @@
-"""The one training loop every recipe uses, plus the MLM loss and evaluation.
+"""The one training loop every recipe uses, the phases and checkpoints around it, and the losses.
 
 Explicit on purpose (no Trainer): AdamW over the method's parameters only, linear warm-up then
 linear decay, gradient accumulation, clipping, a progress bar, periodic logging/eval.
+:func:`run_phases` drives a method's phases through it with checkpoints and exact resume;
+:func:`mlm_loss` and :func:`task_loss` are the two objectives (language and task modules).
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xlpeft.checkpoint import optimizer_state, restore_rng, rng_state, save_checkpoint
 from xlpeft.config import TrainConfig
+from xlpeft.distributed import Dist
 from xlpeft.progress import progress as progress_bar
 
 
@@ -51,6 +57,28 @@ def mlm_loss(base, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask
     logits = base.mlm_head(hidden[selected])  # (M, V), M = number of masked positions
     total = F.cross_entropy(logits.float(), labels[selected], reduction="sum")
     return total / (num_labelled if num_labelled is not None else int(selected.sum()))
+
+
+def task_logits(base, head: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The task head over the (module-carrying) encoder: (B, T, L) token logits or (B, L) sequence logits."""
+    hidden = base.encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return head(hidden)  # (B, T, L) or (B, L)
+
+
+def labelled_count(labels: torch.Tensor) -> int:
+    """Positions that carry a label in (B, T) token labels or (B,) sequence labels."""
+    return int((labels != -100).sum())
+
+
+def task_loss(base, head: nn.Module, batch: dict[str, torch.Tensor], num_labelled: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy over labelled positions divided by ``num_labelled`` (default: this batch's count).
+
+    Data-parallel ranks pass the global micro-batch's count, so summed gradients equal one process's.
+    """
+    logits = task_logits(base, head, batch)
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1),
+                            ignore_index=-100, reduction="sum")
+    return total / max(num_labelled if num_labelled is not None else labelled_count(batch["labels"]), 1)
 
 
 def fit_train_config(cfg: TrainConfig, base, sets: dict) -> TrainConfig:
@@ -194,6 +222,110 @@ def train_loop(
     seconds = time.perf_counter() - start
     done = max(steps - start_step, 1)
     return LoopResult(steps=steps, last_loss=last_loss, seconds=seconds, steps_per_second=done / max(seconds, 1e-9))
+
+
+# ---- a method's phases through the loop, with checkpoints, exact resume and data parallelism
+
+
+@dataclass
+class PhaseRun:
+    """Everything the phase loop needs; one object so every recipe drives it the same way."""
+
+    trainable: Any  # methods.base.Trainable
+    extras: dict[str, nn.Module]  # dense modules trained alongside (a task head)
+    data: Any  # resumable batch iterator with state_dict/load_state_dict
+    generators: dict[str, torch.Generator]  # other RNGs to checkpoint (masking)
+    loss_fn: Any
+    evaluate: Any
+    cfg: TrainConfig
+    tracker: Any  # tracking.Tracker, or lifecycle.NullTracker on ranks > 0
+    desc: str
+    checkpoint_dir: Path | None
+    dist: Dist
+
+
+def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | None = None,
+               state: dict[str, Any] | None = None) -> tuple[int, dict]:
+    """Train every phase of the method; return (total steps, per-phase summary).
+
+    With ``resume`` (a loaded checkpoint), phases already finished are skipped, the current one
+    restarts at its checkpointed step with the exact optimizer, scheduler, RNG and data state.
+    ``state`` is recipe data carried in every checkpoint (e.g. the loss before training).
+    """
+    phases = run.trainable.phases
+    # the extras' initial values, for a phase that resets them (checkpointed: a resumed run restores them too)
+    initial = {name: {k: v.detach().clone() for k, v in m.state_dict().items()} for name, m in run.extras.items()}
+    start_phase, summary, resume_state = 0, {}, None
+    if resume is not None:
+        start_phase, summary, resume_state = _restore(run, resume, state, initial)
+    done = sum(p.steps for p in phases[:start_phase])
+    for index in range(start_phase, len(phases)):
+        phase = phases[index]
+        resuming = resume_state is not None and index == start_phase
+        if resuming:
+            params = run.trainable.resume_phase(phase, _unprefix(resume[0], "trainable."))
+        else:
+            if phase.reset_extras:
+                for name, module in run.extras.items():
+                    module.load_state_dict(initial[name])
+            params = run.trainable.begin_phase(phase)
+        params = params + [p for m in run.extras.values() for p in m.parameters()]
+        result = train_loop(
+            params, run.data, run.loss_fn, run.cfg, phase.steps, run.tracker.log_metrics, run.evaluate,
+            after_step=lambda step, p=phase: run.trainable.after_step(p, step), desc=f"{run.desc} {phase.name}",
+            step_offset=done, resume=resume_state if resuming else None,
+            checkpoint=_checkpointer(run, index, done, summary, state or {}, initial),
+            sync_grads=run.dist.sync_grads if run.dist.active else None, progress=run.dist.main,
+        )
+        done += phase.steps
+        metrics = {f"{phase.name}_steps_per_second": result.steps_per_second, **run.trainable.end_phase(phase)}
+        run.tracker.log_metrics(metrics, done)
+        shared = run.trainable.replicated()
+        if shared is not None:  # e.g. LT-SFT's mask: every rank must have chosen the same entries
+            run.dist.same_everywhere(shared, f"the {phase.name} phase's selected state")
+        summary[phase.name] = {"steps": phase.steps, "last_loss": result.last_loss, "seconds": result.seconds}
+    return done, summary
+
+
+def _restore(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict], state: dict[str, Any] | None,
+             initial: dict[str, dict[str, torch.Tensor]]) -> tuple[int, dict[str, Any], Resume]:
+    """Put data, RNGs and extras back as checkpointed; (phase to resume, summary so far, loop position)."""
+    tensors, meta = resume
+    summary = {k: v for k, v in meta["summary"].items() if k not in (state or {})}
+    run.data.load_state_dict(tensors)
+    restore_rng(tensors, run.generators)
+    run.dist.seed_dropout(run.cfg.seed, meta["done"])  # the checkpoint holds rank 0's stream; others re-seed
+    for name, module in run.extras.items():
+        module.load_state_dict(_unprefix(tensors, f"extra.{name}."))
+        initial[name] = _unprefix(tensors, f"extra0.{name}.") or initial[name]
+    return meta["phase"], summary, Resume(meta["step"], (tensors, meta["optimizer"]), meta["scheduler"], meta["window"])
+
+
+def _checkpointer(run: PhaseRun, index: int, done: int, summary: dict[str, Any], state: dict[str, Any],
+                  initial: dict[str, dict[str, torch.Tensor]]) -> Callable[..., None]:
+    """The loop's ``checkpoint`` callback for phase ``index``: everything an exact resume needs, on rank 0."""
+
+    def checkpoint(step: int, optimizer, scheduler, window) -> None:
+        if run.checkpoint_dir is None or not run.dist.main:
+            return
+        tensors = {f"trainable.{k}": v for k, v in run.trainable.state_dict().items()}
+        for name, module in run.extras.items():
+            tensors.update({f"extra.{name}.{k}": v for k, v in module.state_dict().items()})
+            tensors.update({f"extra0.{name}.{k}": v for k, v in initial[name].items()})
+        opt_tensors, opt_meta = optimizer_state(optimizer)
+        tensors.update(opt_tensors)
+        tensors.update(rng_state(run.generators))
+        tensors.update(run.data.state_dict())
+        meta = {"phase": index, "step": step, "done": done + step, "optimizer": opt_meta,
+                "scheduler": scheduler.state_dict(), "window": list(window), "summary": {**summary, **state}}
+        save_checkpoint(run.checkpoint_dir, tensors, meta)
+        run.tracker.log_metrics({"checkpoint_step": done + step}, done + step)
+
+    return checkpoint
+
+
+def _unprefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()

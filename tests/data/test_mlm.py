@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from xlpeft.data.batches import batches
 from xlpeft.data.corpora import CorpusSpec, check_text_file, iter_lines, parse_corpus
-from xlpeft.data.mlm import batches, mask_tokens, pack_blocks, special_mask, split_blocks
+from xlpeft.data.mlm import mask_tokens, pack_blocks, special_mask, split_blocks
 from xlpeft.errors import XlpeftError
 
 

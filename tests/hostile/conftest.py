@@ -117,16 +117,16 @@ def interrupt_after_checkpoint(monkeypatch: pytest.MonkeyPatch) -> Callable[[], 
 
     Returns a function that puts the real checkpoint writer back, for a test that then resumes.
     """
-    import xlpeft.recipes.common as common
+    import xlpeft.training as training
 
-    real = common.save_checkpoint
+    real = training.save_checkpoint
 
     def save_then_interrupt(directory, tensors, meta):
         real(directory, tensors, meta)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_interrupt)
-    return lambda: monkeypatch.setattr(common, "save_checkpoint", real)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_interrupt)
+    return lambda: monkeypatch.setattr(training, "save_checkpoint", real)
 
 
 @pytest.fixture

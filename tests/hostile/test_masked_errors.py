@@ -78,7 +78,7 @@ def test_quote_in_lang_with_resume(capsys, store, tiny, ner):
 
 
 def test_find_resumable_quotes_filter_values(workdir):
-    from xlpeft.recipes.common import find_resumable
+    from xlpeft.tracking.lifecycle import find_resumable
 
     tags = {"xlpeft.kind": "task", "xlpeft.lang": "e'n", "xlpeft.task": "ner"}
     from xlpeft import tracking

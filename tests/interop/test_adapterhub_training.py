@@ -24,8 +24,7 @@ from xlpeft.interop import convert
 from xlpeft.io import load_module
 from xlpeft.methods.adapters import AdapterConfig, prepare_adapter
 from xlpeft.methods.heads import build_head
-from xlpeft.recipes.train_task import task_loss
-from xlpeft.training import mlm_loss, train_loop
+from xlpeft.training import mlm_loss, task_loss, train_loop
 
 CASES = FIXTURES / "adapterhub_training"
 TOLERANCE = 1e-5

@@ -24,8 +24,8 @@ from xlpeft.distributed import Dist
 from xlpeft.methods.heads import TokenClassificationHead
 from xlpeft.methods.sft import SFTConfig, SFTTrainable
 from xlpeft.models import load_base
-from xlpeft.recipes.common import NullTracker, PhaseRun, run_phases
-from xlpeft.training import mlm_loss
+from xlpeft.tracking.lifecycle import NullTracker
+from xlpeft.training import PhaseRun, mlm_loss, run_phases
 
 ROOT = FIXTURES / "composable_sft_training"
 TOLERANCE = 1e-5

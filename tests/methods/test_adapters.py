@@ -150,8 +150,7 @@ def test_language_module_stays_frozen_while_a_task_adapter_trains(base, tmp_path
     from xlpeft.config import TrainConfig
     from xlpeft.methods.adapters import prepare_adapter
     from xlpeft.methods.heads import build_head
-    from xlpeft.recipes.train_task import task_loss
-    from xlpeft.training import train_loop
+    from xlpeft.training import task_loss, train_loop
 
     saved = (_saved_delta(tmp_path, base) if lang_kind == "sft" else
              _saved_module(tmp_path, base, AdapterConfig(invertible=lang_kind == "adapter+inv"), 7))

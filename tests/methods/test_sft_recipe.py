@@ -12,8 +12,9 @@ from xlpeft.distributed import Dist
 from xlpeft.errors import ConfigError
 from xlpeft.methods.heads import TokenClassificationHead
 from xlpeft.methods.sft import SFTConfig, SFTTrainable, SparseDelta, apply_sft, split_steps
-from xlpeft.recipes.common import NullTracker, PhaseRun, resolve_configs, resolve_epochs, run_phases
-from xlpeft.training import mlm_loss
+from xlpeft.recipes.common import resolve_configs, resolve_epochs
+from xlpeft.tracking.lifecycle import NullTracker
+from xlpeft.training import PhaseRun, mlm_loss, run_phases
 
 
 # ---- defaults and their precedence

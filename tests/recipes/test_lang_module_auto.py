@@ -5,7 +5,7 @@ import pytest
 
 from tests.conftest import EN_WORDS, make_lines
 from xlpeft import load_module, tracking
-from xlpeft.recipes.compose import baseline_language_module
+from xlpeft.lineage import baseline_language_module
 from xlpeft.recipes.train_lang import LangRequest, train_language
 from xlpeft.recipes.train_task import TaskRequest, train_task
 

@@ -33,10 +33,10 @@ def _env(workdir, **kw):
 # on how fast the machine is. Polling from outside raced a tiny model that finishes in milliseconds.
 _CRASHER = """
 import os, signal, sys
-import xlpeft.recipes.common as common
+import xlpeft.training as training
 from xlpeft.cli import main
 
-real = common.save_checkpoint
+real = training.save_checkpoint
 
 
 def save_then_die(directory, tensors, meta):
@@ -46,7 +46,7 @@ def save_then_die(directory, tensors, meta):
     return path
 
 
-common.save_checkpoint = save_then_die
+training.save_checkpoint = save_then_die
 main(sys.argv[1:])
 """
 

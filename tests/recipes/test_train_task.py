@@ -15,7 +15,8 @@ from xlpeft.methods.heads import build_head
 from xlpeft.models import load_base
 from xlpeft.packs import load_task_pack
 from xlpeft.recipes.train_lang import LangRequest, train_language
-from xlpeft.recipes.train_task import TaskRequest, task_logits, train_task
+from xlpeft.recipes.train_task import TaskRequest, train_task
+from xlpeft.training import task_logits
 
 SETS = {"max_seq_len": "48", "lr": "3e-3", "log_every": "5"}
 

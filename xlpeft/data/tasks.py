@@ -10,11 +10,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from xlpeft.errors import XlpeftError
+
+if TYPE_CHECKING:
+    from xlpeft.packs import TaskPack
 
 FORMATS = ("conll", "conllu", "jsonl")
 
@@ -235,6 +238,33 @@ def check_labels(examples: list[Any], labels: list[str], where: str) -> None:
                 f"{where}: example {i + 1} has label(s) {unknown} that the task pack does not know "
                 f"(known: {', '.join(labels)}); fix the data or add a label_map to the pack's source"
             )
+
+
+def load_examples(pack: TaskPack, lang: str, train_spec: str | None, eval_spec: str | None,
+                  eval_fraction: float, seed: int) -> tuple[list, list, list[str]]:
+    """Train and eval examples: explicit files win, else the pack's data, else a held-out slice of train.
+
+    Returns:
+        (train examples, eval examples, descriptions of the training data for the manifest).
+
+    Raises:
+        XlpeftError: unreadable data, unknown labels, or a single training example and nothing to evaluate on.
+    """
+    labels = list(pack.labels)
+    train_src: TaskSource = parse_task_data(train_spec) if train_spec else pack.source(lang, "train")
+    train = read_source(train_src, pack.head, labels)
+    if eval_spec:
+        eval_ = read_source(parse_task_data(eval_spec), pack.head, labels)
+    elif "validation" in pack.sources.get(lang, {}) and not train_spec:
+        eval_ = read_source(pack.source(lang, "validation"), pack.head, labels)
+    else:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_eval = max(1, int(len(train) * eval_fraction))
+        if len(train) < 2:
+            raise XlpeftError("training data has a single example; pass --eval-data or more training data")
+        eval_ = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in order[n_eval:]]
+    return train, eval_, [train_src.describe()]
 
 
 NO_SUBWORD = -1

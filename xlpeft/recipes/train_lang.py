@@ -14,25 +14,16 @@ import torch
 
 from xlpeft import tracking
 from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD
+from xlpeft.data.batches import batches
 from xlpeft.data.corpora import check_text_file, fingerprint_corpora, iter_lines
-from xlpeft.data.mlm import attention_mask_for, batches, mask_tokens, pack_blocks, split_blocks
+from xlpeft.data.mlm import attention_mask_for, mask_tokens, pack_blocks, split_blocks
 from xlpeft.distributed import init_from_env
 from xlpeft.io import Manifest, check_module_output
 from xlpeft.packs import load_language_pack
-from xlpeft.recipes.common import (
-    PhaseRun,
-    base_ref,
-    count_parameters,
-    publish,
-    resolve_configs,
-    resolve_epochs,
-    run_phases,
-    run_tags,
-    start_training,
-    training_run,
-)
+from xlpeft.recipes.common import base_ref, count_parameters, resolve_configs, resolve_epochs, run_tags, start_training
 from xlpeft.registry import get_method
-from xlpeft.training import evaluate_mlm, fit_train_config, mlm_loss
+from xlpeft.tracking.lifecycle import publish, training_run
+from xlpeft.training import PhaseRun, evaluate_mlm, fit_train_config, mlm_loss, run_phases
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xlpeft.errors import XlpeftError
-from xlpeft.tracking.run import (
-    RETRY_ENV,
-    Tracker,
-    TrackingUnfinished,
-    _flat,  # noqa: F401 (recipes.common compares run params with it)
-    retry_seconds,
-    tracked_run,
-)
+from xlpeft.tracking.run import RETRY_ENV, Tracker, TrackingUnfinished, retry_seconds, tracked_run
 from xlpeft.tracking.spool import replay_spool, spool_path
 from xlpeft.tracking.store import (
     EXPERIMENT,
@@ -115,7 +108,7 @@ def list_empty(prefix: str = "xlpeft-") -> list[str]:
 
 
 def parse_registered_name(text: str) -> tuple[str, str, str]:
-    """``xlpeft-lang-sw-adapter`` -> ``("language", "sw", "adapter")``: the inverse of :func:`registered_name`.
+    """``xlpeft-lang-sw-adapter`` -> ``('language', 'sw', 'adapter')``: the inverse of :func:`registered_name`.
 
     Raises:
         XlpeftError: not an xlpeft registered name, or its method is not registered.

@@ -193,3 +193,60 @@ def test_evaluate_matrix_on_a_pack_split_skips_languages_without_it(env, capsys)
     sw = out.splitlines()[1].split()
     assert sw[0] == "sw" and all(0.0 <= float(v) <= 1.0 for v in sw[1:])  # the pack's shipped sw sample
     assert "en: skipped (the ner pack has no sample_test split for en)" in out
+
+
+def test_compose_cli_stacks_extra_modules_between_language_and_task(env, capsys):
+    """--module puts a third module (here the en language adapter, as a 'domain' module) between the two."""
+    from xlpeft.cli import main
+    from xlpeft.composed import COMPOSITION_FILE
+
+    main(["compose", "--lang", "sw", "--task", "ner", "--base", env["base"], "--eval-data", "sw.conll",
+          "--module", "xlpeft-lang-en-adapter@1", "--output", "out/three"])
+    out = capsys.readouterr().out
+    assert "sw language module + xlpeft-lang-en-adapter@1 + task module: f1" in out
+    run = tracking.client().get_run(out.strip().split()[-1])
+    assert run.data.tags["xlpeft.composition"] == "stack(language:sw/adapter, language:en/adapter, task:ner/adapter)"
+    assert run.data.tags["xlpeft.method"] == "adapter+adapter+adapter"
+    assert run.data.tags["xlpeft.parent.modules"] == "xlpeft-lang-en-adapter@1"
+    assert run.data.params["modules"] == "xlpeft-lang-en-adapter@1"
+    record = json.loads((env["root"] / "out/three" / COMPOSITION_FILE).read_text())
+    sources = [leaf["module"]["source"] for leaf in record["root"]["stack"]]
+    assert sources == ["xlpeft-lang-sw-adapter@1", "xlpeft-lang-en-adapter@1", "xlpeft-task-ner-adapter@1"]
+    # the saved model is the three modules applied in that order, not the two-module composition
+    base = load_base(env["base"])
+    three = compose(base, sources)
+    batch = _batch(base)
+    with torch.no_grad():
+        reloaded = compose(str(env["root"] / "out/three"), [])(**batch).logits
+        torch.testing.assert_close(reloaded, three(**batch).logits, rtol=0, atol=1e-6)
+        assert not torch.allclose(reloaded, compose(base, [sources[0], sources[2]])(**batch).logits)
+    # the baseline stays the task module over its recorded source-language module
+    two = compose_task(ComposeRequest(lang="sw", task="ner", base=env["base"], eval_data="sw.conll"))
+    extra = compose_task(ComposeRequest(lang="sw", task="ner", base=env["base"], eval_data="sw.conll",
+                                        modules=("xlpeft-lang-en-adapter@1",)))
+    assert extra.baseline == two.baseline and extra.baseline_lang == "en"
+
+
+def test_compose_refuses_extra_modules_it_cannot_stack(env):
+    with pytest.raises(XlpeftError, match="at most one task module"):
+        compose_task(ComposeRequest(lang="sw", task="ner", base=env["base"], modules=("xlpeft-task-ner-adapter",)))
+    with pytest.raises(XlpeftError, match="neither a directory nor a registered name"):
+        compose_task(ComposeRequest(lang="sw", task="ner", base=env["base"], modules=("no-such-module",)))
+
+
+def test_compose_refuses_a_task_module_without_labels_or_for_another_pack(env):
+    import dataclasses
+
+    from xlpeft.packs import load_task_pack
+    from xlpeft.recipes.compose import check_task_module
+
+    base = load_base(env["base"])
+    task = load_module(tracking.find_module("task", "ner", fingerprint=base.fingerprint)[0])
+    ner, pos = load_task_pack("ner"), load_task_pack("pos")
+    check_task_module(ModuleRef.of(task), ner, base.hidden_size)  # a good module passes
+    extra = {k: v for k, v in task.manifest.extra.items() if k != "labels"}
+    no_labels = dataclasses.replace(task, manifest=dataclasses.replace(task.manifest, extra=extra))
+    with pytest.raises(XlpeftError, match="has no head .* labels"):
+        check_task_module(ModuleRef.of(no_labels), ner, base.hidden_size)
+    with pytest.raises(XlpeftError, match=f"predicts {len(ner.labels)} labels .* the pos pack has {len(pos.labels)}"):
+        check_task_module(ModuleRef.of(task), pos, base.hidden_size)

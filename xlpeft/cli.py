@@ -125,9 +125,15 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
 @click.option("--task-method", help=f"{METHOD_HELP} [default: the newest registered task module]")
 @click.option("--eval-data", help="file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's data for --lang]")
 @click.option("--split", help="task-pack split to evaluate on, e.g. sample_test [default: test, else validation]")
+@click.option("--module", "modules", multiple=True, metavar="REF",
+              help="an extra module stacked between the language module and the task module, bottom first, e.g. a "
+                   "domain module: a module directory or a registered NAME[@VERSION]; repeatable")
 @click.option("--output", help="write the composed model here (a new or empty directory, or an earlier composed model)")
-def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, output) -> None:
-    """Compose a language module with a task module; evaluate zero-shot against the source-language baseline."""
+def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, modules, output) -> None:
+    """Compose a language module (and any --module) with a task module; evaluate zero-shot against the baseline.
+
+    The baseline is the task module over the source-language module it was trained over.
+    """
     from xlpeft.composed import COMPOSITION_FILE
     from xlpeft.io import check_output_dir
     from xlpeft.recipes.compose import ComposeRequest, compose_task
@@ -135,13 +141,15 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, ou
     if output is not None:  # before any work: never write into another model's directory
         output = str(check_output_dir(output, COMPOSITION_FILE, "an earlier composed model"))
     r = compose_task(ComposeRequest(lang=lang, task=task, base=base, lang_method=lang_method,
-                                    task_method=task_method, eval_data=eval_data, output=output, split=split))
+                                    task_method=task_method, eval_data=eval_data, output=output, split=split,
+                                    modules=tuple(modules)))
     if r.overlap:
         click.echo(f"delta overlap (shared indices): total {sum(r.overlap.values())}; "
                    + ", ".join(f"{k} {v}" for k, v in r.overlap.items()))
     if r.metrics:
         click.echo(f"zero-shot {task} on {lang} ({r.evaluated_on}):")
-        click.echo(f"  {lang} language module + task module: {r.metric} {r.metrics[r.metric]:.4f}")
+        extra = "".join(f" + {m}" for m in modules)
+        click.echo(f"  {lang} language module{extra} + task module: {r.metric} {r.metrics[r.metric]:.4f}")
         click.echo(f"  baseline ({r.baseline_lang or 'no'} language module): {r.metric} {r.baseline[r.metric]:.4f}")
     else:
         click.echo(f"composed; no {task} evaluation data for {lang} (pass --eval-data to score it)")
@@ -163,7 +171,7 @@ def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
     A baseline+<task method> column scores each task module over its own source-language module
     (no target-language module): the zero-shot reference each cell should beat.
     """
-    from xlpeft.recipes.compose import evaluate_matrix
+    from xlpeft.recipes.evaluate import evaluate_matrix
     from xlpeft.tracking import tracking_uri
 
     codes = [x.strip() for x in langs.split(",") if x.strip()]
@@ -190,7 +198,7 @@ def predict_cmd(lang, task, base, lang_method, task_method) -> None:
     output can be matched to the input line by line.
     """
     from xlpeft.data.tasks import TokenExample
-    from xlpeft.recipes.compose import predict_lines
+    from xlpeft.recipes.predict import predict_lines
 
     lines = read_stdin_lines()
     if not any(line.strip() for line in lines):

@@ -16,7 +16,7 @@ INVISIBLE = ["\u200b", "\u200d", "\u200f", "\u00ad", "\ufeff", "\u2066", "\u2069
 
 @pytest.mark.parametrize("ch", INVISIBLE)
 def test_word_splitter_drops_invisible_characters(ch):
-    from xlpeft.recipes.compose import tokenize_words
+    from xlpeft.data.text import tokenize_words
 
     words = tokenize_words(f"Juma{ch} alikwenda {ch} Nairobi{ch}.")
     assert words == ["Juma", "alikwenda", "Nairobi", "."], words
@@ -25,14 +25,15 @@ def test_word_splitter_drops_invisible_characters(ch):
 def test_predict_output_blocks_match_input_lines(capsys, monkeypatch):
     import io
 
-    import xlpeft.recipes.compose as rc
+    import xlpeft.recipes.predict as rc
     from xlpeft.cli import main
     from xlpeft.data.tasks import TokenExample
+    from xlpeft.data.text import tokenize_words
 
     def fake_predict_lines(lang, task, base, lines, lang_method=None, task_method=None):
         out = []
         for line in lines:
-            words = tuple(rc.tokenize_words(line))
+            words = tuple(tokenize_words(line))
             out.append((TokenExample(words, ("O",) * len(words)), ["O"] * len(words)))
         return out
 

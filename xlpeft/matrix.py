@@ -1,0 +1,116 @@
+"""The zero-shot transfer matrix: target languages x method pairs, with each task module's baseline.
+
+A cell ``lang_method+task_method`` scores the target language's module under the task module;
+a ``baseline+task_method`` column scores the task module over its own source-language module
+(no target-language module), the reference each cell should beat (MAD-X, Pfeiffer et al., 2020).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from xlpeft.compose import compose
+from xlpeft.errors import XlpeftError
+from xlpeft.evaluation import eval_examples, evaluate_model
+from xlpeft.io import LoadedModule
+from xlpeft.metrics import METRICS
+from xlpeft.packs import TaskPack
+
+BASELINE = "baseline"
+
+
+@dataclass
+class Matrix:
+    """Zero-shot scores: rows are languages, columns ``lang_method+task_method`` and ``baseline+task_method``."""
+
+    metric: str
+    rows: dict[str, dict[str, float]]
+    skipped: dict[str, str]
+    baseline_langs: dict[str, str] = field(default_factory=dict)  # task method -> its source language
+
+    def columns(self) -> list[str]:
+        """``lang_method+task_method`` columns, then the ``baseline+task_method`` columns."""
+        cols = {c for r in self.rows.values() for c in r}
+        return sorted(c for c in cols if not c.startswith(BASELINE)) + sorted(c for c in cols if c.startswith(BASELINE))
+
+    def format(self) -> str:
+        """The table as text, with a line per baseline column and per skipped language."""
+        cols = self.columns()
+        w = max([len(c) + 2 for c in cols] + [10])
+        lines = [f"{self.metric:<8}" + "".join(f"{c:>{w}}" for c in cols)]
+        for lang, row in self.rows.items():
+            lines.append(f"{lang:<8}" + "".join(f"{row[c]:>{w}.4f}" if c in row else f"{'-':>{w}}" for c in cols))
+        if self.rows:
+            lines += [f"{BASELINE}+{tm}: the {tm} task module over its own source-language module ({src}), "
+                      "no target-language module" for tm, src in self.baseline_langs.items()]
+        lines += [f"{lang}: skipped ({why})" for lang, why in self.skipped.items()]
+        return "\n".join(lines)
+
+    def save(self, directory: Path, title: str) -> None:
+        """``matrix.json``, ``matrix.txt`` and (with rows) the heat-map ``matrix.png`` into ``directory``."""
+        summary = {"metric": self.metric, "rows": self.rows, "skipped": self.skipped,
+                   "baseline_langs": self.baseline_langs}
+        (directory / "matrix.json").write_text(json.dumps(summary, indent=2))
+        (directory / "matrix.txt").write_text(self.format() + "\n")
+        if self.rows:
+            heatmap(self, directory / "matrix.png", title)
+
+
+def baseline_langs(references: dict[str, list[LoadedModule]]) -> dict[str, str]:
+    """Task method -> the source language its baseline runs over ("none" for a task module on the bare base)."""
+    return {tm: (ref[0].manifest.lang or "?") if len(ref) > 1 else "none" for tm, ref in references.items()}
+
+
+def matrix_examples(pack: TaskPack, lang: str, eval_dir: str | None, split: str | None) -> tuple[list | None, str]:
+    """Evaluation examples for one row: ``eval_dir/<lang>[.test].conll``, else the pack's; or why there are none."""
+    local = next((Path(eval_dir) / f"{lang}{suffix}" for suffix in (".conll", ".test.conll")
+                  if eval_dir and (Path(eval_dir) / f"{lang}{suffix}").is_file()), None)
+    if local is None and split and split not in pack.sources.get(lang, {}):
+        return None, f"the {pack.task} pack has no {split} split for {lang}"
+    try:
+        examples, _ = eval_examples(pack, lang, str(local) if local else None, split)
+    except XlpeftError as exc:  # e.g. the pack's hub dataset while offline: report it, keep the other rows
+        return None, str(exc)
+    return examples, "" if examples is not None else f"no {pack.task} evaluation data for {lang}"
+
+
+def matrix_row(base, pack: TaskPack, examples: list, task_mods: dict[str, LoadedModule],
+               lang_mods: dict[str, LoadedModule], references: dict[str, list[LoadedModule]]) -> dict[str, float]:
+    """One language's scores: every language module under every task module, and each task module's baseline.
+
+    Args:
+        task_mods, lang_mods: loaded modules by method (resolved once per command, not per cell).
+        references: task method -> its baseline stack (:func:`xlpeft.lineage.baseline_stack`).
+    """
+    key = METRICS[pack.metric]
+    row = {}
+    for tm, task_mod in task_mods.items():
+        for lm, lang_mod in lang_mods.items():
+            row[f"{lm}+{tm}"] = evaluate_model(compose(base, [lang_mod, task_mod]), pack, base.tokenizer, examples)[key]
+        row[f"{BASELINE}+{tm}"] = evaluate_model(compose(base, references[tm]), pack, base.tokenizer, examples)[key]
+    return row
+
+
+def heatmap(matrix: Matrix, path: Path, title: str) -> None:
+    """A language x method heat-map PNG (matplotlib, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols, langs = matrix.columns(), list(matrix.rows)
+    values = [[matrix.rows[lang].get(c, float("nan")) for c in cols] for lang in langs]
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(cols), 1.2 + 0.6 * len(langs)))
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(langs)), langs)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, "-" if v != v else f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

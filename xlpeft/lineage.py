@@ -97,6 +97,9 @@ def baseline_language_module(task: LoadedModule, fingerprint: str) -> LoadedModu
     was trained. None when the task module was trained without one, or its parent is gone.
     """
     lineage = task.manifest.extra.get("lang_module") or {}
+    if not isinstance(lineage, dict):
+        raise XlpeftError(f"task module {task.path}: its manifest's extra.lang_module should be the record of the "
+                          f"language module it was trained over (a mapping) or null; got {str(lineage)[:80]!r}")
     if lineage.get("registered_name") and lineage.get("version"):  # without a version it would be a fresh lookup
         kind, name, method = tracking.parse_registered_name(lineage["registered_name"])
         try:

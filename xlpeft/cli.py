@@ -125,15 +125,11 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
 @click.option("--task-method", help=f"{METHOD_HELP} [default: the newest registered task module]")
 @click.option("--eval-data", help="file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's data for --lang]")
 @click.option("--split", help="task-pack split to evaluate on, e.g. sample_test [default: test, else validation]")
-@click.option("--module", "modules", multiple=True, metavar="REF",
-              help="an extra module stacked between the language module and the task module, bottom first, e.g. a "
-                   "domain module: a module directory or a registered NAME[@VERSION]; repeatable")
+@click.option("--module", "modules", multiple=True, metavar="REF", help="extra module stacked between the language "
+              "and task modules, bottom first (e.g. a domain module): a directory or NAME[@VERSION]; repeatable")
 @click.option("--output", help="write the composed model here (a new or empty directory, or an earlier composed model)")
 def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, modules, output) -> None:
-    """Compose a language module (and any --module) with a task module; evaluate zero-shot against the baseline.
-
-    The baseline is the task module over the source-language module it was trained over.
-    """
+    """Compose a language module (and any --module) with a task module; score it against the source-language baseline."""
     from xlpeft.composed import COMPOSITION_FILE
     from xlpeft.io import check_output_dir
     from xlpeft.recipes.compose import ComposeRequest, compose_task

@@ -288,6 +288,25 @@ def test_compose_hybrid_adapter_under_scale(env, capsys, tmp_path):
         torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
 
 
+def test_compose_three_modules_with_the_plug_in_in_the_middle(env, capsys, tmp_path):
+    """``compose --module``: adapter language module, the scale language module above it, the scale task module on top."""
+    out_dir, middle = tmp_path / "three", env["root"] / "modules/lang-sw-scale"
+    out = run_cli(capsys, "compose", "--lang", "sw", "--task", "ner", "--base", env["base"], "--lang-method", "adapter",
+                  "--module", middle, "--task-method", NAME, "--eval-data", env["root"] / "eval.conll",
+                  "--output", out_dir)
+    assert out.code == 0, out.err[-3000:]
+    base = load_base(env["base"])
+    tags = _tags(out.out.strip().split()[-1])
+    model = compose(base, [tags["xlpeft.parent.lang_module"], str(middle), tags["xlpeft.parent.task_module"]])
+    assert model.xlpeft_composition.describe() == "stack(language:sw/adapter, language:sw/scale, task:ner/scale)"
+    assert tags["xlpeft.composition"] == model.xlpeft_composition.describe()
+    reloaded = compose(out_dir, [])
+    assert reloaded.xlpeft_composition.describe() == model.xlpeft_composition.describe()
+    batch = _ids(base)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, model(**batch).logits, rtol=0, atol=1e-6)
+
+
 # ---- resume, list, convert
 
 def test_interrupted_scale_run_resumes_to_the_uninterrupted_module(scale_method, workdir, base_dirs, sw_corpus,

@@ -11,8 +11,6 @@ import ast
 from dataclasses import fields
 from pathlib import Path
 
-import pytest
-
 import xlpeft
 from xlpeft.methods.base import Applied, MethodSpec, Trainable
 from xlpeft.registry import method_names
@@ -155,8 +153,6 @@ def test_no_generic_code_imports_a_particular_method():
     assert not found, "generic code imports a method's own module (use get_method):\n" + "\n".join(found)
 
 
-@pytest.mark.xfail(strict=False, reason="another helper is still splitting files past 400 lines (issue 16); "
-                                        "the lead removes this mark once they are split")
 def test_no_source_file_exceeds_400_lines():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in sorted(PACKAGE.rglob("*.py"))
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}

@@ -14,15 +14,7 @@ import click
 
 from xlpeft import __version__
 from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD, merge_flags, parse_sets
-from xlpeft.console import (
-    OVERWRITE_HELP,
-    RESUME_HINT,
-    Terminated,
-    check_name,
-    close_progress_bars,
-    on_sigterm,
-    read_stdin_lines,
-)
+from xlpeft.console import OVERWRITE_HELP, check_name, check_step, dispatch, on_sigterm, read_stdin_lines
 from xlpeft.errors import XlpeftError
 
 SET_HELP = "method or training hyper-parameter, repeatable (e.g. --set reduction_factor=2 --set lr=1e-4)"
@@ -253,7 +245,7 @@ def methods() -> None:
     """List module methods and their --set keys."""
     from dataclasses import fields
 
-    from xlpeft.config import TrainConfig
+    from xlpeft.config import KIND_TRAIN_DEFAULTS, TrainConfig
     from xlpeft.methods.base import MODULE_KINDS
     from xlpeft.registry import get_method, method_names
 
@@ -270,6 +262,9 @@ def methods() -> None:
     click.echo("training (all methods):")
     for f in fields(TrainConfig):
         click.echo(f"  --set {f'{f.name}={f.default}':<28} {f.metadata.get('help', '')}")
+    for kind, kind_defaults in KIND_TRAIN_DEFAULTS.items():
+        if kind_defaults:
+            click.echo(f"  {kind} modules default to: " + ", ".join(f"{k}={v}" for k, v in kind_defaults.items()))
 
 
 @cli.command("modules")
@@ -301,30 +296,11 @@ def run(pipeline: str, dry_run: bool) -> None:
 
     steps = load_pipeline(Path(pipeline))
     for i, step in enumerate(steps, 1):  # every step parses before the first one runs
-        check_step(i, step)
+        check_step(cli, i, step)
     for i, step in enumerate(steps, 1):
         click.echo(f"[{i}/{len(steps)}] xlpeft {' '.join(step)}", err=True)
         if not dry_run:
             cli.main(args=list(step), prog_name="xlpeft", standalone_mode=False)
-
-
-def check_step(index: int, step: list[str]) -> None:
-    """Parse a pipeline step as the CLI would (command, options, types) without running it.
-
-    A path that must exist is not required to yet: an earlier step may create it.
-    """
-    ctx = cli.make_context("xlpeft", list(step), resilient_parsing=False)
-    try:
-        name, command, rest = cli.resolve_command(ctx, ctx.protected_args + ctx.args)
-        command.make_context(name, rest, parent=ctx)
-    except click.BadParameter as exc:
-        if isinstance(exc.param, click.Option | click.Argument) and isinstance(exc.param.type, click.Path):
-            return
-        raise XlpeftError(f"pipeline step {index} (xlpeft {' '.join(step)[:200]}): {exc.format_message()}") from None
-    except click.exceptions.Exit:
-        return
-    except click.ClickException as exc:
-        raise XlpeftError(f"pipeline step {index} (xlpeft {' '.join(step)[:200]}): {exc.format_message()}") from None
 
 
 @cli.command("convert")
@@ -364,48 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError:  # not the main thread
         pass
     try:
-        _dispatch(args, debug, training)
+        dispatch(cli, args, debug, training)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _dispatch(args: list[str], debug: bool, training: bool) -> None:
-    hint = f"; {RESUME_HINT}" if training else ""
-    try:
-        try:
-            cli.main(args=args, prog_name="xlpeft", standalone_mode=False)
-        finally:
-            close_progress_bars()
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort as exc:  # click turns KeyboardInterrupt (and so Terminated) into Abort
-        if isinstance(exc.__cause__, Terminated):
-            click.echo(f"Error: terminated (SIGTERM){hint}", err=True)
-            sys.exit(143)
-        click.echo(f"Error: interrupted{hint}", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        if debug:
-            raise
-        hint = ""
-        if isinstance(exc, click.UsageError) and exc.ctx is not None:
-            hint = f" (see `{exc.ctx.command_path} --help`)"
-        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
-        sys.exit(exc.exit_code)
-    except XlpeftError as exc:
-        if debug:
-            raise
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(2)
-    except Terminated:
-        click.echo(f"Error: terminated (SIGTERM){hint}", err=True)
-        sys.exit(143)
-    except KeyboardInterrupt:
-        click.echo(f"Error: interrupted{hint}", err=True)
-        sys.exit(130)
-    except Exception as exc:  # a bug: keep it to one line unless --debug
-        if debug:
-            raise
-        click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
-        sys.exit(1)

@@ -63,3 +63,64 @@ def close_progress_bars() -> None:
         return
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+def check_step(cli: click.Group, index: int, step: list[str]) -> None:
+    """Parse a pipeline step as the CLI would (command, options, types) without running it.
+
+    A path that must exist is not required to yet: an earlier step may create it.
+    """
+    ctx = cli.make_context("xlpeft", list(step), resilient_parsing=False)
+    try:
+        name, command, rest = cli.resolve_command(ctx, ctx.protected_args + ctx.args)
+        command.make_context(name, rest, parent=ctx)
+    except click.BadParameter as exc:
+        if isinstance(exc.param, click.Option | click.Argument) and isinstance(exc.param.type, click.Path):
+            return
+        raise XlpeftError(f"pipeline step {index} (xlpeft {' '.join(step)[:200]}): {exc.format_message()}") from None
+    except click.exceptions.Exit:
+        return
+    except click.ClickException as exc:
+        raise XlpeftError(f"pipeline step {index} (xlpeft {' '.join(step)[:200]}): {exc.format_message()}") from None
+
+
+def dispatch(cli: click.Group, args: list[str], debug: bool, training: bool) -> None:
+    """Run ``cli`` on ``args``; every user error becomes one ``Error:`` line and an exit status."""
+    hint = f"; {RESUME_HINT}" if training else ""
+    try:
+        try:
+            cli.main(args=args, prog_name="xlpeft", standalone_mode=False)
+        finally:
+            close_progress_bars()
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort as exc:  # click turns KeyboardInterrupt (and so Terminated) into Abort
+        if isinstance(exc.__cause__, Terminated):
+            click.echo(f"Error: terminated (SIGTERM){hint}", err=True)
+            sys.exit(143)
+        click.echo(f"Error: interrupted{hint}", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        hint = ""
+        if isinstance(exc, click.UsageError) and exc.ctx is not None:
+            hint = f" (see `{exc.ctx.command_path} --help`)"
+        click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+        sys.exit(exc.exit_code)
+    except XlpeftError as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(2)
+    except Terminated:
+        click.echo(f"Error: terminated (SIGTERM){hint}", err=True)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        click.echo(f"Error: interrupted{hint}", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: keep it to one line unless --debug
+        if debug:
+            raise
+        click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+        sys.exit(1)

@@ -14,7 +14,7 @@ option (:mod:`.config`, ``xlpeft methods``).
 
 Layout: :mod:`.config` (SFTConfig, published defaults, default K, step split and epochs), :mod:`.selection` (streamed exact
 top-K, movement scores), :mod:`.delta` (the SparseDelta value: apply/revert/sum/save),
-:mod:`.trainable` (the two phases and activation), :mod:`.memory` (per-phase peak memory).
+:mod:`.trainable` (the two phases), :mod:`.applied` (a saved module applied), :mod:`.memory` (per-phase peak memory).
 """
 
 from __future__ import annotations
@@ -22,19 +22,12 @@ from __future__ import annotations
 import re
 
 from xlpeft.methods.base import MethodSpec
+from xlpeft.methods.sft.applied import AppliedSFT, apply_sft, retie_decoder, untie_decoder
 from xlpeft.methods.sft.config import SELECTIONS, SFTConfig, default_num_params, split_steps
 from xlpeft.methods.sft.delta import SparseDelta
 from xlpeft.methods.sft.memory import PeakMemory
 from xlpeft.methods.sft.selection import MovementScores, top_k_indices
-from xlpeft.methods.sft.trainable import (
-    AppliedSFT,
-    SFTTrainable,
-    apply_sft,
-    maskable_parameters,
-    prepare_sft,
-    retie_decoder,
-    untie_decoder,
-)
+from xlpeft.methods.sft.trainable import SFTTrainable, maskable_parameters, prepare_sft
 
 
 def plan_sft(config: SFTConfig, train_cfg, num_examples: int | None) -> SFTConfig:

@@ -99,7 +99,7 @@ def counted_gflop(loss_fn, batch, lang: list[torch.nn.Parameter], params: list[t
 def run(args, workdir: Path) -> dict[str, dict[str, list[float]]]:
     base = load_base(str(build_model_dir(SHAPES["mbert"], workdir / "mbert")), device=torch.device(args.device))
     active = activate(base, [language_module(base, workdir / "lang-en")])
-    lang = list(active.handles[0].module.parameters())
+    lang = list(active.modules()[0].parameters())
     total = 2 * (args.warmup + args.steps)
     cfg = TrainConfig(lr=1e-4, max_steps=total, batch_size=args.batch, max_seq_len=args.seq, log_every=10**6,
                       device=args.device, precision="fp32")

@@ -25,7 +25,7 @@ from xlpeft import compose, load_module
 from xlpeft.cli import main
 from xlpeft.config import build, check_fields
 from xlpeft.errors import XlpeftError
-from xlpeft.methods.base import MODULE_KINDS, MethodSpec, Phase
+from xlpeft.methods.base import MODULE_KINDS, AppliedModule, MethodSpec, ModuleTrainable, Phase
 from xlpeft.models import get_submodule, load_base
 from xlpeft.registry import get_method, method_names, register_method, unregister_method
 
@@ -51,78 +51,37 @@ class ScaleModule(nn.Module):
         self.scales = nn.Parameter(torch.full((num_layers, hidden_size), float(config.init)))  # (L, H)
 
 
-def hook_scales(base, module: ScaleModule) -> list:
-    """A forward hook per layer on the FFN output sub-layer (its LayerNorm'd output, (B, T, H))."""
+def hook_scales(base, module: ScaleModule):
+    """A forward hook per layer on the FFN output sub-layer (its LayerNorm'd output, (B, T, H)); returns ``detach``."""
     handles = []
     for i, layer in enumerate(base.layers):
         sub = get_submodule(layer, base.arch.ffn_output)
         handles.append(sub.register_forward_hook(lambda mod, args, out, i=i: out * module.scales[i]))
-    return handles
+
+    def detach() -> None:
+        while handles:
+            handles.pop().remove()
+
+    return detach
 
 
-class ScaleTrainable:
-    def __init__(self, base, config: ScaleConfig, train_cfg) -> None:
-        device = next(base.model.parameters()).device
-        self.module = ScaleModule(config, base.hidden_size, len(base.layers)).to(device)
-        self.handles = hook_scales(base, self.module)
-        self.phases = [Phase(NAME, train_cfg.max_steps)]
-
-    def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
-        return list(self.module.parameters())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def resume_phase(self, phase: Phase, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
-        self.module.load_state_dict(state, strict=True)
-        return self.begin_phase(phase)
-
-    def after_step(self, phase: Phase, step: int) -> None:
-        pass
-
-    def end_phase(self, phase: Phase) -> dict[str, float]:
-        return {"scale_mean": float(self.module.scales.detach().mean())}
-
-    def replicated(self) -> None:
-        return None
-
-    def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-        return {NAME: self.module.state_dict()}, {}
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+def prepare_scale(base, config: ScaleConfig, train_cfg) -> ModuleTrainable:
+    device = next(base.model.parameters()).device
+    module = ScaleModule(config, base.hidden_size, len(base.layers)).to(device)
+    return ModuleTrainable(module, hook_scales(base, module), Phase(NAME, train_cfg.max_steps), NAME)
 
 
-@dataclass
-class AppliedScale:
-    module: ScaleModule
-    handles: list
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-    def modules(self) -> list[nn.Module]:
-        return [self.module]
-
-    def saved_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {NAME: self.module.state_dict()}
-
-
-def apply_scale(base, loaded) -> AppliedScale:
+def apply_scale(base, loaded) -> AppliedModule:
     module = ScaleModule(build(ScaleConfig, loaded.manifest.config), base.hidden_size, len(base.layers))
     if NAME not in loaded.tensors:
         raise XlpeftError(f"scale module {loaded.path} has no {NAME}.safetensors")
     module.load_state_dict(loaded.tensors[NAME], strict=True)
     module.to(next(base.model.parameters()).device).requires_grad_(False)
-    return AppliedScale(module, hook_scales(base, module))
+    return AppliedModule(module, hook_scales(base, module), NAME)
 
 
 SPEC = MethodSpec(
-    name=NAME, config_cls=ScaleConfig, prepare=ScaleTrainable, apply=apply_scale, combine="stack",
+    name=NAME, config_cls=ScaleConfig, prepare=prepare_scale, apply=apply_scale, combine="stack",
     help="a learned per-layer vector scaling each FFN output (a test plug-in)",
     train_defaults=lambda kind: {"lr": 1e-2}, files=(NAME,),
 )

@@ -5,6 +5,9 @@ Public API::
     base = xlpeft.load_base("xlmr")            # frozen masked-LM encoder + fingerprint
     module = xlpeft.load_module("modules/lang-sw-adapter")
     model = xlpeft.compose(base, ["xlpeft-lang-sw-adapter", "xlpeft-task-ner-adapter"])
+    model = xlpeft.compose(base, xlpeft.Composition(xlpeft.Stack(ref_lang, ref_domain, ref_task), base.fingerprint))
+
+Methods register on import (``xlpeft.methods``); see ``docs/architecture.md`` for the protocol.
 """
 
 __version__ = "0.1.0"
@@ -16,5 +19,5 @@ from xlpeft.errors import XlpeftError  # noqa: E402
 from xlpeft.io import load_module, save_module  # noqa: E402
 from xlpeft.models import load_base  # noqa: E402
 
-__all__ = ["Composition", "ModuleRef", "Stack", "Sum", "XlpeftError", "__version__", "activate", "compose", "load_base", "load_composed", "load_module", "save_composed",
-           "save_module"]
+__all__ = ["Composition", "ModuleRef", "Stack", "Sum", "XlpeftError", "__version__", "activate", "compose", "load_base",
+           "load_composed", "load_module", "save_composed", "save_module"]

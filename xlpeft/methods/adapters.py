@@ -21,7 +21,7 @@ from torch import nn
 
 from xlpeft.config import build, check_fields
 from xlpeft.errors import XlpeftError
-from xlpeft.methods.base import MethodSpec, Phase
+from xlpeft.methods.base import AppliedModule, MethodSpec, ModuleTrainable, Phase
 from xlpeft.methods.bottleneck import ACTIVATIONS, Bottleneck
 from xlpeft.methods.invertible import InvertibleAdapter
 from xlpeft.models import ArchSpec, get_submodule
@@ -143,64 +143,14 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-class AdapterTrainable:
-    """Training-time wrapper: one adapter module hooked on top of whatever is already active."""
-
-    def __init__(self, base, config: AdapterConfig, steps: int) -> None:
-        self.module = AdapterModule(config, base.hidden_size, len(base.layers)).to(_device(base.model))
-        self.hooks = attach_adapters(base.model, base.arch, [self.module])
-        self.phases = [Phase("adapter", steps)]
-
-    def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
-        self.module.train()
-        return list(self.module.parameters())
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.module.state_dict()
-
-    def resume_phase(self, phase: Phase, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
-        self.module.load_state_dict(state, strict=True)
-        return self.begin_phase(phase)
-
-    def after_step(self, phase: Phase, step: int) -> None:
-        pass
-
-    def end_phase(self, phase: Phase) -> dict[str, float]:
-        return {}
-
-    def replicated(self) -> None:
-        return None  # plain dense parameters: the summed gradients keep every rank's copy equal
-
-    def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-        return {"adapter": self.module.state_dict()}, {}
-
-    def close(self) -> None:
-        self.hooks.remove()
-
-
-def prepare_adapter(base, config: AdapterConfig, train_cfg) -> AdapterTrainable:
+def prepare_adapter(base, config: AdapterConfig, train_cfg) -> ModuleTrainable:
     """Start training a fresh adapter module on ``base`` (hooks stack above already-active modules)."""
-    return AdapterTrainable(base, config, train_cfg.max_steps)
+    module = AdapterModule(config, base.hidden_size, len(base.layers)).to(_device(base.model))
+    hooks = attach_adapters(base.model, base.arch, [module])
+    return ModuleTrainable(module, hooks.remove, Phase("adapter", train_cfg.max_steps), "adapter")
 
 
-@dataclass
-class AppliedAdapter:
-    """A saved adapter module hooked onto a base (:class:`~xlpeft.methods.base.Applied`); ``remove()`` unhooks it."""
-
-    module: AdapterModule
-    hooks: Hooks
-
-    def remove(self) -> None:
-        self.hooks.remove()
-
-    def modules(self) -> list[nn.Module]:
-        return [self.module]
-
-    def saved_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"adapter": self.module.state_dict()}  # hooks are not in a checkpoint: the weights go beside it
-
-
-def apply_adapter(base, loaded) -> AppliedAdapter:
+def apply_adapter(base, loaded) -> AppliedModule:
     """Rebuild a saved adapter module, load its weights (strictly) and hook it onto ``base``, frozen.
 
     Frozen (``requires_grad=False``, its invertible adapter included) as in MAD-X and AdapterHub's
@@ -218,7 +168,7 @@ def apply_adapter(base, loaded) -> AppliedAdapter:
         raise XlpeftError(f"adapter weights in {loaded.path} do not fit this base: {str(exc).splitlines()[0]}") from None
     module.to(_device(base.model)).eval()
     module.requires_grad_(False)  # frozen: a task module trained above it computes and stores no gradient for it
-    return AppliedAdapter(module, attach_adapters(base.model, base.arch, [module]))
+    return AppliedModule(module, attach_adapters(base.model, base.arch, [module]).remove, "adapter")
 
 
 SPEC = MethodSpec(

@@ -103,6 +103,66 @@ class Applied(Protocol):
         """
 
 
+class ModuleTrainable:
+    """The :class:`Trainable` of a method whose module is one dense ``nn.Module`` trained in one phase.
+
+    Adapters (and LoRA-like methods) need nothing more: the module's parameters are the optimiser's,
+    its state dict is the checkpoint and the export, and ``detach`` takes its hooks off the base.
+    """
+
+    def __init__(self, module: nn.Module, detach: Callable[[], None], phase: Phase, stem: str) -> None:
+        self.module, self._detach, self.stem = module, detach, stem
+        self.phases = [phase]
+
+    def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
+        self.module.train()
+        return list(self.module.parameters())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def resume_phase(self, phase: Phase, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
+        self.module.load_state_dict(state, strict=True)
+        return self.begin_phase(phase)
+
+    def after_step(self, phase: Phase, step: int) -> None:
+        pass
+
+    def end_phase(self, phase: Phase) -> dict[str, float]:
+        return {}
+
+    def replicated(self) -> None:
+        return None  # dense parameters: summed gradients keep every rank's copy equal
+
+    def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        return {self.stem: self.module.state_dict()}, {}
+
+    def close(self) -> None:
+        self._detach()
+
+
+@dataclass
+class AppliedModule:
+    """The :class:`Applied` handle of a saved dense module hooked onto a base (adapters, ...).
+
+    ``remove()`` runs ``detach`` (idempotent); hooks are not part of a checkpoint, so the module's
+    weights are what a composed model saves beside its own (under ``stem``).
+    """
+
+    module: nn.Module
+    detach: Callable[[], None]
+    stem: str
+
+    def remove(self) -> None:
+        self.detach()
+
+    def modules(self) -> list[nn.Module]:
+        return [self.module]
+
+    def saved_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {self.stem: self.module.state_dict()}
+
+
 def no_defaults(kind: str) -> dict[str, Any]:
     """The default of ``MethodSpec.defaults`` / ``train_defaults``: nothing beyond the dataclasses' own."""
     return {}

@@ -128,4 +128,4 @@ def eval_examples(pack: TaskPack, lang: str, spec: str | None,
         if split is None:
             return None, None
         source = splits[split]
-    return read_source(source, pack.head, list(pack.labels)), source.describe()
+    return read_source(source, pack.head, list(pack.labels), pack.input_map), source.describe()

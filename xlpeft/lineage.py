@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from xlpeft import tracking
 from xlpeft.compose import ModuleRef
 from xlpeft.errors import XlpeftError
-from xlpeft.io import LoadedModule, load_module
+from xlpeft.io import MANIFEST, LoadedModule, load_module
 from xlpeft.registry import method_names
 
 
@@ -68,8 +69,11 @@ def language_module_for_task(setting: str, lang: str, base, method: str) -> tupl
         return None, {}
     if setting != "auto":
         module = load_module(setting).expect_kind("language", "--set lang_module")
+        # the manifest's hash names which save of the directory it was (it holds the save time), so a
+        # task run over a retrained module at the same path does not log the same params
+        stamp = hashlib.sha256((Path(setting) / MANIFEST).read_bytes()).hexdigest()[:16]
         return module, {"path": str(Path(setting).resolve()), "lang": module.manifest.lang,
-                        "method": module.manifest.method}
+                        "method": module.manifest.method, "manifest_sha256": stamp}
     hit = newest_language_module(lang, base.fingerprint, method)
     if hit is None:
         raise XlpeftError(

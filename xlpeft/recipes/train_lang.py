@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,6 +40,11 @@ class LangRequest:
     resume: bool = False
     overwrite: bool = False  # replace an xlpeft module of another kind at --output
 
+    @property
+    def registered_name(self) -> str:
+        """The registry name the module will get (``xlpeft run`` looks it up before planning a step)."""
+        return tracking.registered_name("language", self.lang, self.method)
+
 
 @dataclass
 class LangResult:
@@ -50,9 +56,30 @@ class LangResult:
     resumed_from: int | None = None
 
 
-def train_language(req: LangRequest) -> LangResult:
-    """Train, save, log and register a language module; returns where it went."""
-    # ---- setup: validate everything before an MLflow run exists
+@dataclass
+class LangPlan:
+    """Everything ``train-lang`` resolves before a run opens: the tags and params the run will log, and their inputs."""
+
+    spec: Any
+    method_cfg: Any
+    cfg: Any
+    corpora: list
+    out_dir: Path
+    base: Any
+    device: torch.device
+    dist: Any
+    train_blocks: list
+    eval_blocks: list
+    registered_name: str
+    tags: dict[str, str]
+    params: dict[str, Any]
+
+
+def plan_language(req: LangRequest) -> LangPlan:
+    """Check everything and resolve the run's tags and params, before an MLflow run exists.
+
+    ``xlpeft run`` calls it too, to tell whether a finished run already logged this configuration.
+    """
     pack = load_language_pack(req.lang)
     spec = get_method(req.method)
     method_cfg, cfg = resolve_configs(req.method, "language", req.sets)
@@ -68,7 +95,7 @@ def train_language(req: LangRequest) -> LangResult:
     blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
     method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_blocks))  # epoch-based phases (LT-SFT) -> steps
-    name = tracking.registered_name("language", req.lang, req.method)
+    name = req.registered_name
     tags = run_tags("language", req.lang, None, req.method, base)
     params = {
         "method": asdict(method_cfg), "train": asdict(cfg), "lang": req.lang, "base": base.name,
@@ -76,6 +103,16 @@ def train_language(req: LangRequest) -> LangResult:
         "corpus_fingerprint": fingerprint_corpora(corpora), "train_blocks": len(train_blocks),
         "eval_blocks": len(eval_blocks), "world_size": dist.world,
     }
+    return LangPlan(spec, method_cfg, cfg, corpora, out_dir, base, device, dist, train_blocks, eval_blocks, name,
+                    tags, params)
+
+
+def train_language(req: LangRequest) -> LangResult:
+    """Train, save, log and register a language module; returns where it went."""
+    p = plan_language(req)  # ---- setup: validate everything before an MLflow run exists
+    spec, method_cfg, cfg, corpora, out_dir, base, device, dist = (p.spec, p.method_cfg, p.cfg, p.corpora, p.out_dir,
+                                                                   p.base, p.device, p.dist)
+    train_blocks, eval_blocks, name, tags, params = p.train_blocks, p.eval_blocks, p.registered_name, p.tags, p.params
 
     # ---- train
     with training_run(f"lang-{req.lang}-{req.method}", tags, params, dist, req.resume, out_dir) as (

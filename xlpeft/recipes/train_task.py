@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,6 +54,11 @@ class TaskRequest:
     resume: bool = False
     overwrite: bool = False  # replace an xlpeft module of another kind at --output
 
+    @property
+    def registered_name(self) -> str:
+        """The registry name the module will get (``xlpeft run`` looks it up before planning a step)."""
+        return tracking.registered_name("task", self.task, self.method)
+
 
 @dataclass
 class TaskResult:
@@ -75,9 +81,35 @@ def parent_tags(lineage: dict) -> dict[str, str]:
     return tags
 
 
-def train_task(req: TaskRequest) -> TaskResult:
-    """Train, evaluate, save, log and register a task module."""
-    # ---- setup: everything checkable is checked before an MLflow run exists
+@dataclass
+class TaskPlan:
+    """Everything ``train-task`` resolves before a run opens: the tags and params the run will log, and their inputs."""
+
+    pack: Any
+    spec: Any
+    method_cfg: Any
+    cfg: Any
+    task_cfg: TaskConfig
+    train_ex: list
+    eval_ex: list
+    train_desc: list
+    out_dir: Path
+    base: Any
+    device: torch.device
+    dist: Any
+    lang_module: Any
+    lineage: dict
+    train_enc: Any
+    registered_name: str
+    tags: dict[str, str]
+    params: dict[str, Any]
+
+
+def plan_task(req: TaskRequest) -> TaskPlan:
+    """Check everything and resolve the run's tags and params, before an MLflow run exists.
+
+    ``xlpeft run`` calls it too, to tell whether a finished run already logged this configuration.
+    """
     pack = load_task_pack(req.task)
     spec = get_method(req.method)
     method_cfg, cfg, task_cfg = resolve_configs(req.method, "task", req.sets, TaskConfig)
@@ -91,7 +123,7 @@ def train_task(req: TaskRequest) -> TaskResult:
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)
     train_enc = encode(pack, base.tokenizer, train_ex, cfg.max_seq_len, purpose="training data")
-    name = tracking.registered_name("task", req.task, req.method)
+    name = req.registered_name
     tags = {**run_tags("task", req.lang, req.task, req.method, base), **parent_tags(lineage)}
     params = {"method": asdict(method_cfg), "train": asdict(cfg), "task_config": asdict(task_cfg), "task": req.task,
               "lang": req.lang, "base": base.name, "train_data": ", ".join(train_desc),
@@ -99,6 +131,18 @@ def train_task(req: TaskRequest) -> TaskResult:
               "train_examples": len(train_ex), "eval_examples": len(eval_ex), "lang_module": str(lineage or "none")}
 
     dist = init_from_env(device)
+    return TaskPlan(pack, spec, method_cfg, cfg, task_cfg, train_ex, eval_ex, train_desc, out_dir, base, device, dist,
+                    lang_module, lineage, train_enc, name, tags, params)
+
+
+def train_task(req: TaskRequest) -> TaskResult:
+    """Train, evaluate, save, log and register a task module."""
+    p = plan_task(req)  # ---- setup: everything checkable is checked before an MLflow run exists
+    pack, spec, method_cfg, cfg, task_cfg, base, device, dist = (p.pack, p.spec, p.method_cfg, p.cfg, p.task_cfg,
+                                                                 p.base, p.device, p.dist)
+    train_ex, eval_ex, train_desc, out_dir, lang_module, lineage, train_enc = (
+        p.train_ex, p.eval_ex, p.train_desc, p.out_dir, p.lang_module, p.lineage, p.train_enc)
+    name, tags, params = p.registered_name, p.tags, p.params
 
     # ---- train
     with training_run(f"task-{req.task}-{req.method}", tags, params, dist, req.resume, out_dir) as (

@@ -35,6 +35,46 @@ def checkpoint_dir_for(out_dir: Path, run_id: str) -> Path:
     return out_dir.parent / ".checkpoints" / run_id
 
 
+def param_differences(params: dict[str, Any], logged: dict[str, str]) -> list[str]:
+    """Keys whose value ``params`` would log (flattened as MLflow stores them) differs from a run's ``logged`` ones.
+
+    The one comparison of "the same configuration": ``--resume`` refuses a run that differs, and
+    ``xlpeft run`` skips a step only for a finished run that does not.
+    """
+    from xlpeft.tracking.run import _flat
+
+    mine = _flat(params)
+    return sorted(k for k in set(mine) | set(logged) if mine.get(k) != logged.get(k))
+
+
+def _runs_with_tags(tags: dict[str, str]) -> list:
+    """Runs of the xlpeft experiment carrying these identity tags (those among ``TAG_KEYS``), newest first."""
+    from xlpeft import tracking
+
+    c = tracking.client()
+    exp = c.get_experiment_by_name(tracking.EXPERIMENT)
+    if exp is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = {tracking.filter_value(v)}" for k, v in tags.items() if k in tracking.TAG_KEYS)
+    return c.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+
+
+def find_finished(tags: dict[str, str], params: dict[str, Any], registered_name: str):
+    """The newest FINISHED run with these identity tags and equal params that registered ``registered_name``.
+
+    Returns:
+        (run id, the :class:`~xlpeft.tracking.RegisteredModule` it registered), or None.
+    """
+    from xlpeft import tracking
+
+    versions = {v.run_id: v for v in reversed(tracking.list_versions(registered_name))}  # newest wins per run
+    for run in _runs_with_tags(tags):
+        if (run.info.status == "FINISHED" and run.info.run_id in versions
+                and not param_differences(params, run.data.params)):
+            return run.info.run_id, versions[run.info.run_id]
+    return None
+
+
 def find_resumable(tags: dict[str, str], params: dict[str, Any]) -> tuple[str, Path] | None:
     """The newest unfinished run with these identity tags and a checkpoint; refuse it if its config differs.
 
@@ -44,21 +84,15 @@ def find_resumable(tags: dict[str, str], params: dict[str, Any]) -> tuple[str, P
     Raises:
         XlpeftError: the newest unfinished run was started with another configuration (keys named).
     """
-    from xlpeft import tracking
     from xlpeft.tracking.run import _flat
 
-    c = tracking.client()
-    exp = c.get_experiment_by_name(tracking.EXPERIMENT)
-    if exp is None:
-        return None
-    query = " and ".join(f"tags.`{k}` = {tracking.filter_value(v)}" for k, v in tags.items() if k in tracking.TAG_KEYS)
-    runs = c.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
+    runs = _runs_with_tags(tags)
     unfinished = [r for r in runs if r.info.status != "FINISHED" and "xlpeft.checkpoint_dir" in r.data.tags]
     if not unfinished:
         return None
     run = unfinished[0]
     mine = _flat(params)
-    differing = sorted(k for k in set(mine) | set(run.data.params) if mine.get(k) != run.data.params.get(k))
+    differing = param_differences(params, run.data.params)
     changed = [k for k in differing if k.endswith("fingerprint") and k in mine and k in run.data.params]
     if changed:
         raise XlpeftError(f"the unfinished run {run.info.run_id} trained on other data: the content of its "

@@ -76,9 +76,30 @@ def test_task_pack_loads_and_its_local_files_read(path):
 
 @pytest.mark.parametrize("path", PIPELINES, ids=_rel)
 def test_pipeline_loads_and_names_real_commands(path):
-    steps = load_pipeline(path)
-    unknown = sorted({step[0] for step in steps} - set(cli.commands))
+    steps = load_pipeline(path).steps
+    unknown = sorted({step.args[0] for step in steps} - set(cli.commands))
     assert not unknown, f"{_rel(path)}: steps use unknown commands {unknown}; known: {sorted(cli.commands)}"
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=_rel)
+def test_pipeline_variables_each_have_a_comment(path):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    block = list(itertools.takewhile(lambda line: line.startswith("  ") or not line.strip(),
+                                     lines[lines.index("vars:") + 1:])) if "vars:" in lines else []
+    bare = [line.split(":")[0].strip() for line in block if line.strip() and "#" not in line]
+    assert not bare, f"{_rel(path)}: variables {bare} have no comment saying what they are"
+    assert len([line for line in block if line.strip()]) == len(load_pipeline(path).variables)
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=_rel)
+def test_pipeline_dry_run_works_offline(path, tmp_path, monkeypatch, capsys):
+    from tests.conftest import use_store
+    from tests.hostile.conftest import run_cli
+
+    use_store(monkeypatch, tmp_path)  # an empty store: nothing is done, nothing is loaded
+    outcome = run_cli(capsys, "run", str(path), "--dry-run")
+    assert outcome.code == 0, outcome.err
+    assert sum(line.startswith("[") for line in outcome.out.splitlines()) == len(load_pipeline(path).steps)
 
 
 def iob2_errors(tags: tuple[str, ...] | list[str]) -> list[str]:

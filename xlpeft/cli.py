@@ -14,7 +14,7 @@ import click
 
 from xlpeft import __version__
 from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD, merge_flags, parse_sets
-from xlpeft.console import OVERWRITE_HELP, check_name, check_step, dispatch, on_sigterm, read_stdin_lines
+from xlpeft.console import OVERWRITE_HELP, check_name, dispatch, on_sigterm, read_stdin_lines
 from xlpeft.errors import XlpeftError
 
 SET_HELP = "method or training hyper-parameter, repeatable (e.g. --set reduction_factor=2 --set lr=1e-4)"
@@ -28,6 +28,25 @@ def _train_default(name: str) -> str:
 
     return f"[default: {default_of(TrainConfig, name)}; same as --set {name}=N]"
 
+
+
+def lang_request(lang, method, base, corpus, max_steps, batch_size, seed, sets, output, overwrite, resume):
+    """train-lang's options as its recipe request; ``xlpeft run`` builds the same one to tell whether a step is done."""
+    from xlpeft.recipes.train_lang import LangRequest
+
+    sets = merge_flags(parse_sets(sets), max_steps=max_steps, batch_size=batch_size, seed=seed)
+    return LangRequest(lang=lang, method=method, base=base, corpus=tuple(corpus), sets=sets, output=output,
+                       resume=resume, overwrite=overwrite)
+
+
+def task_request(task, lang, method, base, train_data, eval_data, max_steps, batch_size, seed, sets, output,
+                 overwrite, resume):
+    """train-task's options as its recipe request (shared with ``xlpeft run`` like :func:`lang_request`)."""
+    from xlpeft.recipes.train_task import TaskRequest
+
+    sets = merge_flags(parse_sets(sets), max_steps=max_steps, batch_size=batch_size, seed=seed)
+    return TaskRequest(task=task, lang=lang, method=method, base=base, train_data=train_data, eval_data=eval_data,
+                       sets=sets, output=output, resume=resume, overwrite=overwrite)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -57,12 +76,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--resume", is_flag=True, help="continue the newest unfinished run of this same command from its checkpoint")
 def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, output, overwrite, resume) -> None:
     """Train a language module with masked-language modelling."""
-    from xlpeft.recipes.train_lang import LangRequest, train_language
+    from xlpeft.recipes.train_lang import train_language
 
-    sets = merge_flags(parse_sets(sets), max_steps=max_steps, batch_size=batch_size, seed=seed)
-    req = LangRequest(lang=lang, method=method, base=base, corpus=tuple(corpus), sets=sets, output=output,
-                      resume=resume, overwrite=overwrite)
-    result = train_language(req)
+    result = train_language(lang_request(lang, method, base, corpus, max_steps, batch_size, seed, sets, output,
+                                         overwrite, resume))
     if not result.version:  # a data-parallel rank other than 0
         return
     m = result.metrics
@@ -91,13 +108,10 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
 def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch_size, seed, sets, output,
                overwrite, resume) -> None:
     """Train a task module (+ head) over the source language's module."""
-    from xlpeft.recipes.train_task import TaskRequest
     from xlpeft.recipes.train_task import train_task as run_train_task
 
-    sets = merge_flags(parse_sets(sets), max_steps=max_steps, batch_size=batch_size, seed=seed)
-    req = TaskRequest(task=task, lang=lang, method=method, base=base, train_data=train_data, eval_data=eval_data,
-                      sets=sets, output=output, resume=resume, overwrite=overwrite)
-    result = run_train_task(req)
+    result = run_train_task(task_request(task, lang, method, base, train_data, eval_data, max_steps, batch_size, seed,
+                                         sets, output, overwrite, resume))
     if not result.version:  # a data-parallel rank other than 0
         return
     headline = {k: v for k, v in result.metrics.items() if k in ("f1", "precision", "recall", "accuracy")}
@@ -305,20 +319,25 @@ def modules() -> None:
 
 @cli.command("run")
 @click.argument("pipeline", type=click.Path(dir_okay=False))
-@click.option("--dry-run", is_flag=True, help="print the steps without running them")
-def run(pipeline: str, dry_run: bool) -> None:
-    """Run a declarative pipeline: a YAML list of xlpeft commands (see pipelines/)."""
+@click.option("--var", "variables", multiple=True, metavar="NAME=VALUE",
+              help="override a variable of the pipeline's vars: (repeatable, e.g. --var langs=sw,yo)")
+@click.option("--dry-run", is_flag=True, help="print every expanded step and whether it would run or is done")
+@click.option("--force", "--no-skip", "force", is_flag=True,
+              help="run every step, also those a finished run with the same configuration already did")
+def run(pipeline: str, variables: tuple[str, ...], dry_run: bool, force: bool) -> None:
+    """Run a declarative pipeline: a YAML list of xlpeft commands (see pipelines/).
+
+    A train-lang / train-task step is skipped when a finished run logged the same configuration and
+    registered its module, so re-running a half-finished pipeline continues it.
+    """
     from pathlib import Path
 
-    from xlpeft.pipelines import load_pipeline
+    from xlpeft.pipelines import Planner, load_pipeline, parse_vars, run_pipeline
+    from xlpeft.recipes.train_lang import plan_language
+    from xlpeft.recipes.train_task import plan_task
 
-    steps = load_pipeline(Path(pipeline))
-    for i, step in enumerate(steps, 1):  # every step parses before the first one runs
-        check_step(cli, i, step)
-    for i, step in enumerate(steps, 1):
-        click.echo(f"[{i}/{len(steps)}] xlpeft {' '.join(step)}", err=True)
-        if not dry_run:
-            cli.main(args=list(step), prog_name="xlpeft", standalone_mode=False)
+    planners = {"train-lang": Planner(lang_request, plan_language), "train-task": Planner(task_request, plan_task)}
+    run_pipeline(cli, load_pipeline(Path(pipeline), parse_vars(variables)), planners, dry_run=dry_run, force=force)
 
 
 @cli.command("convert")

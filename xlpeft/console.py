@@ -65,23 +65,29 @@ def close_progress_bars() -> None:
         bar.close()
 
 
-def check_step(cli: click.Group, index: int, step: list[str]) -> None:
+def check_step(cli: click.Group, index: int, step: list[str]) -> tuple[str, dict | None]:
     """Parse a pipeline step as the CLI would (command, options, types) without running it.
 
     A path that must exist is not required to yet: an earlier step may create it.
+
+    Returns:
+        (command name, its parsed options as click passes them), or (name, None) when an option
+        names a path that does not exist yet (or the step only asks for ``--help``).
     """
+    where = f"pipeline step {index} (xlpeft {' '.join(step)[:200]})"
     ctx = cli.make_context("xlpeft", list(step), resilient_parsing=False)
+    name = None
     try:
         name, command, rest = cli.resolve_command(ctx, ctx.protected_args + ctx.args)
-        command.make_context(name, rest, parent=ctx)
+        return name, dict(command.make_context(name, rest, parent=ctx).params)
     except click.BadParameter as exc:
         if isinstance(exc.param, click.Option | click.Argument) and isinstance(exc.param.type, click.Path):
-            return
-        raise XlpeftError(f"pipeline step {index} (xlpeft {' '.join(step)[:200]}): {exc.format_message()}") from None
+            return name, None
+        raise XlpeftError(f"{where}: {exc.format_message()}") from None
     except click.exceptions.Exit:
-        return
+        return name, None
     except click.ClickException as exc:
-        raise XlpeftError(f"pipeline step {index} (xlpeft {' '.join(step)[:200]}): {exc.format_message()}") from None
+        raise XlpeftError(f"{where}: {exc.format_message()}") from None
 
 
 def dispatch(cli: click.Group, args: list[str], debug: bool, training: bool) -> None:

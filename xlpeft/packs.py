@@ -114,6 +114,10 @@ class LanguagePack:
 
     def resolve(self, specs: list[str] | None) -> list[CorpusSpec]:
         """Corpora for ``--corpus`` values: pack corpus names, paths, or ``hf:`` specs; none -> the defaults."""
+        if not specs and not self.default:
+            raise XlpeftError(f"{self.code} ({self.name}) has no language pack, so no default corpus: pass --corpus "
+                              f"FILE (UTF-8 text, one sentence or paragraph a line) or --corpus hf:NAME[:CONFIG], or add "
+                              f"language_packs/{self.code}/pack.yaml")
         names = list(specs) if specs else list(self.default)
         return [self._named(s) if s in self.corpora or s in self.bible else parse_corpus(s) for s in names]
 
@@ -123,6 +127,32 @@ class LanguagePack:
 
             return corpus_spec(self.bible[name], f"language pack {self.code!r}, corpus {name!r}")
         return self.corpora[name]
+
+
+def has_pack(folder: str, name: str) -> bool:
+    """Whether ``folder/<name>/pack.yaml`` exists under a pack root (a bad name is no pack)."""
+    return any((root / folder / name / "pack.yaml").is_file() for root in pack_roots())
+
+
+def language_pack(code: str) -> LanguagePack:
+    """The pack for ``code``, or, for any other valid ISO 639 code, a pack-less language (no named corpora).
+
+    A pack is a convenience, not a gate: a language without one trains on ``--corpus FILE|hf:...``.
+
+    Raises:
+        XlpeftError: ``code`` has no pack and is not an ISO 639 code (suggestions named).
+    """
+    from xlpeft.languages import lookup
+
+    if has_pack("language_packs", code):
+        return load_language_pack(code)
+    language = lookup(code)
+    return LanguagePack(code, language.name, "?", {}, (), Path(), {"iso639_3": language.iso639_3, "packless": True})
+
+
+def language_name(code: str) -> str:
+    """The language's name for messages and MLflow tags: its pack's, else ISO 639's (an invalid code raises)."""
+    return language_pack(code).name
 
 
 def load_language_pack(code: str) -> LanguagePack:

@@ -52,10 +52,13 @@ def base_ref(base) -> dict[str, str]:
 
 
 def run_tags(kind: str, lang: str | None, task: str | None, method: str, base) -> dict[str, str]:
-    """The identity tags of a training run: what ``--resume`` and the registry search by."""
+    """The identity tags of a training run (what ``--resume`` and the registry search by), and the language's name."""
+    from xlpeft.packs import language_name
+
     return {
         "xlpeft.kind": kind, "xlpeft.lang": lang or "none", "xlpeft.task": task or "none", "xlpeft.method": method,
         "xlpeft.base": base.name, "xlpeft.base_fingerprint": base.fingerprint,
+        **({"xlpeft.lang_name": language_name(lang)} if lang else {}),
     }
 
 

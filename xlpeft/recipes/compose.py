@@ -22,7 +22,7 @@ from xlpeft.io import install_dir
 from xlpeft.lineage import baseline_stack, registered_ref
 from xlpeft.metrics import METRICS
 from xlpeft.models import load_base
-from xlpeft.packs import TaskPack, load_task_pack
+from xlpeft.packs import TaskPack, language_name, load_task_pack
 from xlpeft.registry import get_method
 
 
@@ -77,6 +77,7 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
     """Compose target-language (+ extra) and task modules, evaluate zero-shot against the baseline, log it."""
     # ---- resolve every module once, and build the composition before anything is applied
     pack = load_task_pack(req.task)
+    lang_name = language_name(req.lang)  # any ISO 639 code, with or without a language pack
     base = load_base(req.base)
     lang, lang_reg = registered_ref("language", req.lang, req.lang_method, base.fingerprint)
     task, task_reg = registered_ref("task", req.task, req.task_method, base.fingerprint)
@@ -91,7 +92,7 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
         "xlpeft.base": base.name, "xlpeft.base_fingerprint": base.fingerprint,
         "xlpeft.parent.lang_run": lang_reg.run_id, "xlpeft.parent.task_run": task_reg.run_id,
         "xlpeft.parent.lang_module": lang.source, "xlpeft.parent.task_module": task.source,
-        "xlpeft.composition": composition.describe(),
+        "xlpeft.composition": composition.describe(), "xlpeft.lang_name": lang_name,
     }
     if extra:
         tags["xlpeft.parent.modules"] = ", ".join(m.source for m in extra)

@@ -20,7 +20,7 @@ from xlpeft.data.corpora import check_text_file, fingerprint_corpora, iter_lines
 from xlpeft.data.mlm import attention_mask_for, mask_tokens, pack_blocks, split_blocks
 from xlpeft.distributed import init_from_env
 from xlpeft.io import Manifest, check_module_output
-from xlpeft.packs import load_language_pack
+from xlpeft.packs import language_pack
 from xlpeft.recipes.common import base_ref, count_parameters, resolve_configs, resolve_epochs, run_tags, start_training
 from xlpeft.registry import get_method
 from xlpeft.tracking.lifecycle import publish, training_run
@@ -80,7 +80,7 @@ def plan_language(req: LangRequest) -> LangPlan:
 
     ``xlpeft run`` calls it too, to tell whether a finished run already logged this configuration.
     """
-    pack = load_language_pack(req.lang)
+    pack = language_pack(req.lang)  # a pack, or any ISO 639 language trained on --corpus files
     spec = get_method(req.method)
     method_cfg, cfg = resolve_configs(req.method, "language", req.sets)
     corpora = pack.resolve(list(req.corpus))

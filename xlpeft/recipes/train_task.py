@@ -23,7 +23,7 @@ from xlpeft.evaluation import encode, evaluate_task
 from xlpeft.io import Manifest, check_module_output
 from xlpeft.lineage import language_module_for_task
 from xlpeft.methods.heads import build_head
-from xlpeft.packs import load_task_pack
+from xlpeft.packs import language_name, load_task_pack
 from xlpeft.recipes.common import base_ref, count_parameters, resolve_configs, resolve_epochs, run_tags, start_training
 from xlpeft.registry import get_method
 from xlpeft.tracking.lifecycle import publish, training_run
@@ -111,6 +111,7 @@ def plan_task(req: TaskRequest) -> TaskPlan:
     ``xlpeft run`` calls it too, to tell whether a finished run already logged this configuration.
     """
     pack = load_task_pack(req.task)
+    language_name(req.lang)  # any ISO 639 code; an invalid one fails here, before any data is read
     spec = get_method(req.method)
     method_cfg, cfg, task_cfg = resolve_configs(req.method, "task", req.sets, TaskConfig)
     train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,

@@ -70,7 +70,7 @@ def test_bad_train_lang_input(capsys, workdir, tiny, sw_corpus, extra, needles):
 
 def test_unknown_language(capsys, workdir, tiny):
     code, _, err = run_cli(capsys, "train-lang", "--lang", "xx", "--base", tiny)
-    assert_one_error_line(code, err, "'xx'", "available:", "sw")
+    assert_one_error_line(code, err, "'xx' is not an ISO 639 language code", "language packs available:", "sw")
     assert_nothing_tracked(workdir)
 
 

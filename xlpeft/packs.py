@@ -146,7 +146,11 @@ def language_pack(code: str) -> LanguagePack:
 
     if has_pack("language_packs", code):
         return load_language_pack(code)
-    language = lookup(code)
+    try:
+        language = lookup(code)
+    except XlpeftError as exc:
+        available = sorted({p.parent.name for r in pack_roots() for p in (r / "language_packs").glob("*/pack.yaml")})
+        raise XlpeftError(f"{exc}; language packs available: {', '.join(available) or 'none'}") from None
     return LanguagePack(code, language.name, "?", {}, (), Path(), {"iso639_3": language.iso639_3, "packless": True})
 
 

@@ -88,3 +88,20 @@ def test_check_labels_accepts_known():
 def test_parse_task_data():
     assert parse_task_data("hf:unimelb-nlp/wikiann:sw:test") == TaskSource(hf="unimelb-nlp/wikiann", config="sw", split="test")
     assert parse_task_data("x.conllu").file_format() == "conllu"
+
+
+def test_data_fingerprint_follows_the_content_of_every_source_read(tmp_path):
+    """A pack's own files count like --train-data: a changed file changes the fingerprint (resume / pipeline skip)."""
+    from xlpeft.data.tasks import TaskSource, data_fingerprint
+
+    train, dev = tmp_path / "train.conll", tmp_path / "dev.conll"
+    train.write_text("Juma\tB-PER\n\n", encoding="utf-8")
+    dev.write_text("Nairobi\tB-LOC\n\n", encoding="utf-8")
+    hub = TaskSource(hf="unimelb-nlp/wikiann", config="sw", split="validation")
+    before = data_fingerprint(TaskSource(path=str(train)), TaskSource(path=str(dev)), hub)
+    assert before == data_fingerprint(TaskSource(path=str(train)), TaskSource(path=str(dev)), hub)
+    dev.write_text("Mombasa\tB-LOC\n\n", encoding="utf-8")
+    assert data_fingerprint(TaskSource(path=str(train)), TaskSource(path=str(dev)), hub) != before
+    other_hub = TaskSource(hf="unimelb-nlp/wikiann", config="yo", split="validation")
+    assert data_fingerprint(TaskSource(path=str(train)), TaskSource(path=str(dev)), other_hub) != \
+        data_fingerprint(TaskSource(path=str(train)), TaskSource(path=str(dev)), hub)

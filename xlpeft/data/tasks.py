@@ -81,12 +81,16 @@ def parse_task_data(spec: str) -> TaskSource:
     return TaskSource(path=spec)
 
 
-def data_fingerprint(*specs: str | None) -> str:
-    """Content fingerprint of the local files among ``--train-data``/``--eval-data`` (hub specs by name)."""
+def data_fingerprint(*sources: TaskSource) -> str:
+    """Content fingerprint of the task data a run reads: local and prepared files by content, hub data by name.
+
+    Every source counts, the pack's own files included, so ``--resume`` and a pipeline's skip
+    check notice a changed file whichever way it was named.
+    """
     from xlpeft.data.corpora import fingerprint_files
 
-    local = [s for s in specs if s and not s.startswith("hf:") and Path(s).is_file()]
-    return fingerprint_files(local, [s for s in specs if s and s.startswith("hf:")])
+    local = [str(p) for s in sources if s.hf is None and (p := s.local_path()) is not None and p.is_file()]
+    return fingerprint_files(local, [s.describe() for s in sources if s.hf is not None])
 
 
 def read_source(source: TaskSource, head: str, labels: list[str], input_map: TagMap | None = None) -> list[Any]:
@@ -159,11 +163,11 @@ def check_labels(examples: list[Any], labels: list[str], where: str) -> None:
 
 
 def load_examples(pack: TaskPack, lang: str, train_spec: str | None, eval_spec: str | None,
-                  eval_fraction: float, seed: int) -> tuple[list, list, list[str]]:
+                  eval_fraction: float, seed: int) -> tuple[list, list, list[TaskSource]]:
     """Train and eval examples: explicit files win, else the pack's data, else a held-out slice of train.
 
     Returns:
-        (train examples, eval examples, descriptions of the training data for the manifest).
+        (train examples, eval examples, the sources read: training data first, then evaluation data if separate).
 
     Raises:
         XlpeftError: unreadable data, unknown labels, or a single training example and nothing to evaluate on.
@@ -171,10 +175,10 @@ def load_examples(pack: TaskPack, lang: str, train_spec: str | None, eval_spec: 
     labels = list(pack.labels)
     train_src: TaskSource = parse_task_data(train_spec) if train_spec else pack.source(lang, "train")
     train = read_source(train_src, pack.head, labels, pack.input_map)
-    if eval_spec:
-        eval_ = read_source(parse_task_data(eval_spec), pack.head, labels, pack.input_map)
-    elif "validation" in pack.sources.get(lang, {}) and not train_spec:
-        eval_ = read_source(pack.source(lang, "validation"), pack.head, labels, pack.input_map)
+    eval_src = (parse_task_data(eval_spec) if eval_spec else pack.source(lang, "validation")
+                if "validation" in pack.sources.get(lang, {}) and not train_spec else None)
+    if eval_src is not None:
+        eval_ = read_source(eval_src, pack.head, labels, pack.input_map)
     else:
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
         n_eval = max(1, int(len(train) * eval_fraction))
@@ -182,7 +186,7 @@ def load_examples(pack: TaskPack, lang: str, train_spec: str | None, eval_spec: 
             raise XlpeftError("training data has a single example; pass --eval-data or more training data")
         eval_ = [train[i] for i in order[:n_eval]]
         train = [train[i] for i in order[n_eval:]]
-    return train, eval_, [train_src.describe()]
+    return train, eval_, [train_src] + ([eval_src] if eval_src is not None else [])
 
 
 NO_SUBWORD = -1

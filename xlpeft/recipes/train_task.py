@@ -114,8 +114,9 @@ def plan_task(req: TaskRequest) -> TaskPlan:
     language_name(req.lang)  # any ISO 639 code; an invalid one fails here, before any data is read
     spec = get_method(req.method)
     method_cfg, cfg, task_cfg = resolve_configs(req.method, "task", req.sets, TaskConfig)
-    train_ex, eval_ex, train_desc = load_examples(pack, req.lang, req.train_data, req.eval_data,
-                                                  cfg.eval_fraction, cfg.seed)
+    train_ex, eval_ex, sources = load_examples(pack, req.lang, req.train_data, req.eval_data, cfg.eval_fraction,
+                                               cfg.seed)
+    train_desc = [sources[0].describe()]
     method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_ex))  # LT-SFT's epoch-based phases -> steps
     out_dir = check_module_output(req.output or f"modules/task-{req.task}-{req.method}", "task", req.overwrite)
     base, device = start_training(req.base, cfg)
@@ -128,7 +129,7 @@ def plan_task(req: TaskRequest) -> TaskPlan:
     tags = {**run_tags("task", req.lang, req.task, req.method, base), **parent_tags(lineage)}
     params = {"method": asdict(method_cfg), "train": asdict(cfg), "task_config": asdict(task_cfg), "task": req.task,
               "lang": req.lang, "base": base.name, "train_data": ", ".join(train_desc),
-              "train_data_fingerprint": data_fingerprint(req.train_data, req.eval_data),
+              "train_data_fingerprint": data_fingerprint(*sources),
               "train_examples": len(train_ex), "eval_examples": len(eval_ex), "lang_module": str(lineage or "none")}
 
     dist = init_from_env(device)

@@ -7,6 +7,7 @@ Packs are looked up in ``$XLPEFT_PACKS`` (a directory holding ``language_packs/`
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,24 +30,34 @@ def pack_roots() -> list[Path]:
     return roots
 
 
-def find_pack_dir(folder: str, name: str) -> Path:
-    import re
+PACK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name) or ".." in name:
+
+def available_packs(folder: str) -> list[str]:
+    """The names of every pack in ``folder`` (``language_packs``, ``task_packs``) under any pack root, sorted."""
+    return sorted({p.parent.name for r in pack_roots() for p in (r / folder).glob("*/pack.yaml")})
+
+
+def _pack_dir(folder: str, name: str) -> Path | None:
+    """The first pack root's ``folder/name`` holding a ``pack.yaml``; None if none does or ``name`` is not a pack name."""
+    if not PACK_NAME.fullmatch(name) or ".." in name:
+        return None
+    return next((root / folder / name for root in pack_roots() if (root / folder / name / "pack.yaml").is_file()), None)
+
+
+def find_pack_dir(folder: str, name: str) -> Path:
+    """The directory of pack ``name``; a bad name or a missing pack is one error listing what exists."""
+    if not PACK_NAME.fullmatch(name) or ".." in name:
         kind = folder[:-1].replace("_", " ")
         raise XlpeftError(f"a {kind} is named by its folder (letters, digits, _ . -), not a path; got {name[:80]!r}; "
                           f"put it in {folder}/<name>/pack.yaml under the working directory or $XLPEFT_PACKS")
-    tried = []
-    for root in pack_roots():
-        candidate = root / folder / name
-        tried.append(str(candidate))
-        if (candidate / "pack.yaml").is_file():
-            return candidate
-    available = sorted({p.parent.name for r in pack_roots() for p in (r / folder).glob("*/pack.yaml")})
-    raise XlpeftError(
-        f"no {folder[:-1].replace('_', ' ')} {name!r}; available: {', '.join(available) or 'none'} "
-        f"(add {folder}/{name}/pack.yaml to create one)"
-    )
+    found = _pack_dir(folder, name)
+    if found is None:
+        raise XlpeftError(
+            f"no {folder[:-1].replace('_', ' ')} {name!r}; available: {', '.join(available_packs(folder)) or 'none'} "
+            f"(add {folder}/{name}/pack.yaml to create one)"
+        )
+    return found
 
 
 MAX_YAML_BYTES = 1 << 20  # packs and pipelines are a few kB
@@ -129,11 +140,6 @@ class LanguagePack:
         return self.corpora[name]
 
 
-def has_pack(folder: str, name: str) -> bool:
-    """Whether ``folder/<name>/pack.yaml`` exists under a pack root (a bad name is no pack)."""
-    return any((root / folder / name / "pack.yaml").is_file() for root in pack_roots())
-
-
 def language_pack(code: str) -> LanguagePack:
     """The pack for ``code``, or, for any other valid ISO 639 code, a pack-less language (no named corpora).
 
@@ -144,12 +150,12 @@ def language_pack(code: str) -> LanguagePack:
     """
     from xlpeft.languages import lookup
 
-    if has_pack("language_packs", code):
+    if _pack_dir("language_packs", code) is not None:
         return load_language_pack(code)
     try:
         language = lookup(code)
     except XlpeftError as exc:
-        available = sorted({p.parent.name for r in pack_roots() for p in (r / "language_packs").glob("*/pack.yaml")})
+        available = available_packs("language_packs")
         raise XlpeftError(f"{exc}; language packs available: {', '.join(available) or 'none'}") from None
     return LanguagePack(code, language.name, "?", {}, (), Path(), {"iso639_3": language.iso639_3, "packless": True})
 

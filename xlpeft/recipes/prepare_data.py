@@ -118,10 +118,9 @@ def _counts(record: dict) -> str:
 
 def pack_translations() -> list[str]:
     """Translation codes named by ``bible:`` corpora in the language packs, sorted."""
-    from xlpeft.packs import load_language_pack, pack_roots
+    from xlpeft.packs import available_packs, load_language_pack
 
-    codes = sorted({p.parent.name for r in pack_roots() for p in (r / "language_packs").glob("*/pack.yaml")})
-    return sorted({t for code in codes for t in load_language_pack(code).bible.values()})
+    return sorted({t for code in available_packs("language_packs") for t in load_language_pack(code).bible.values()})
 
 
 def bible_db(from_dir: Path | None, force: bool) -> Path:

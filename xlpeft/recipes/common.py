@@ -51,14 +51,11 @@ def base_ref(base) -> dict[str, str]:
     return {"name": base.name, "fingerprint": base.fingerprint, "model_type": base.model.config.model_type}
 
 
-def run_tags(kind: str, lang: str | None, task: str | None, method: str, base) -> dict[str, str]:
+def run_tags(kind: str, lang: str, lang_name: str, task: str | None, method: str, base) -> dict[str, str]:
     """The identity tags of a training run (what ``--resume`` and the registry search by), and the language's name."""
-    from xlpeft.packs import language_name
-
     return {
-        "xlpeft.kind": kind, "xlpeft.lang": lang or "none", "xlpeft.task": task or "none", "xlpeft.method": method,
-        "xlpeft.base": base.name, "xlpeft.base_fingerprint": base.fingerprint,
-        **({"xlpeft.lang_name": language_name(lang)} if lang else {}),
+        "xlpeft.kind": kind, "xlpeft.lang": lang, "xlpeft.task": task or "none", "xlpeft.method": method,
+        "xlpeft.base": base.name, "xlpeft.base_fingerprint": base.fingerprint, "xlpeft.lang_name": lang_name,
     }
 
 

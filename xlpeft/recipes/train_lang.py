@@ -96,7 +96,7 @@ def plan_language(req: LangRequest) -> LangPlan:
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
     method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_blocks))  # epoch-based phases (LT-SFT) -> steps
     name = req.registered_name
-    tags = run_tags("language", req.lang, None, req.method, base)
+    tags = run_tags("language", req.lang, pack.name, None, req.method, base)
     params = {
         "method": asdict(method_cfg), "train": asdict(cfg), "lang": req.lang, "base": base.name,
         "corpora": ", ".join(c.describe() for c in corpora),

@@ -111,7 +111,7 @@ def plan_task(req: TaskRequest) -> TaskPlan:
     ``xlpeft run`` calls it too, to tell whether a finished run already logged this configuration.
     """
     pack = load_task_pack(req.task)
-    language_name(req.lang)  # any ISO 639 code; an invalid one fails here, before any data is read
+    lang_name = language_name(req.lang)  # any ISO 639 code; an invalid one fails here, before any data is read
     spec = get_method(req.method)
     method_cfg, cfg, task_cfg = resolve_configs(req.method, "task", req.sets, TaskConfig)
     train_ex, eval_ex, sources = load_examples(pack, req.lang, req.train_data, req.eval_data, cfg.eval_fraction,
@@ -126,7 +126,7 @@ def plan_task(req: TaskRequest) -> TaskPlan:
         lang_module.check_base(base.fingerprint)
     train_enc = encode(pack, base.tokenizer, train_ex, cfg.max_seq_len, purpose="training data")
     name = req.registered_name
-    tags = {**run_tags("task", req.lang, req.task, req.method, base), **parent_tags(lineage)}
+    tags = {**run_tags("task", req.lang, lang_name, req.task, req.method, base), **parent_tags(lineage)}
     params = {"method": asdict(method_cfg), "train": asdict(cfg), "task_config": asdict(task_cfg), "task": req.task,
               "lang": req.lang, "base": base.name, "train_data": ", ".join(train_desc),
               "train_data_fingerprint": data_fingerprint(*sources),

@@ -32,6 +32,7 @@ from xlpeft.io import Manifest, load_module, save_module
 from xlpeft.methods.base import COMBINES, MODULE_KINDS
 from xlpeft.methods.heads import build_head
 from xlpeft.models import load_base
+from xlpeft.recipes.common import resolve_configs, resolve_epochs
 from xlpeft.registry import get_method, method_names
 from xlpeft.training import mlm_loss, train_loop
 
@@ -46,18 +47,9 @@ TRAIN = {"max_steps": STEPS, "lr": 1e-2, "warmup_ratio": 0.0, "batch_size": 4, "
 
 
 def configs(method: str, kind: str, **train) -> tuple[object, TrainConfig]:
-    """The method and training configs as the recipes resolve them, from the spec alone (explicit keys: ``TRAIN``)."""
-    spec = get_method(method)
-    explicit = {**TRAIN, **train}
-    defaults = dict(spec.defaults(kind))
-    for key, dropped in spec.dropped_by.items():
-        if key in explicit:
-            for name in dropped:
-                defaults.pop(name, None)
-    cfg = spec.config_cls(**{**defaults, **SMALL.get(method, {})})
-    train_cfg = TrainConfig(**{**spec.train_defaults(kind), **explicit})
-    cfg = spec.plan(cfg, train_cfg, None)
-    return spec.plan(cfg, train_cfg, 64), train_cfg
+    """The method and training configs exactly as the recipes resolve them (explicit keys: ``TRAIN``), for 64 examples."""
+    cfg, train_cfg = resolve_configs(method, kind, {**TRAIN, **train, **SMALL.get(method, {})})
+    return resolve_epochs(method, cfg, train_cfg, 64), train_cfg
 
 
 def probe(base) -> torch.Tensor:

@@ -318,12 +318,10 @@ def _train_tokenizer(kind: str, texts: list[str], vocab_size: int):
 
     if kind == "tiny-bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok = Tokenizer(models.WordPiece(_wordpiece_vocab(texts, vocab_size, specials), unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                                show_progress=False))  # no blank lines in a log
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
             special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
@@ -349,6 +347,31 @@ def _train_tokenizer(kind: str, texts: list[str], vocab_size: int):
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         cls_token="<s>", sep_token="</s>", mask_token="<mask>",
     )
+
+
+def _wordpiece_vocab(texts: list[str], vocab_size: int, specials: list[str]) -> dict[str, int]:
+    """A WordPiece vocabulary learned deterministically, so a tiny BERT is the same on every run and machine.
+
+    The tokenizers library's WordPiece trainer breaks ties between equally frequent merges in hash
+    order: the same texts gave another vocabulary (and so another vocabulary size and other random
+    weights) on each call. Its Unigram trainer is deterministic, so the Unigram pieces of
+    BERT-pre-tokenized words become WordPiece entries, each both word-initial and as ``##piece``,
+    with every character in both forms so that no word of the texts falls back to ``[UNK]``.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    unigram = Tokenizer(models.Unigram())
+    unigram.normalizer = normalizers.BertNormalizer(lowercase=False)
+    unigram.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.BertPreTokenizer(), pre_tokenizers.Metaspace()])
+    unigram.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                              unk_token="[UNK]", show_progress=False))
+    pieces = [p.removeprefix("\u2581") for p, _ in sorted(unigram.get_vocab().items(), key=lambda item: item[1])
+              if p not in specials]
+    chars = sorted({c for text in texts for c in normalizers.BertNormalizer(lowercase=False).normalize_str(text)
+                    if not c.isspace()})
+    entries = [*specials, *chars, *(f"##{c}" for c in chars)]
+    entries += [form for piece in pieces if piece for form in (piece, f"##{piece}")]
+    return {token: i for i, token in enumerate(dict.fromkeys(entries))}
 
 
 def _builtin_texts() -> list[str]:

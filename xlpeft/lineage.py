@@ -16,6 +16,7 @@ from typing import Any
 
 from xlpeft import tracking
 from xlpeft.compose import ModuleRef
+from xlpeft.composed import COMPOSITION_FILE
 from xlpeft.errors import XlpeftError
 from xlpeft.io import MANIFEST, LoadedModule, load_module
 from xlpeft.registry import method_names
@@ -139,3 +140,31 @@ def registered_by_method(kind: str, name: str, fingerprint: str) -> dict[str, Lo
             continue
         found[method] = load_module(path)
     return found
+
+
+def modules_under(directory: str | Path, fingerprint: str) -> tuple[list[LoadedModule], list[str]]:
+    """Every xlpeft module saved under ``directory`` (any depth) for the base ``fingerprint``, in path order.
+
+    Returns:
+        (the modules, one line per module skipped because it was trained on another base).
+
+    Raises:
+        XlpeftError: ``directory`` is not a folder, or holds no module at all.
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        raise XlpeftError(f"--modules-dir {directory}: expected a folder of saved modules; it is not a folder")
+    found, other = [], []
+    for manifest in sorted(root.rglob(MANIFEST)):
+        if any((parent / COMPOSITION_FILE).is_file() for parent in manifest.parents if parent.is_relative_to(root)):
+            continue  # a module inside a saved composed model: a copy of one trained elsewhere
+        module = load_module(manifest.parent)
+        if module.manifest.base.get("fingerprint") != fingerprint:
+            other.append(f"{manifest.parent}: trained on base {module.manifest.base.get('name', '?')} "
+                         f"({module.manifest.base.get('fingerprint')})")
+            continue
+        found.append(module)
+    if not found:
+        why = f" ({len(other)} on another base, e.g. {other[0]})" if other else ""
+        raise XlpeftError(f"--modules-dir {directory}: no xlpeft module for this base ({fingerprint}) under it{why}")
+    return found, other

@@ -139,3 +139,20 @@ def test_ner_sample_is_tab_separated_known_labels_and_iob2(path):
     for n, example in enumerate(examples, 1):
         errors = iob2_errors(example.tags)
         assert not errors, f"{_rel(path)} sentence {n} ({' '.join(example.tokens)}): {'; '.join(errors)}"
+
+
+def test_offline_corpus_is_the_packs_bible_else_its_default(tmp_path, monkeypatch):
+    from xlpeft.errors import XlpeftError
+    from xlpeft.packs import language_pack
+
+    monkeypatch.setenv("XLPEFT_CACHE", str(tmp_path))
+    with pytest.raises(XlpeftError, match="run `xlpeft prepare-data bible`"):  # not written yet: says how
+        load_language_pack("tr").resolve(["offline"])
+    (tmp_path / "corpora" / "bible").mkdir(parents=True)
+    (tmp_path / "corpora" / "bible" / "t.txt").write_text("Başlangıçta Tanrı göğü ve yeri yarattı.\n", encoding="utf-8")
+    (tr,) = load_language_pack("tr").resolve(["offline"])
+    assert tr.path == str(tmp_path / "corpora" / "bible" / "t.txt")  # the Bible text prepare-data bible writes
+    (km,) = load_language_pack("km").resolve(["offline"])  # no Bible: the pack's default (UDHR)
+    assert km.path == str(load_language_pack("km").resolve(None)[0].path)
+    with pytest.raises(XlpeftError, match="--corpus offline: qu .Quechua. has no language pack"):
+        language_pack("qu").resolve(["offline"])

@@ -122,6 +122,7 @@ class LanguagePack:
     path: Path
     extra: dict[str, Any] = field(default_factory=dict)
     bible: dict[str, str] = field(default_factory=dict)  # corpus name -> translation written by prepare-data bible
+    offline: tuple[str, ...] = ()  # ``--corpus offline``: the largest text this pack has without a hub (else default)
 
     def resolve(self, specs: list[str] | None) -> list[CorpusSpec]:
         """Corpora for ``--corpus`` values: pack corpus names, paths, or ``hf:`` specs; none -> the defaults."""
@@ -130,6 +131,12 @@ class LanguagePack:
                               f"FILE (UTF-8 text, one sentence or paragraph a line) or --corpus hf:NAME[:CONFIG], or add "
                               f"language_packs/{self.code}/pack.yaml")
         names = list(specs) if specs else list(self.default)
+        if OFFLINE in names and OFFLINE not in self.corpora:  # the pack's best hub-free text, so one pipeline
+            at = names.index(OFFLINE)                          # serves languages with and without a Bible
+            if not (self.offline or self.default):
+                raise XlpeftError(f"--corpus offline: {self.code} ({self.name}) has no language pack with offline "
+                                  "corpora; pass --corpus FILE (UTF-8 text, one sentence or paragraph a line)")
+            names[at:at + 1] = list(self.offline or self.default)
         return [self._named(s) if s in self.corpora or s in self.bible else parse_corpus(s) for s in names]
 
     def _named(self, name: str) -> CorpusSpec:
@@ -138,6 +145,10 @@ class LanguagePack:
 
             return corpus_spec(self.bible[name], f"language pack {self.code!r}, corpus {name!r}")
         return self.corpora[name]
+
+
+OFFLINE = "offline"
+"""``--corpus offline``: a pack's ``offline:`` corpora (e.g. its Bible text), else its ``default`` ones."""
 
 
 def language_pack(code: str) -> LanguagePack:
@@ -170,7 +181,7 @@ def load_language_pack(code: str) -> LanguagePack:
     pack_dir = find_pack_dir("language_packs", code)
     path = pack_dir / "pack.yaml"
     data = load_yaml(path)
-    _check_keys(path, data, {"code", "name", "script", "corpora", "default"}, {"notes", "iso639_3", "udhr_id"})
+    _check_keys(path, data, {"code", "name", "script", "corpora", "default"}, {"notes", "iso639_3", "udhr_id", "offline"})
     if data["code"] != code:
         raise XlpeftError(f"{path} declares code {data['code']!r} but lives in folder {code!r}; make them agree")
     corpora, bible = {}, {}
@@ -189,13 +200,14 @@ def load_language_pack(code: str) -> LanguagePack:
             corpora[name] = CorpusSpec(**entry)
         except TypeError as exc:
             raise XlpeftError(f"{path}: corpus {name!r}: {exc}") from None
-    default = tuple(data["default"] or ())
-    unknown = [d for d in default if d not in corpora and d not in bible]
-    if unknown:
-        raise XlpeftError(f"{path}: default corpora {unknown} are not among the declared ones "
-                          f"{sorted([*corpora, *bible])}")
+    default, offline = tuple(data["default"] or ()), tuple(data.get("offline") or ())
+    for key, names in (("default", default), ("offline", offline)):
+        unknown = [d for d in names if d not in corpora and d not in bible]
+        if unknown:
+            raise XlpeftError(f"{path}: {key} corpora {unknown} are not among the declared ones "
+                              f"{sorted([*corpora, *bible])}")
     extra = {k: data[k] for k in ("notes", "iso639_3", "udhr_id") if k in data}
-    return LanguagePack(code, data["name"], data["script"], corpora, default, pack_dir, extra, bible)
+    return LanguagePack(code, data["name"], data["script"], corpora, default, pack_dir, extra, bible, offline)
 
 
 @dataclass(frozen=True)

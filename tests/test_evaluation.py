@@ -24,12 +24,13 @@ def empty_word(tokenizer) -> str:
 def oracle(pack, tokenizer, examples, max_len=128):
     """A logits_fn that emits the gold tag at every labelled (first sub-word) position, batch by batch."""
     enc = encode_tokens(tokenizer, examples, {t: i for i, t in enumerate(pack.labels)}, max_len)
-    starts = iter(range(0, len(examples), 32))
+    gold = {tuple(ids): labels for ids, labels in zip(enc.input_ids, enc.labels, strict=True)}  # rows in any order
 
     def logits_fn(batch):
-        s = next(starts)
-        labels = collate(enc, list(range(s, min(s + 32, len(examples)))), tokenizer.pad_token_id)["labels"]
-        assert labels.shape == batch["input_ids"].shape
+        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
+        for j, row in enumerate(rows):
+            labels[j, : len(row)] = torch.tensor(gold[row])
         return torch.nn.functional.one_hot(labels.clamp(min=0), len(pack.labels)).float()  # (B, T, L)
 
     return logits_fn

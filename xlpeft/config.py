@@ -183,7 +183,8 @@ class TrainConfig:
     mlm_probability: float = field(default=0.15, metadata={"help": "fraction of tokens selected for MLM", "gt": 0.0, "max": 1.0})
     eval_fraction: float = field(default=0.05, metadata={"help": "held-out fraction of blocks for eval loss", "gt": 0.0, "max": 0.5})
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)", "min": 0})
-    eval_batches: int = field(default=50, metadata={"help": "at most this many eval batches", "min": 1})
+    eval_batches: int = field(default=50, metadata={"help": "at most this many eval batches (MLM blocks, or task "
+                                                            "examples, of batch_size each)", "min": 1})
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps", "min": 1})
     max_corpus_lines: int = field(default=0, metadata={"help": "read at most N corpus lines (0: all)", "min": 0})
     checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0: never)", "min": 0})

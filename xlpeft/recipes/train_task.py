@@ -7,6 +7,8 @@ is later swapped for a target language's.
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,11 @@ def plan_task(req: TaskRequest) -> TaskPlan:
     method_cfg, cfg, task_cfg = resolve_configs(req.method, "task", req.sets, TaskConfig)
     train_ex, eval_ex, sources = load_examples(pack, req.lang, req.train_data, req.eval_data, cfg.eval_fraction,
                                                cfg.seed)
+    limit = cfg.eval_batches * cfg.batch_size  # as for MLM blocks: a 6,689-sentence dev set costs minutes per eval
+    if len(eval_ex) > limit:
+        print(f"evaluating on the first {limit} of {len(eval_ex)} evaluation examples (eval_batches={cfg.eval_batches} "
+              f"x batch_size={cfg.batch_size}; raise --set eval_batches to use more)", file=sys.stderr, flush=True)
+        eval_ex = eval_ex[:limit]
     train_desc = [sources[0].describe()]
     method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_ex))  # LT-SFT's epoch-based phases -> steps
     out_dir = check_module_output(req.output or f"modules/task-{req.task}-{req.method}", "task", req.overwrite)

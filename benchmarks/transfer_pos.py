@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from xlpeft.pipelines import load_pipeline, parse_vars
 
     resolved = load_pipeline(PIPELINE, parse_vars([f"{k}={v}" for k, v in variables.items()])).variables
-    report = Path(str(resolved["out"])) / "report"
+    report = Path(str(resolved["out"])) / str(resolved["base"]) / "report"  # as the pipeline's last step writes it
     host = machine()
     print(f"transfer_pos: {host}", file=sys.stderr, flush=True)
     from xlpeft.errors import XlpeftError

@@ -72,7 +72,7 @@ def test_benchmark_runs_the_pipeline_and_reports_every_cell_over_seeds(workdir, 
             "--var", f"out={workdir / 'mods'}", "--readme", str(readme)]
     assert bench.main(args) == 0
     out = capsys.readouterr().out
-    summary = json.loads((workdir / "mods" / "report" / "seeds.json").read_text())
+    summary = json.loads((workdir / "mods" / "tiny-bert" / "report" / "seeds.json").read_text())
     assert summary["seeds"] == [1, 2] and set(summary["values"]) == {"tr", "km"}
     cells = {"adapter+adapter", "adapter+sft", "sft+adapter", "sft+sft", "baseline+adapter", "baseline+sft",
              "in-language+adapter"}

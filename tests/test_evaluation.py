@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from xlpeft.data.tasks import NO_SUBWORD, PairExample, TokenExample, collate, encode_tokens
+from xlpeft.data.tasks import NO_SUBWORD, PairExample, TokenExample, encode_tokens
 from xlpeft.evaluation import encode, predict, score
 from xlpeft.packs import load_task_pack
 
@@ -27,7 +27,7 @@ def oracle(pack, tokenizer, examples, max_len=128):
     gold = {tuple(ids): labels for ids, labels in zip(enc.input_ids, enc.labels, strict=True)}  # rows in any order
 
     def logits_fn(batch):
-        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+        rows = [tuple(ids[mask.bool()].tolist()) for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
         labels = torch.full(batch["input_ids"].shape, -100, dtype=torch.long)
         for j, row in enumerate(rows):
             labels[j, : len(row)] = torch.tensor(gold[row])

@@ -8,7 +8,6 @@ is later swapped for a target language's.
 from __future__ import annotations
 
 import sys
-
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any

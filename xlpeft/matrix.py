@@ -93,14 +93,14 @@ def matrix_row(base, pack: TaskPack, examples: list, task_mods: dict[str, Loaded
     return row
 
 
-def heatmap(matrix: Matrix, path: Path, title: str) -> None:
-    """A language x method heat-map PNG (matplotlib, no display needed)."""
+def heatmap(matrix: Matrix, path: Path, title: str, columns: list[str] | None = None) -> None:
+    """A language x method heat-map PNG (matplotlib, no display needed), columns in ``matrix.columns()`` order or ``columns``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols, langs = matrix.columns(), list(matrix.rows)
+    cols, langs = columns or matrix.columns(), list(matrix.rows)
     values = [[matrix.rows[lang].get(c, float("nan")) for c in cols] for lang in langs]
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(cols), 1.2 + 0.6 * len(langs)))
     image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")

@@ -152,16 +152,18 @@ class SeedTable:
     def cell(self, lang: str, col: str) -> str:
         if col not in self.values.get(lang, {}):
             return "–"
-        m, s, _ = self.stats(lang, col)
+        m, s, n = self.stats(lang, col)
         diff = self.versus_baseline(lang, col)
         mark = "" if diff is None else f" ({diff[0]:+.3f}{'*' if diff[1] else ''})"
-        return f"{m:.3f} ± {s:.3f}{mark}"
+        return f"{m:.3f}{f' ± {s:.3f}' if n > 1 else ''}{mark}"  # one seed has no spread to show
 
     def legend(self) -> list[str]:
-        n = sorted({len(xs) for row in self.values.values() for xs in row.values()})
-        lines = [f"{self.metric}: mean ± sample std over seeds {', '.join(map(str, self.seeds))} "
-                 f"({'/'.join(map(str, n))} per cell); (±d) is the difference from the baseline of the same task "
-                 "method; * marks a difference larger than the two cells' standard deviations added (never with one seed)"]
+        per_col = {c: max(len(row[c]) for row in self.values.values() if c in row) for c in self.columns()}
+        most = max(per_col.values(), default=0)
+        fewer = ", ".join(f"{c}: {n}" for c, n in per_col.items() if n < most)
+        lines = [f"{self.metric}: mean ± sample std over seeds {', '.join(map(str, self.seeds))} ({most} per cell"
+                 f"{'; ' + fewer if fewer else ''}); (±d) is the difference from the baseline of the same task method; "
+                 "* marks a difference larger than the two cells' standard deviations added (never with one seed)"]
         lines += [f"{BASELINE}+{tm}: the {tm} task module over its own source-language module ({src}), "
                   "no target-language module" for tm, src in self.baseline_langs.items()]
         if any(c.startswith(IN_LANGUAGE) for c in self.columns()):
@@ -198,7 +200,7 @@ class SeedTable:
         (directory / "seeds.txt").write_text(self.format() + "\n")
         (directory / "seeds.md").write_text(self.markdown() + "\n")
         if self.values:
-            heatmap(self.means(), directory / "seeds.png", title)
+            heatmap(self.means(), directory / "seeds.png", title, self.columns())
 
 
 def _versus(diff: tuple[float, bool] | None) -> dict:

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         variables["base"] = args.base
     if args.seeds:
         variables["seeds"] = args.seeds
+        variables.setdefault("ceiling_seeds", args.seeds)  # ceilings train over those seeds' language modules
     from xlpeft.pipelines import load_pipeline, parse_vars
 
     resolved = load_pipeline(PIPELINE, parse_vars([f"{k}={v}" for k, v in variables.items()])).variables

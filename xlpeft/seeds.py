@@ -25,7 +25,7 @@ from xlpeft.errors import XlpeftError
 from xlpeft.evaluation import evaluate_model
 from xlpeft.io import LoadedModule
 from xlpeft.lineage import baseline_stack
-from xlpeft.matrix import BASELINE, Matrix, heatmap, matrix_row
+from xlpeft.matrix import BASELINE, Matrix, baseline_langs, heatmap, matrix_row
 from xlpeft.metrics import METRICS
 from xlpeft.packs import TaskPack
 
@@ -81,8 +81,7 @@ def seed_matrix(base, pack: TaskPack, group: SeedGroup, source: str, rows: dict[
                           f"{found}); pass --source or train one with `xlpeft train-task --lang {source} --seed "
                           f"{group.seed}`")
     references = {m: baseline_stack(mod, base.fingerprint) for m, mod in task_mods.items()}
-    matrix = Matrix(key, {}, {}, {m: (ref[0].manifest.lang or "?") if len(ref) > 1 else "none"
-                                  for m, ref in references.items()})
+    matrix = Matrix(key, {}, {}, baseline_langs(references))
     for lang, examples in rows.items():
         lang_mods = {m: mod for (code, m), mod in group.lang_mods.items() if code == lang}
         if not lang_mods:

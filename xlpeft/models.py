@@ -50,6 +50,11 @@ class ArchSpec:
     seq_head: tuple[str, str] = ("bert.pooler.dense", "classifier")  # (dense, output) of *ForSequenceClassification
     token_head: str = "classifier"  # output layer of *ForTokenClassification
     positions_after_padding: bool = False  # RoBERTa/XLM-R: position ids start at padding_idx + 1
+    self_attention: str = "attention.self"  # self-attention (query, key, value Linear layers), relative to a layer
+    query: str = "query"  # the projections, relative to the self-attention module (LoRA, (IA)³, prefix tuning)
+    key: str = "key"
+    value: str = "value"
+    intermediate: str = "intermediate"  # FFN input sub-layer: dense + activation, (B, T, H) -> (B, T, I)
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {

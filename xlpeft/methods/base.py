@@ -195,6 +195,10 @@ class MethodSpec:
         overlap: ``(lower, upper) -> {bucket: count}``: entries two modules of this method share,
             or None when the notion does not apply.
         files: the tensor files (stems) a saved module holds, for readers and tests.
+        identity_at_init: True when an untrained module leaves the base's outputs unchanged (an
+            adapter's zero up-projection, LoRA's B = 0, (IA)³'s unit scales, an SFT's zero delta).
+            False for methods that cannot start as the identity (prefix tuning's prefixes attend
+            from step 0, Li & Liang 2021); the contract tests then check the opposite.
     """
 
     name: str
@@ -209,6 +213,7 @@ class MethodSpec:
     plan: Callable[[Any, TrainConfig, int | None], Any] = plan_as_is
     overlap: Callable[[LoadedModule, LoadedModule], dict[str, int]] | None = None
     files: tuple[str, ...] = ()
+    identity_at_init: bool = True
 
     def __post_init__(self) -> None:
         problems = []

@@ -5,8 +5,8 @@ and its :class:`~xlpeft.methods.base.MethodSpec` (``SPEC``); adding a method is 
 line below and one row in the method-contract tests (which iterate over ``method_names()``).
 """
 
-from xlpeft.methods import adapters, sft
+from xlpeft.methods import adapters, prefix, sft
 from xlpeft.registry import register_method
 
-for _spec in (adapters.SPEC, sft.SPEC):
+for _spec in (adapters.SPEC, sft.SPEC, prefix.SPEC):
     register_method(_spec)

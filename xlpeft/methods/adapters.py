@@ -1,4 +1,4 @@
-"""MAD-X bottleneck adapters (Pfeiffer et al., EMNLP 2020; Houlsby et al., ICML 2019).
+"""MAD-X bottleneck adapters (Pfeiffer et al., EMNLP 2020; Houlsby et al., ICML 2019), and the hooks every adapter-like method uses.
 
 Placement follows AdapterHub's definitions so weights interoperate. With ``h`` the output of
 a sub-layer's dense+dropout and ``x`` the sub-layer input (the residual stream):
@@ -9,11 +9,18 @@ a sub-layer's dense+dropout and ``x`` the sub-layer input (the residual stream):
 Several adapters at one site form a Stack (MAD-X: language adapter below the task adapter):
 each transforms ``h`` in turn. Injection uses hooks only: a pre-hook on the sub-layer output
 module captures ``x``; a forward hook on its dropout rewrites ``h``. No transformers class is edited.
+
+The hook machinery (:func:`attach_adapters`) serves any *adapter-like* module, a
+:class:`HookedAdapter`: per layer the sites it acts at (``attn``, ``ffn``) and
+``apply_at(layer, site, h, x, layer_norm)``. MAD-X adapters (here), Compacter
+(:mod:`xlpeft.methods.compacter`), parallel adapters (:mod:`xlpeft.methods.parallel`) and MAM's
+adapter part implement it; AdapterDrop (:mod:`xlpeft.methods.adapterdrop`) skips the lowest layers
+of any of them through :meth:`HookedAdapter.skips`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +36,48 @@ from xlpeft.models import ArchSpec, get_submodule
 PLACEMENTS = {"pfeiffer": ("ffn",), "houlsby": ("attn", "ffn")}
 PLACEMENT_ACTIVATIONS = {"pfeiffer": "relu", "houlsby": "swish"}
 """The default non-linearity per placement: AdapterHub 1.3.0's SeqBnConfig (relu) and DoubleSeqBnConfig (swish)."""
+SITES = ("attn", "ffn")
+"""The sub-layer outputs an adapter-like module can act at: after self-attention, after the FFN."""
+
+
+class HookedAdapter(nn.Module):
+    """The protocol of an adapter-like module that :func:`attach_adapters` hooks into a base.
+
+    Subclasses implement :meth:`sites` and :meth:`apply_at`, and :meth:`invertible_adapter` if they
+    carry an embedding-level invertible adapter. AdapterDrop (Rücklé et al., EMNLP 2021) needs no
+    code in a subclass: ``drop_below`` (inference: the lowest n layers never run this module) and
+    ``step_drop`` (training: the lowest k layers skip it in this step, only while the base is in
+    training mode) are plain attributes, not parameters or buffers, so they never enter a saved module.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drop_below = 0  # AdapterDrop at inference: layers < drop_below skip this module
+        self.step_drop = 0  # AdapterDrop in training: layers < step_drop skip it in the current step
+
+    def sites(self, layer: int) -> Collection[str]:
+        """The sites (``attn``, ``ffn``) this module acts at in ``layer``."""
+        raise NotImplementedError
+
+    def apply_at(self, layer: int, site: str, h: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module) -> torch.Tensor:
+        """The new sub-layer output from its output ``h`` (B, T, H) and input ``x`` (B, T, H), before the model's LN(h + x)."""
+        raise NotImplementedError
+
+    def invertible_adapter(self) -> InvertibleAdapter | None:
+        """The NICE block this module applies on the embeddings (and inverts before the MLM decoder), if any."""
+        return None
+
+    def skips(self, layer: int, training: bool) -> bool:
+        """Whether AdapterDrop leaves ``layer`` without this module (``training``: the base is in training mode)."""
+        return layer < self.drop_below or (training and layer < self.step_drop)
+
+
+def bottleneck_at(placement: str, bottleneck: nn.Module, h: torch.Tensor, x: torch.Tensor,
+                  layer_norm: nn.Module) -> torch.Tensor:
+    """A sequential bottleneck adapter at one site: ``pfeiffer`` h + A(LN(h + x)), ``houlsby`` h + A(h). (B, T, H)."""
+    if placement == "pfeiffer":
+        return h + bottleneck(layer_norm(h + x))
+    return h + bottleneck(h)
 
 
 @dataclass(frozen=True)
@@ -42,6 +91,9 @@ class AdapterConfig:
                 "(SeqBnConfig, MAD-X), swish for houlsby (DoubleSeqBnConfig)", "choices": tuple(ACTIVATIONS)})
     invertible: bool = field(default=True, metadata={"help": "add a NICE invertible adapter on the embeddings (language modules)"})
     inv_reduction_factor: float = field(default=2.0, metadata={"help": "reduction factor of the invertible adapter's F and G", "gt": 0.0})
+    adapter_drop: int = field(default=0, metadata={
+        "help": "robust AdapterDrop in training (Rücklé et al. 2021): each step skips the adapters of the lowest k "
+                "layers, k drawn uniformly from 0..N (0: off; at most layers - 1)", "min": 0})
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -54,7 +106,7 @@ class AdapterConfig:
         return {"reduction_factor": 16.0, "invertible": False} if kind == "task" else {}
 
 
-class AdapterModule(nn.Module):
+class AdapterModule(HookedAdapter):
     """All adapter weights of one language or task module: per-layer bottlenecks + optional invertible adapter."""
 
     def __init__(self, config: AdapterConfig, hidden_size: int, num_layers: int) -> None:
@@ -69,20 +121,24 @@ class AdapterModule(nn.Module):
             InvertibleAdapter(hidden_size, config.inv_reduction_factor, config.non_linearity) if config.invertible else None
         )
 
+    def sites(self, layer: int) -> Collection[str]:
+        return self.layers[layer].keys()
+
+    def invertible_adapter(self) -> InvertibleAdapter | None:
+        return self.invertible
+
     def apply_at(self, layer: int, site: str, h: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module) -> torch.Tensor:
         """Transform the sub-layer output ``h`` (B, T, H) given its residual input ``x`` (B, T, H)."""
         block = self.layers[layer]
         if site not in block:
             return h
-        if self.config.placement == "pfeiffer":
-            return h + block[site](layer_norm(h + x))
-        return h + block[site](h)
+        return bottleneck_at(self.config.placement, block[site], h, x, layer_norm)
 
 
 class _Site:
     """Hooks for one sub-layer: capture its residual input, then let each adapter of the stack act."""
 
-    def __init__(self, stack: Sequence[AdapterModule], layer: int, site: str, layer_norm: nn.Module) -> None:
+    def __init__(self, stack: Sequence[HookedAdapter], layer: int, site: str, layer_norm: nn.Module) -> None:
         self.stack, self.layer, self.site, self.layer_norm = stack, layer, site, layer_norm
         self.x: torch.Tensor | None = None
 
@@ -94,7 +150,8 @@ class _Site:
         if x is None:  # dropout called outside the sub-layer forward: leave it alone
             return h
         for adapter in self.stack:
-            h = adapter.apply_at(self.layer, self.site, h, x, self.layer_norm)
+            if self.site in adapter.sites(self.layer) and not adapter.skips(self.layer, module.training):
+                h = adapter.apply_at(self.layer, self.site, h, x, self.layer_norm)
         return h
 
 
@@ -110,8 +167,8 @@ class Hooks:
         self.handles.clear()
 
 
-def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterModule]) -> Hooks:
-    """Hook a stack of adapter modules (bottom first) into ``model``; returns the :class:`Hooks` placed.
+def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[HookedAdapter]) -> Hooks:
+    """Hook a stack of adapter-like modules (bottom first) into ``model``; returns the :class:`Hooks` placed.
 
     The invertible adapter of the first module that has one is used (MAD-X: the language
     adapter's), on the embedding layer's output and, inverted, on the MLM decoder's input.
@@ -120,13 +177,13 @@ def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterMod
     layers = get_submodule(model, arch.layers)
     for i, layer in enumerate(layers):
         for site, path in (("attn", arch.attn_output), ("ffn", arch.ffn_output)):
-            if not any(site in m.layers[i] for m in stack):
+            if not any(site in m.sites(i) for m in stack):
                 continue
             sub = get_submodule(layer, path)
             hooks = _Site(stack, i, site, get_submodule(sub, arch.layer_norm))
             handles.append(sub.register_forward_pre_hook(hooks.capture, with_kwargs=True))
             handles.append(get_submodule(sub, arch.dropout).register_forward_hook(hooks.transform))
-    inv = next((m.invertible for m in stack if m.invertible is not None), None)
+    inv = next((m.invertible_adapter() for m in stack if m.invertible_adapter() is not None), None)
     if inv is not None:
         # on the embedding layer's output (word + position + type, LayerNorm, dropout), as MAD-X and AdapterHub do
         embeddings = get_submodule(model, arch.embeddings)
@@ -139,36 +196,56 @@ def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[AdapterMod
     return Hooks(handles)
 
 
-def _device(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def prepare_adapter(base, config: AdapterConfig, train_cfg) -> ModuleTrainable:
-    """Start training a fresh adapter module on ``base`` (hooks stack above already-active modules)."""
-    module = AdapterModule(config, base.hidden_size, len(base.layers)).to(_device(base.model))
-    hooks = attach_adapters(base.model, base.arch, [module])
-    return ModuleTrainable(module, hooks.remove, Phase("adapter", train_cfg.max_steps), "adapter")
+def prepare_hooked(base, module: HookedAdapter, config, train_cfg, stem: str, phase: str) -> ModuleTrainable:
+    """Start training a fresh adapter-like ``module`` on ``base`` (hooks stack above already-active modules).
 
-
-def apply_adapter(base, loaded) -> AppliedModule:
-    """Rebuild a saved adapter module, load its weights (strictly) and hook it onto ``base``, frozen.
-
-    Frozen (``requires_grad=False``, its invertible adapter included) as in MAD-X and AdapterHub's
-    ``train_adapter``: while a task module trains over it, backward neither computes nor stores its gradients.
+    With ``config.adapter_drop`` > 0 the trainable draws AdapterDrop's k every step (:mod:`.adapterdrop`).
     """
-    config = build(AdapterConfig, loaded.manifest.config)
-    module = AdapterModule(config, base.hidden_size, len(base.layers))
-    state = loaded.tensors.get("adapter")
+    from xlpeft.methods.adapterdrop import DropTrainable, check_train_drop
+
+    check_train_drop(config.adapter_drop, len(base.layers))
+    module = module.to(device_of(base.model))
+    hooks = attach_adapters(base.model, base.arch, [module])
+    step = Phase(phase, train_cfg.max_steps)
+    if config.adapter_drop:
+        return DropTrainable(module, hooks.remove, step, stem, config.adapter_drop, train_cfg.seed)
+    return ModuleTrainable(module, hooks.remove, step, stem)
+
+
+def apply_hooked(base, loaded, module: HookedAdapter, stem: str, method: str) -> AppliedModule:
+    """Load a saved adapter-like module's weights (strictly) into ``module`` and hook it onto ``base``, frozen.
+
+    Frozen (``requires_grad=False``) as in MAD-X and AdapterHub's ``train_adapter``: while a task module
+    trains over it, backward neither computes nor stores its gradients.
+    """
+    state = loaded.tensors.get(stem)
     if state is None:
-        raise XlpeftError(f"adapter module {loaded.path} has no adapter.safetensors; it is incomplete: retrain or "
+        raise XlpeftError(f"{method} module {loaded.path} has no {stem}.safetensors; it is incomplete: retrain or "
                           "re-convert it")
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise XlpeftError(f"adapter weights in {loaded.path} do not fit this base: {str(exc).splitlines()[0]}") from None
-    module.to(_device(base.model)).eval()
+        raise XlpeftError(f"{method} weights in {loaded.path} do not fit this base: {str(exc).splitlines()[0]}") from None
+    module.to(device_of(base.model)).eval()
     module.requires_grad_(False)  # frozen: a task module trained above it computes and stores no gradient for it
-    return AppliedModule(module, attach_adapters(base.model, base.arch, [module]).remove, "adapter")
+    return AppliedModule(module, attach_adapters(base.model, base.arch, [module]).remove, stem)
+
+
+def prepare_adapter(base, config: AdapterConfig, train_cfg) -> ModuleTrainable:
+    """Start training a fresh adapter module on ``base`` (hooks stack above already-active modules)."""
+    module = AdapterModule(config, base.hidden_size, len(base.layers))
+    return prepare_hooked(base, module, config, train_cfg, "adapter", "adapter")
+
+
+def apply_adapter(base, loaded) -> AppliedModule:
+    """Rebuild a saved adapter module, load its weights (strictly) and hook it onto ``base``, frozen (invertible adapter included)."""
+    config = build(AdapterConfig, loaded.manifest.config)
+    module = AdapterModule(config, base.hidden_size, len(base.layers))
+    return apply_hooked(base, loaded, module, "adapter", "adapter")
 
 
 SPEC = MethodSpec(

@@ -20,8 +20,16 @@ import torch
 import transformers
 from adapters import (
     BertAdapterModel,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    DoRAConfig,
     DoubleSeqBnConfig,
     DoubleSeqBnInvConfig,
+    IA3Config,
+    LoRAConfig,
+    MAMConfig,
+    ParBnConfig,
+    PrefixTuningConfig,
     SeqBnConfig,
     SeqBnInvConfig,
     XLMRobertaAdapterModel,
@@ -43,6 +51,108 @@ MLM_CASES = {
                                                       leave_out=[0]), False),
     "xlmr_seq_bn_inv": ("tiny-xlmr", "sw", SeqBnInvConfig(reduction_factor=4, inv_adapter_reduction_factor=4), False),
 }
+
+# The other methods (issue 18). Weights are redrawn per tensor (see `redraw`); each case also records the logits
+# of the padded second sequence run alone without its padding (`row1_unpadded_logits`), which prefix masks must match.
+# Sizes: the prefix MLP is 64 wide (AdapterHub's default 512, and MAM's 800, would add 0.3 / 0.5 MB each: the same
+# code path, wider matrices), Compacter's reduction factor is 4 (its default 32 leaves a bottleneck of 1 on hidden
+# size 32, which AdapterHub's PHM layer refuses: it must divide by phm_dim 4).
+METHOD_CASES = {
+    "lora": ("tiny-bert", "sw", LoRAConfig()),
+    "lora_targets": ("tiny-bert", "sw", LoRAConfig(r=4, alpha=8, attn_matrices=["q", "k", "v"], intermediate_lora=True,
+                                                    output_lora=True)),
+    "lora_dora": ("tiny-bert", "sw", DoRAConfig(r=4, alpha=8)),
+    "xlmr_lora": ("tiny-xlmr", "sw", LoRAConfig(r=8, alpha=16)),
+    "ia3": ("tiny-bert", "sw", IA3Config()),
+    "prefix_tuning": ("tiny-bert", "sw", PrefixTuningConfig(bottleneck_size=64)),
+    "prefix_tuning_flat": ("tiny-bert", "sw", PrefixTuningConfig(flat=True)),
+    "xlmr_prefix_tuning": ("tiny-xlmr", "sw", PrefixTuningConfig(prefix_length=8, bottleneck_size=32)),
+    "compacter": ("tiny-bert", "sw", CompacterConfig(reduction_factor=4)),
+    "compacter++": ("tiny-bert", "sw", CompacterPlusPlusConfig(reduction_factor=4)),
+    "par_bn": ("tiny-bert", "sw", ParBnConfig()),
+    "mam": ("tiny-bert", "sw", MAMConfig(PrefixTuningConfig(bottleneck_size=64), ParBnConfig())),
+}
+
+
+def redraw(pname: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Non-trivial values for one adapter tensor: std 0.2 noise, around the tensor's meaning where zero would kill it.
+
+    (IA)^3 vectors and DoRA magnitudes scale activations, so they get 1 + noise (times the magnitude); the PHM rule
+    gets std 1, so that the Kronecker sums (rule x 0.2 x 0.2) still move the logits well above the tolerance.
+    """
+    noise = torch.randn(p.shape, generator=gen)
+    if ".loras." in pname and pname.endswith("lora_B") and p.shape[-1] == 1:  # (IA)^3 scaling vector (out, 1)
+        return 1.0 + 0.2 * noise
+    if pname.endswith(".m.weight"):  # DoRA magnitude (out, 1), initialised to the column norms of W
+        return p * (1.0 + 0.2 * noise)
+    if pname.endswith("phm_rule"):
+        return noise
+    return 0.2 * noise
+
+
+def randomise_method(model, name: str, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    marks = (f".adapters.{name}.", f".loras.{name}.", f"prefix_tunings.{name}.", f"shared_parameters.{name}.",
+             f"heads.{name}.")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():  # shared tensors (the prefix pool) come once
+            if any(m in pname for m in marks):
+                p.copy_(redraw(pname, p, gen))
+
+
+def row1_unpadded(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The second (padded) sequence alone, cut to its real tokens: a batch of 1 without padding."""
+    real = int(batch["attention_mask"][1].sum())
+    return {k: v[1:2, :real] for k, v in batch.items()}
+
+
+def method_case(out: Path, bases: dict[str, Path], case: str, seed: int) -> None:
+    kind, name, config = METHOD_CASES[case]
+    batch = input_batch(kind)
+    model = flex_model(kind, bases[kind])
+    bare = logits(model, batch)
+    model.add_adapter(name, config=config)
+    randomise_method(model, name, seed)
+    model.set_active_adapters(name)
+    expected = logits(model, batch)
+    assert (expected - bare).abs().max() > 0.1, f"{case}: the adapter barely changes the logits"
+    alone = logits(model, row1_unpadded(batch))
+    real = alone.shape[1]
+    assert torch.allclose(alone[0], expected[1, :real], atol=1e-5), f"{case}: padding changes the real tokens' logits"
+    target = out / "adapterhub" / case
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model.save_adapter(str(target), name, with_head=False)
+    save_file({**batch, "logits": expected, "row1_unpadded_logits": alone}, str(target / "expected.safetensors"))
+    if case == "prefix_tuning":  # AdapterHub's own eject (run the MLP once, keep the flat prefix): what it then saves
+        model.eject_prefix_tuning(name)
+        ejected = logits(model, batch)
+        assert torch.allclose(ejected, expected, atol=1e-6), "eject_prefix_tuning changed the logits"
+        target = out / "adapterhub" / "prefix_tuning_ejected"
+        model.save_adapter(str(target), name, with_head=False)
+        save_file({**batch, "logits": ejected}, str(target / "expected.safetensors"))
+
+
+def method_task_case(out: Path, bases: dict[str, Path]) -> None:
+    """A LoRA task adapter with a tagging head, alone and stacked over a prefix and a parallel language adapter."""
+    batch = input_batch("tiny-bert")
+    model = flex_model("tiny-bert", bases["tiny-bert"])
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    model.add_tagging_head("ner", num_labels=len(labels), id2label=dict(enumerate(labels)))
+    model.add_adapter("ner", config=LoRAConfig(r=4, alpha=8))
+    randomise_method(model, "ner", 301)
+    model.set_active_adapters("ner")
+    model.active_head = "ner"
+    expected = {"logits": logits(model, batch)}
+    for lang in ("prefix_tuning", "par_bn"):
+        loaded = model.load_adapter(str(out / "adapterhub" / lang), load_as=f"sw_{lang}")
+        model.active_adapters = Stack(loaded, "ner")  # each layer applies the adapters of its own kind
+        model.active_head = "ner"
+        expected[f"stack_{lang}_logits"] = logits(model, batch)
+        assert (expected[f"stack_{lang}_logits"] - expected["logits"]).abs().max() > 0.1
+    model.set_active_adapters("ner")
+    target = out / "adapterhub" / "ner_lora"
+    model.save_adapter(str(target), "ner", with_head=True)
+    save_file({**batch, **expected}, str(target / "expected.safetensors"))
 
 
 def flex_model(kind: str, base_dir: Path):
@@ -130,6 +240,9 @@ def main(out: Path) -> None:
     for seed, case in enumerate(MLM_CASES, start=1):
         mlm_case(out, bases, case, seed)
     task_cases(out, bases)
+    for seed, case in enumerate(METHOD_CASES, start=201):
+        method_case(out, bases, case, seed)
+    method_task_case(out, bases)
     print(f"AdapterHub fixtures written under {out} with adapters {adapters.__version__}, "
           f"transformers {transformers.__version__}, torch {torch.__version__}")
 

@@ -24,7 +24,9 @@ module passes a :class:`PrefixCache` as its ``cache`` argument; transformers' BE
 self-attention calls ``cache.update(key, value, layer_idx)``, which prepends the prefixes
 (B, heads, P, d), and the hook widens ``attention_mask`` by ``P`` visible columns (None, 2-D,
 4-D additive float and 4-D bool masks: eager and sdpa). Unlike passing ``past_key_values`` to the
-whole model (peft's route), the real tokens' position ids are not shifted by ``P``.
+whole model (peft's route), the real tokens' position ids are not shifted by ``P`` (as in
+AdapterHub); ``shift_positions=true`` numbers them from ``P`` as peft does (a pre-hook on the
+embeddings passes ``cache_length``), which reproduces peft's logits.
 
 Saved tensor layout (file stem ``prefix``; ``H`` = hidden size = heads x head dim, ``L`` = layers):
 
@@ -45,8 +47,6 @@ Public API, stable (MAM imports it):
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,12 +56,14 @@ from torch import nn
 from xlpeft.config import build, check_fields
 from xlpeft.errors import XlpeftError
 from xlpeft.methods.base import AppliedModule, MethodSpec, ModuleTrainable, Phase
-from xlpeft.models import ArchSpec, get_submodule, usable_positions
+from xlpeft.methods.prefix.inject import Attachment, PrefixCache, attach_prefix, extend_mask
 
 LAYERS = ("all", "input")
 """``all``: key/value prefixes in every layer (Li & Liang 2021); ``input``: prompts on the input embeddings (Lester et al. 2021)."""
 
 STEM = "prefix"
+__all__ = ["Attachment", "PrefixCache", "PrefixConfig", "PrefixEncoder", "SPEC", "SavedPrefixes", "attach_prefix",
+           "expected_shapes", "extend_mask"]
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,16 @@ class PrefixConfig:
                 "export); None follows layers: true for all (Li & Liang 2021), false for input (Lester et al. 2021)"})
     width: int = field(default=512, metadata={
         "help": "hidden width of the reparameterisation MLP (Li & Liang 2021: 512)", "min": 1})
+    shift_positions: bool = field(default=False, metadata={
+        "help": "layers=all: number the real tokens from P, as peft's past_key_values route does (needed to "
+                "reproduce peft's logits); false keeps their positions, as AdapterHub does"})
 
     def __post_init__(self) -> None:
-        check_fields(self)
+        extra = []
+        if self.shift_positions and self.layers == "input":
+            extra.append("`shift_positions` applies to layers=all only (prompts are tokens: they always shift "
+                         "the real tokens by P); drop it or use layers=all")
+        check_fields(self, extra)
         if self.reparameterise is None:  # resolved here, so manifests record what was trained
             object.__setattr__(self, "reparameterise", self.layers == "all")
 
@@ -152,176 +161,6 @@ def expected_shapes(config: PrefixConfig, hidden_size: int, num_layers: int) -> 
     if config.layers == "input":
         return {"prompt": (p, hidden_size)}
     return {"key": (num_layers, p, hidden_size), "value": (num_layers, p, hidden_size)}
-
-
-# ---- attention masks and the cache object
-
-def extend_mask(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """Prepend ``n`` always-visible key columns to an attention mask of any form the attention functions take.
-
-    None stays None (everything visible). A bool mask (sdpa: True = attend) gets True columns; an
-    additive float mask (eager/sdpa: 0 = attend, large negative = masked) gets 0.0; a 2-D 0/1 mask gets 1s.
-    Works for (B, T), (B, 1, Tq, Tk) and (B, 1, 1, Tk) shapes alike: the new columns go on the last dim.
-    """
-    if mask is None or n == 0:
-        return mask
-    if mask.dtype == torch.bool:
-        visible = True
-    elif mask.dim() == 2:
-        visible = 1
-    else:
-        visible = 0.0
-    pad = torch.full((*mask.shape[:-1], n), visible, dtype=mask.dtype, device=mask.device)  # (..., n)
-    return torch.cat([pad, mask], dim=-1)  # (..., n + Tk)
-
-
-class PrefixCache:
-    """Stands in for transformers' ``Cache`` in one self-attention call: ``update`` prepends the prefixes.
-
-    Holds key and value prefixes (B, heads, P, d) and returns ``[prefix; tokens]`` along the key axis.
-    """
-
-    def __init__(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        self.key, self.value = key, value
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int | None = None,
-               *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([self.key, key], dim=2), torch.cat([self.value, value], dim=2)  # (B, nh, P + T, d)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # the tokens' positions do not move: prefixes are not tokens
-
-
-# ---- sites: one per hooked module, holding the sources applied there, bottom first
-
-class _Site:
-    """The hooks on one module and the sources applied there in attach order."""
-
-    def __init__(self, handles: list) -> None:
-        self.handles, self.sources = handles, []
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-
-_SITES: weakref.WeakKeyDictionary[nn.Module, _Site] = weakref.WeakKeyDictionary()
-
-
-def _split_heads(x: torch.Tensor, heads: int, batch: int, like: torch.Tensor) -> torch.Tensor:
-    p, h = x.shape
-    x = x.to(dtype=like.dtype, device=like.device).view(p, heads, h // heads).transpose(0, 1)  # (nh, P, d)
-    return x.unsqueeze(0).expand(batch, -1, -1, -1)  # (B, nh, P, d)
-
-
-def _attention_hook(site: _Site, layer_idx: int) -> Callable:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not site.sources:
-            return None
-        if kwargs.get("cache") is not None:
-            raise XlpeftError("prefix tuning cannot run with a key/value cache passed to the model (decoding); "
-                              "call the encoder without cache/past_key_values")
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
-        pairs = [s.layer(layer_idx) for s in site.sources]
-        key = torch.cat([k for k, _ in pairs])  # (P_total, H), bottom module first
-        value = torch.cat([v for _, v in pairs])  # (P_total, H)
-        heads, batch = module.num_attention_heads, hidden.shape[0]
-        kwargs = dict(kwargs)
-        kwargs["cache"] = PrefixCache(_split_heads(key, heads, batch, hidden), _split_heads(value, heads, batch, hidden))
-        if len(args) > 1:  # attention_mask passed positionally
-            args = (args[0], extend_mask(args[1], key.shape[0]), *args[2:])
-        else:
-            kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), key.shape[0])
-        return args, kwargs
-    return hook
-
-
-class _PromptSite(_Site):
-    """Pre-hook on the encoder model (prepends the prompts), forward hook on its layer stack (strips them)."""
-
-    def __init__(self, encoder: nn.Module, stack: nn.Module, limit: int) -> None:
-        super().__init__([])
-        self.limit, self.inserted = limit, 0
-        self.handles += [encoder.register_forward_pre_hook(self.prepend, with_kwargs=True),
-                         stack.register_forward_hook(self.strip)]
-
-    def prepend(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        self.inserted = 0
-        if not self.sources:
-            return None
-        kwargs = dict(kwargs)
-        input_ids = args[0] if args else kwargs.get("input_ids")
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            embeds = module.get_input_embeddings()(input_ids)  # (B, T, H)
-        if kwargs.get("position_ids") is not None:
-            raise XlpeftError("prompt tuning (layers=input) numbers positions itself; call the model without "
-                              "position_ids")
-        prompts = torch.cat([s.prompts() for s in self.sources]).to(embeds.dtype)  # (P, H), bottom module first
-        batch, p = embeds.shape[0], prompts.shape[0]
-        if p + embeds.shape[1] > self.limit:
-            raise XlpeftError(f"prompt tuning puts {p} prompt vectors before {embeds.shape[1]} tokens, longer than "
-                              f"the base's {self.limit} positions; lower max_seq_len to {self.limit - p} or less")
-        kwargs["inputs_embeds"] = torch.cat([prompts.unsqueeze(0).expand(batch, -1, -1), embeds], dim=1)  # (B, P+T, H)
-        kwargs["input_ids"] = None
-        mask = kwargs.get("attention_mask")
-        if mask is not None:
-            kwargs["attention_mask"] = extend_mask(mask, p)  # (B, P + T)
-        types = kwargs.get("token_type_ids")
-        if types is not None:
-            kwargs["token_type_ids"] = torch.cat([types.new_zeros(batch, p), types], dim=1)  # (B, P + T)
-        self.inserted = p
-        return (), kwargs
-
-    def strip(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        p, self.inserted = self.inserted, 0
-        if p:
-            output["last_hidden_state"] = output["last_hidden_state"][:, p:]  # (B, T, H): virtual positions dropped
-        return output
-
-
-class Attachment:
-    """One source attached to a model; ``remove()`` takes it off (idempotent), the hooks go with the last one."""
-
-    def __init__(self, sites: list[tuple[nn.Module, _Site]], source: nn.Module) -> None:
-        self._sites, self.source = sites, source
-
-    def remove(self) -> None:
-        for owner, site in self._sites:
-            if any(s is self.source for s in site.sources):
-                site.sources = [s for s in site.sources if s is not self.source]
-            if not site.sources:
-                site.close()
-                if _SITES.get(owner) is site:
-                    del _SITES[owner]
-        self._sites = []
-
-
-def attach_prefix(model: nn.Module, arch: ArchSpec, source: nn.Module) -> Attachment:
-    """Attach a prefix (``layers=all``) or prompt (``layers=input``) source to ``model``; returns its :class:`Attachment`.
-
-    Sources already attached stay below: their prefixes come first.
-    """
-    sites: list[tuple[nn.Module, _Site]] = []
-    if source.config.layers == "input":
-        encoder = get_submodule(model, arch.encoder)
-        site = _SITES.get(encoder)
-        if site is None:
-            stack = get_submodule(model, arch.layers.rsplit(".", 1)[0])  # the layer stack (BertEncoder)
-            site = _SITES[encoder] = _PromptSite(encoder, stack, usable_positions(model))
-        sites.append((encoder, site))
-    else:
-        for i, layer in enumerate(get_submodule(model, arch.layers)):
-            attention = get_submodule(layer, arch.self_attention)
-            site = _SITES.get(attention)
-            if site is None:
-                site = _SITES[attention] = _Site([])
-                site.handles.append(attention.register_forward_pre_hook(_attention_hook(site, i), with_kwargs=True))
-            sites.append((attention, site))
-    for _, site in sites:
-        site.sources.append(source)
-    return Attachment(sites, source)
 
 
 # ---- the method

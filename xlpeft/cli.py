@@ -134,7 +134,9 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
 @click.option("--module", "modules", multiple=True, metavar="REF", help="extra module stacked between the language "
               "and task modules, bottom first (e.g. a domain module): a directory or NAME[@VERSION]; repeatable")
 @click.option("--output", help="write the composed model here (a new or empty directory, or an earlier composed model)")
-def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, modules, output) -> None:
+@click.option("--adapter-drop", type=click.IntRange(min=0), default=0, metavar="N", help="AdapterDrop (Rücklé et al. "
+              "2021): adapter-like modules skip the lowest N layers (recorded; the baseline runs without) [default: 0]")
+def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, modules, output, adapter_drop) -> None:
     """Compose a language module (and any --module) with a task module; score it against the source-language baseline."""
     from xlpeft.composed import COMPOSITION_FILE
     from xlpeft.io import check_output_dir
@@ -144,14 +146,15 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, mo
         output = str(check_output_dir(output, COMPOSITION_FILE, "an earlier composed model"))
     r = compose_task(ComposeRequest(lang=lang, task=task, base=base, lang_method=lang_method,
                                     task_method=task_method, eval_data=eval_data, output=output, split=split,
-                                    modules=tuple(modules)))
+                                    modules=tuple(modules), adapter_drop=adapter_drop))
     if r.overlap:
         click.echo(f"delta overlap (shared indices): total {sum(r.overlap.values())}; "
                    + ", ".join(f"{k} {v}" for k, v in r.overlap.items()))
     if r.metrics:
         click.echo(f"zero-shot {task} on {lang} ({r.evaluated_on}):")
         extra = "".join(f" + {m}" for m in modules)
-        click.echo(f"  {lang} language module{extra} + task module: {r.metric} {r.metrics[r.metric]:.4f}")
+        click.echo(f"  {lang} language module{extra} + task module{f' (adapter drop {adapter_drop})' * bool(adapter_drop)}: "
+                   f"{r.metric} {r.metrics[r.metric]:.4f}")
         click.echo(f"  baseline ({r.baseline_lang or 'no'} language module): {r.metric} {r.baseline[r.metric]:.4f}")
     else:
         click.echo(f"composed; no {task} evaluation data for {lang} (pass --eval-data to score it)")

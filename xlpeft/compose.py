@@ -25,6 +25,7 @@ from torch import nn
 
 from xlpeft.errors import XlpeftError
 from xlpeft.io import LoadedModule, load_module
+from xlpeft.methods.adapterdrop import set_inference_drop
 from xlpeft.methods.base import MODULE_KINDS, Applied
 from xlpeft.registry import get_method
 
@@ -157,14 +158,21 @@ def node_from_dict(data: dict[str, Any]) -> Node:
 
 @dataclass(frozen=True)
 class Composition:
-    """A root block over modules, for one base. Validated on creation: at most one task module, on top."""
+    """A root block over modules, for one base. Validated on creation: at most one task module, on top.
+
+    ``adapter_drop``: AdapterDrop at inference (Rücklé et al. 2021): every adapter-like module skips the
+    lowest ``adapter_drop`` layers (:mod:`xlpeft.methods.adapterdrop`); recorded only when non-zero.
+    """
 
     root: Block
     base_fingerprint: str
+    adapter_drop: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.root, Block):
             raise XlpeftError(f"a composition's root is a block (Stack, Sum, ...); got {type(self.root).__name__}")
+        if isinstance(self.adapter_drop, bool) or not isinstance(self.adapter_drop, int) or self.adapter_drop < 0:
+            raise XlpeftError(f"adapter_drop should be a whole number of layers >= 0; got {self.adapter_drop!r}")
         leaves = self.root.leaves()
         tasks = [i for i, leaf in enumerate(leaves) if leaf.kind == "task"]
         if len(tasks) > 1:
@@ -208,10 +216,13 @@ class Composition:
         return "+".join(leaf.method for leaf in self.leaves())
 
     def describe(self) -> str:
-        return self.root.describe()
+        return self.root.describe() + (f" adapter_drop={self.adapter_drop}" if self.adapter_drop else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "base_fingerprint": self.base_fingerprint, "root": self.root.to_dict()}
+        record = {"format_version": FORMAT_VERSION, "base_fingerprint": self.base_fingerprint, "root": self.root.to_dict()}
+        if self.adapter_drop:
+            record["adapter_drop"] = self.adapter_drop
+        return record
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Composition:
@@ -226,7 +237,7 @@ class Composition:
         root = node_from_dict(data["root"])
         if not isinstance(root, Block):
             root = Stack(root)
-        return cls(root, data["base_fingerprint"])
+        return cls(root, data["base_fingerprint"], data.get("adapter_drop", 0))
 
 
 @dataclass
@@ -270,7 +281,7 @@ def bind(composition: Composition, fingerprint: str | None = None) -> Compositio
             return loaded[id(node)]
         return type(node)(*(rebuild(c) for c in node.children))
 
-    return Composition(rebuild(composition.root), composition.base_fingerprint)
+    return Composition(rebuild(composition.root), composition.base_fingerprint, composition.adapter_drop)
 
 
 def activate(base, composition: Composition | Sequence[LoadedModule], force: bool = False) -> Active:
@@ -297,6 +308,7 @@ def activate(base, composition: Composition | Sequence[LoadedModule], force: boo
         for i, leaf in enumerate(composition.leaves()):
             leaf.module.check_base(base.fingerprint, force=force)
             active.entries.append((i, leaf, get_method(leaf.method).apply(base, leaf.module)))
+        set_inference_drop(active.modules(), composition.adapter_drop, len(base.layers))
     except BaseException:
         active.remove()
         raise
@@ -314,7 +326,8 @@ def check_same_base(base, modules: Sequence[LoadedModule]) -> None:
             )
 
 
-def compose(base, modules: Composition | Sequence[str | Path | LoadedModule], force: bool = False) -> nn.Module:
+def compose(base, modules: Composition | Sequence[str | Path | LoadedModule], force: bool = False,
+            adapter_drop: int | None = None) -> nn.Module:
     """Compose modules on a base into a Hugging Face model whose forward returns the usual outputs.
 
     Args:
@@ -323,6 +336,8 @@ def compose(base, modules: Composition | Sequence[str | Path | LoadedModule], fo
         modules: a :class:`Composition`, or module directories / registry references
             (``xlpeft-lang-sw-adapter[@3]``) / loaded modules, bottom first: language module(s), then the task module.
         force: compose even if a module's base fingerprint differs (you know the weights are the same).
+        adapter_drop: AdapterDrop at inference (Rücklé et al. 2021): adapter-like modules skip the lowest
+            ``adapter_drop`` layers; recorded in the composition. None keeps a given composition's own value (0 else).
 
     Returns:
         ``*ForMaskedLM`` (language modules only), ``*ForTokenClassification`` or
@@ -347,6 +362,8 @@ def compose(base, modules: Composition | Sequence[str | Path | LoadedModule], fo
         composition = bind(modules, base.fingerprint)
     else:
         composition = Composition.of([resolve_module(m, base.fingerprint) for m in modules], base.fingerprint)
+    if adapter_drop is not None:
+        composition = dataclasses.replace(composition, adapter_drop=adapter_drop)
     loaded = [leaf.module for leaf in composition.leaves()]
     if not force:
         check_same_base(base, loaded)

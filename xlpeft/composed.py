@@ -20,6 +20,7 @@ from torch import nn
 from xlpeft.compose import Active, Composition
 from xlpeft.errors import XlpeftError
 from xlpeft.io import LoadedModule, load_module
+from xlpeft.methods.adapterdrop import set_inference_drop
 from xlpeft.registry import get_method
 
 COMPOSITION_FILE = "xlpeft_composition.json"
@@ -160,6 +161,7 @@ def load_composed(path: str | Path) -> nn.Module:
                                   "directory was edited by hand: compose it again")
             leaf = dataclasses.replace(leaves[i], module=module)
             active.entries.append((i, leaf, get_method(leaf.method).apply(base, module)))
+        set_inference_drop(active.modules(), composition.adapter_drop, len(base.layers))  # as it was composed
     except BaseException:
         active.remove()
         raise

@@ -42,7 +42,7 @@ ARCHS = ("tiny-bert", "tiny-xlmr")
 LABELS = ["O", "B-X", "I-X"]
 STEPS = 4
 # Per-method settings that keep a tiny run tiny (LT-SFT's default K is larger than a tiny base); not the method list.
-SMALL: dict[str, dict] = {"sft": {"num_params": 300}}
+SMALL: dict[str, dict] = {"sft": {"num_params": 300}, "compacter": {"reduction_factor": 4}}
 TRAIN = {"max_steps": STEPS, "lr": 1e-2, "warmup_ratio": 0.0, "batch_size": 4, "max_seq_len": 16, "log_every": 1}
 
 

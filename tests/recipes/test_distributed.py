@@ -14,7 +14,7 @@ from xlpeft import load_module, tracking
 from xlpeft.registry import method_names
 
 # Per-method settings that keep a tiny run tiny (LT-SFT's default K is larger than a tiny base).
-SMALL = {"sft": ["--set", "num_params=1500"]}
+SMALL = {"sft": ["--set", "num_params=1500"], "compacter": ["--set", "reduction_factor=4"]}
 
 
 def _env(workdir):

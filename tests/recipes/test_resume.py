@@ -14,7 +14,7 @@ from xlpeft.registry import method_names
 
 STEPS = 24
 # Per-method settings that keep a tiny run tiny (LT-SFT's default K is larger than a tiny base); not the method list.
-SMALL = {"sft": ("--set", "num_params=1500")}
+SMALL = {"sft": ("--set", "num_params=1500"), "compacter": ("--set", "reduction_factor=4")}
 
 
 def _cmd(base_dir, corpus, out, method, extra=()):

@@ -8,6 +8,7 @@ score is compared with the baseline: the task module over its own recorded sourc
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ class ComposeRequest:
     output: str | None = None
     split: str | None = None  # a split of the task pack for --lang (default: test, else validation)
     modules: tuple[str, ...] = ()  # --module: directories or NAME[@VERSION], stacked between language and task, bottom first
+    adapter_drop: int = 0  # --adapter-drop: adapter-like modules skip the lowest N layers (AdapterDrop, Rücklé et al. 2021)
 
 
 @dataclass
@@ -82,7 +84,8 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
     lang, lang_reg = registered_ref("language", req.lang, req.lang_method, base.fingerprint)
     task, task_reg = registered_ref("task", req.task, req.task_method, base.fingerprint)
     extra = [resolve_module(ref, base.fingerprint) for ref in req.modules]
-    composition = Composition.of([lang, *extra, task], base.fingerprint)
+    composition = dataclasses.replace(Composition.of([lang, *extra, task], base.fingerprint),
+                                      adapter_drop=req.adapter_drop)  # the baseline below runs without it
     check_task_module(task, pack, base.hidden_size)
     examples, evaluated_on = eval_examples(pack, req.lang, req.eval_data, req.split)
     overlap = overlap_of(lang, task)
@@ -98,7 +101,7 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
         tags["xlpeft.parent.modules"] = ", ".join(m.source for m in extra)
     params = {"lang": req.lang, "task": req.task, "base": base.name, "lang_module": lang.source,
               "task_module": task.source, "modules": ", ".join(m.source for m in extra) or "none",
-              "eval_data": evaluated_on or "none"}
+              "eval_data": evaluated_on or "none", "adapter_drop": req.adapter_drop}
 
     # ---- compose, evaluate against the baseline, save
     with tracking.tracked_run(f"compose-{req.lang}-{req.task}-{methods}", tags, params) as tracker:

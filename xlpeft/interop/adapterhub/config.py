@@ -1,4 +1,9 @@
-"""AdapterHub BnConfig dicts (``adapters`` 1.3.0) and the names in its files, as xlpeft reads them."""
+"""AdapterHub config dicts (``adapters`` 1.3.0) and the names in its files, as xlpeft reads them.
+
+:func:`resolve_config` tells which xlpeft method an ``adapter_config.json`` ``config`` entry is
+(``adapter``, ``compacter``, ``parallel``, ``lora``, ``ia3``, ``prefix``, ``mam``) and completes it
+with AdapterHub's defaults; anything else is refused by name.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +39,33 @@ PRESETS: dict[str, dict[str, Any]] = {
     "double_seq_bn_inv": {**_BN_DEFAULTS, **_DOUBLE, **_NICE},
 }
 """The four bottleneck configs xlpeft reads and writes, as full adapters-1.3.0 config dicts."""
+_PAR = {"original_ln_before": False, "mh_adapter": False, "non_linearity": "relu", "reduction_factor": 2,
+        "init_weights": "mam_adapter", "is_parallel": True, "scaling": 4.0}
+_PHM = {"phm_layer": True, "reduction_factor": 32, "non_linearity": "gelu"}
+BN_PRESETS: dict[str, dict[str, Any]] = {  # the other bottleneck presets of adapters 1.3.0
+    "par_bn": {**_BN_DEFAULTS, **_PAR},
+    "compacter": {**_BN_DEFAULTS, **_DOUBLE, **_PHM},
+    "compacter++": {**_BN_DEFAULTS, **_SEQ, **_PHM},
+}
+LORA_DEFAULTS: dict[str, Any] = {  # LoRAConfig() in adapters 1.3.0, as save_adapter writes it
+    "alpha": 8, "architecture": "lora", "attn_matrices": ["q", "v"], "composition_mode": "add", "dropout": 0.0,
+    "dtype": None, "init_weights": "lora", "init_weights_seed": None, "intermediate_lora": False, "leave_out": [],
+    "output_lora": False, "r": 8, "selfattn_lora": True, "use_dora": False, "use_gating": False, "vera_b": None,
+    "vera_d": None,
+}
+IA3_DEFAULTS: dict[str, Any] = {**LORA_DEFAULTS, "alpha": 1, "attn_matrices": ["k", "v"], "composition_mode": "scale",
+                                "init_weights": "ia3", "intermediate_lora": True, "r": 1}
+PREFIX_DEFAULTS: dict[str, Any] = {  # PrefixTuningConfig() in adapters 1.3.0
+    "architecture": "prefix_tuning", "bottleneck_size": 512, "cross_prefix": True, "dropout": 0.0,
+    "encoder_prefix": True, "flat": False, "init_weights_seed": None, "leave_out": [], "non_linearity": "tanh",
+    "prefix_length": 30, "shared_gating": True, "use_gating": False,
+}
+_NAMED = {"lora": LORA_DEFAULTS, "ia3": IA3_DEFAULTS, "prefix_tuning": PREFIX_DEFAULTS,
+          "prefix_tuning_flat": {**PREFIX_DEFAULTS, "flat": True},
+          "mam": {"architecture": "union", "configs": [{**PREFIX_DEFAULTS, "bottleneck_size": 800}, BN_PRESETS["par_bn"]]}}
+CONVERTED = ("seq_bn", "seq_bn_inv", "double_seq_bn", "double_seq_bn_inv", "compacter", "compacter++", "par_bn",
+             "lora", "ia3", "prefix_tuning", "mam")
+"""What xlpeft converts, as AdapterHub names the configs (any dict of those architectures with options xlpeft can express)."""
 _PRESET_ALIASES = {"pfeiffer": "seq_bn", "houlsby": "double_seq_bn", "pfeiffer+inv": "seq_bn_inv",
                    "houlsby+inv": "double_seq_bn_inv"}
 _OLD_ACTIVATIONS = {"gelu": "gelu_new", "gelu_orig": "gelu"}  # configs saved before "version" existed
@@ -53,6 +85,50 @@ PARTS = {"adapter_down.0": "down", "adapter_up": "up", "0": "down", "2": "up"}
 
 
 
+def resolve_config(raw: Any) -> tuple[str, Any]:
+    """(xlpeft method, full AdapterHub config) of an ``adapter_config.json`` ``config`` entry.
+
+    The config is a dict (a list of two dicts for ``mam``: prefix tuning, then the parallel adapter).
+
+    Raises:
+        XlpeftError: a method xlpeft has no counterpart for (prompt tuning, ReFT, VeRA, unions other than MAM, ...),
+            named with what xlpeft converts.
+    """
+    if isinstance(raw, str) and raw in _NAMED:
+        raw = _NAMED[raw]
+    if isinstance(raw, str) and raw in BN_PRESETS:
+        raw = BN_PRESETS[raw]
+    architecture = raw.get("architecture") if isinstance(raw, Mapping) else None
+    if architecture == "lora":
+        if raw.get("vera_d") is not None or raw.get("vera_b") is not None:
+            raise _unsupported(raw, "VeRA (vera_d / vera_b)")
+        base = IA3_DEFAULTS if raw.get("composition_mode") == "scale" else LORA_DEFAULTS
+        full = {**base, **raw}
+        return ("ia3" if full["composition_mode"] == "scale" else "lora"), full
+    if architecture == "prefix_tuning":
+        return "prefix", {**PREFIX_DEFAULTS, **raw}
+    if architecture == "union":
+        parts = list(raw.get("configs") or [])
+        kinds = [c.get("architecture") if isinstance(c, Mapping) else c for c in parts]
+        if (len(parts) == 2 and kinds[0] == "prefix_tuning" and kinds[1] in (None, "bottleneck")
+                and parts[1].get("is_parallel")):
+            return "mam", [{**PREFIX_DEFAULTS, **parts[0]}, resolve_bn_config(parts[1])]
+        raise _unsupported(raw, f"a union of {', '.join(map(repr, kinds))} (xlpeft's one union is MAM: "
+                                "prefix_tuning then a parallel bottleneck, par_bn)")
+    bn = resolve_bn_config(raw)
+    if bn["phm_layer"] and not bn["is_parallel"]:
+        return "compacter", bn
+    if bn["is_parallel"] and not bn["phm_layer"]:
+        return "parallel", bn
+    return "adapter", bn
+
+
+def _unsupported(raw: Any, what: str) -> XlpeftError:
+    name = raw.get("architecture") if isinstance(raw, Mapping) else raw
+    return XlpeftError(f"AdapterHub config {name!r} ({what}) is not supported; xlpeft converts "
+                       f"{', '.join(CONVERTED)}")
+
+
 def resolve_bn_config(raw: Any) -> dict[str, Any]:
     """An ``adapter_config.json`` ``config`` entry (a preset name or a dict) as a full BnConfig dict.
 
@@ -61,20 +137,15 @@ def resolve_bn_config(raw: Any) -> dict[str, Any]:
     """
     if isinstance(raw, str):
         key = _PRESET_ALIASES.get(raw, raw)
-        if key not in PRESETS:
-            raise XlpeftError(
-                f"AdapterHub config {raw!r} is not supported; xlpeft converts {', '.join(PRESETS)} "
-                "(bottleneck adapters, optionally with a NICE invertible adapter)"
-            )
-        return dict(PRESETS[key])
+        if key not in PRESETS and key not in BN_PRESETS:
+            raise XlpeftError(f"AdapterHub config {raw!r} is not supported; xlpeft converts {', '.join(CONVERTED)}")
+        return dict(PRESETS.get(key) or BN_PRESETS[key])
     if not isinstance(raw, Mapping):
         raise XlpeftError(f"adapter_config.json `config` should be a name or an object; got {type(raw).__name__}")
     architecture = raw.get("architecture")
     if architecture not in (None, "bottleneck"):
-        raise XlpeftError(
-            f"AdapterHub config with architecture {architecture!r} is not supported; xlpeft converts "
-            f"bottleneck adapters only ({', '.join(PRESETS)})"
-        )
+        raise XlpeftError(f"AdapterHub config with architecture {architecture!r} is not supported; xlpeft converts "
+                          f"{', '.join(CONVERTED)} (bottleneck, lora and prefix_tuning architectures, and MAM's union)")
     config = {**_BN_DEFAULTS, **raw}
     legacy_inv = config.pop("invertible_adapter", None)  # adapters v1 nested the invertible adapter config
     if legacy_inv:
@@ -83,27 +154,37 @@ def resolve_bn_config(raw: Any) -> dict[str, Any]:
     return config
 
 
-def _config_problems(c: Mapping[str, Any], num_layers: int) -> list[str]:
-    """Everything in a BnConfig xlpeft's adapter maths cannot express exactly."""
+def _config_problems(c: Mapping[str, Any], num_layers: int, variant: str = "adapter") -> list[str]:
+    """Everything in a BnConfig the xlpeft method ``variant`` (adapter, compacter, parallel) cannot express exactly."""
     problems = []
     placement = (bool(c["mh_adapter"]), bool(c["output_adapter"]), bool(c["original_ln_before"]))
-    if placement not in ((False, True, True), (True, True, False)):
+    if variant == "parallel":
+        if placement not in ((False, True, False), (True, False, False), (True, True, False)):
+            problems.append(f"mh_adapter={c['mh_adapter']}, output_adapter={c['output_adapter']}, original_ln_before="
+                            f"{c['original_ln_before']}: a parallel adapter sits beside attention and/or the FFN "
+                            "with original_ln_before=False")
+    elif placement not in ((False, True, True), (True, True, False)):
         problems.append(
             f"mh_adapter={c['mh_adapter']}, output_adapter={c['output_adapter']}, original_ln_before="
             f"{c['original_ln_before']}: xlpeft has seq_bn (False, True, True) and double_seq_bn (True, True, False)"
         )
-    if c["original_ln_before"] and c["residual_before_ln"] is not True:
+    if variant != "parallel" and c["original_ln_before"] and c["residual_before_ln"] is not True:
         problems.append(f"residual_before_ln={c['residual_before_ln']!r} (seq_bn needs True)")
-    if c["residual_before_ln"] not in (True, False):
+    if variant != "parallel" and c["residual_before_ln"] not in (True, False):
         problems.append(f"residual_before_ln={c['residual_before_ln']!r}")
-    for key, want in (("original_ln_after", True), ("ln_before", False), ("ln_after", False),
-                      ("is_parallel", False), ("use_gating", False), ("phm_layer", False)):
+    needs = {"original_ln_after": True, "ln_before": False, "ln_after": False, "use_gating": False,
+             "is_parallel": variant == "parallel", "phm_layer": variant == "compacter"}
+    if variant == "compacter":
+        needs["shared_W_phm"] = False
+    for key, want in needs.items():
         if bool(c[key]) != want:
-            problems.append(f"{key}={c[key]!r} (xlpeft needs {want})")
+            problems.append(f"{key}={c[key]!r} (xlpeft's {variant} needs {want})")
     if isinstance(c["scaling"], str) or not isinstance(c["scaling"], (int, float)):
-        problems.append(f"scaling={c['scaling']!r} (only a constant factor can be folded into the weights)")
+        problems.append(f"scaling={c['scaling']!r} (only a constant factor is expressible)")
     if str(c["non_linearity"]).lower() not in ACTIVATIONS:
         problems.append(f"non_linearity={c['non_linearity']!r} (xlpeft has {', '.join(ACTIVATIONS)})")
+    if variant != "adapter" and c["inv_adapter"] is not None:
+        problems.append(f"inv_adapter={c['inv_adapter']!r} (xlpeft's {variant} has no invertible adapter)")
     if c["inv_adapter"] not in (None, "nice"):
         problems.append(f"inv_adapter={c['inv_adapter']!r} (xlpeft's invertible adapter is the NICE block)")
     if c["inv_adapter"] == "nice" and not isinstance(c["inv_adapter_reduction_factor"], (int, float)):

@@ -1,4 +1,8 @@
-"""Import: an AdapterHub adapter directory -> an xlpeft adapter module (language, or task with a head)."""
+"""Import: an AdapterHub adapter directory -> an xlpeft module (language, or task with a head).
+
+Bottleneck adapters are read here; the other methods' configs and weights by :data:`TO_XLPEFT`'s
+converters (:mod:`.lowrank`, :mod:`.prefix`, :mod:`.variants`). Heads and the manifest are shared.
+"""
 
 from __future__ import annotations
 
@@ -26,10 +30,17 @@ from xlpeft.interop.adapterhub.config import (
     WEIGHTS_BIN,
     WEIGHTS_SAFE,
     adapter_config_from,
-    resolve_bn_config,
+    resolve_config,
 )
+from xlpeft.interop.adapterhub.lowrank import ia3_to_xlpeft, lora_to_xlpeft
+from xlpeft.interop.adapterhub.prefix import prefix_to_xlpeft
+from xlpeft.interop.adapterhub.variants import compacter_to_xlpeft, mam_to_xlpeft, parallel_to_xlpeft
 from xlpeft.io import MANIFEST, Manifest, save_module
 from xlpeft.methods.adapters import AdapterConfig, AdapterModule
+
+TO_XLPEFT = {"lora": lora_to_xlpeft, "ia3": ia3_to_xlpeft, "prefix": prefix_to_xlpeft, "compacter": compacter_to_xlpeft,
+             "parallel": parallel_to_xlpeft, "mam": mam_to_xlpeft}
+"""xlpeft method -> ``(AdapterHub config, weights, base geometry, source) -> (config, {stem: state}, adapter name)``."""
 
 
 def _read_json(path: Path) -> dict:
@@ -161,7 +172,7 @@ def _base_info(base: Any) -> tuple[dict[str, str], Any]:
 
 def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | None = None,
                       without_head: bool = False) -> Path:
-    """Convert an AdapterHub adapter directory into an xlpeft adapter module at ``dst``.
+    """Convert an AdapterHub adapter directory into an xlpeft module at ``dst`` (its method from the config).
 
     The module is a language module, or a task module when the directory has a prediction head
     (``head_config.json``) that maps onto an xlpeft head. Its manifest keeps the original config
@@ -181,7 +192,7 @@ def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | N
     if not (src / CONFIG_FILE).is_file():
         raise XlpeftError(f"{src} has no {CONFIG_FILE}; is it an AdapterHub adapter directory?")
     meta = _read_json(src / CONFIG_FILE)
-    bn = resolve_bn_config(meta.get("config"))
+    method, hub_config = resolve_config(meta.get("config"))
     base_ref, base_config = _base_info(base)
     num_layers, hidden = int(base_config.num_hidden_layers), int(base_config.hidden_size)
     problems = []
@@ -191,11 +202,20 @@ def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | N
         problems.append(f"the adapter has hidden size {meta['hidden_size']} but the base has {hidden}")
     if problems:
         raise XlpeftError(f"{src} does not fit base {base_ref['name']!r}: " + "; ".join(problems))
-    config = adapter_config_from(bn, num_layers, versioned="version" in meta)
-    state, weight_name, unexpected = _rename_weights(_read_weights(src, WEIGHTS_SAFE, WEIGHTS_BIN))
-    if unexpected:
-        raise XlpeftError(f"{src}: weights xlpeft cannot place: {', '.join(sorted(unexpected)[:6])}")
-    state = _complete(state, config, bn, hidden, num_layers, src)
+    weights = _read_weights(src, WEIGHTS_SAFE, WEIGHTS_BIN)
+    if method == "adapter":
+        bn = hub_config
+        config = adapter_config_from(bn, num_layers, versioned="version" in meta)
+        state, weight_name, unexpected = _rename_weights(weights)
+        if unexpected:
+            raise XlpeftError(f"{src}: weights xlpeft cannot place: {', '.join(sorted(unexpected)[:6])}")
+        tensors: dict[str, dict[str, torch.Tensor]] = {"adapter": _complete(state, config, bn, hidden, num_layers, src)}
+        mapping = {"scaling": float(bn["scaling"]), "leave_out": sorted(bn["leave_out"] or [])}
+    else:
+        geometry = {"num_layers": num_layers, "hidden": hidden, "heads": int(base_config.num_attention_heads),
+                    "intermediate": int(base_config.intermediate_size)}
+        config, tensors, weight_name = TO_XLPEFT[method](hub_config, weights, geometry, src)
+        mapping = {}
     adapter_name = name or meta.get("name") or weight_name or src.name
 
     head, skipped = None, None
@@ -207,11 +227,9 @@ def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | N
         else:
             head = _head_from(head_meta, head_weights, src)
     imported = {"format": "adapterhub", "source": str(src), "adapter_name": meta.get("name") or weight_name,
-                "version": meta.get("version"), "config": bn, "scaling": float(bn["scaling"]),
-                "leave_out": sorted(bn["leave_out"] or [])}
+                "version": meta.get("version"), "config": hub_config, **mapping}
     if skipped:
         imported["head_skipped"] = skipped
-    tensors: dict[str, dict[str, torch.Tensor]] = {"adapter": state}
     extra: dict[str, Any] = {"imported": imported}
     kind = "language"
     if head is not None:
@@ -220,7 +238,7 @@ def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | N
         dropout = (head_meta.get("config") or {}).get("dropout_prob")
         extra.update(labels=labels, head=head_kind, head_dropout=0.1 if dropout is None else float(dropout))
     manifest = Manifest(
-        kind=kind, method="adapter", base=base_ref, config=asdict(config),
+        kind=kind, method=method, base=base_ref, config=asdict(config),
         lang=adapter_name if kind == "language" else None, task=adapter_name if kind == "task" else None,
         trainable_parameters=sum(t.numel() for s in tensors.values() for t in s.values()), extra=extra,
     )

@@ -260,3 +260,300 @@ def test_default_configs_export_as_the_adapterhub_presets(tmp_path, placement, i
     out = convert(save_module(tmp_path / "m", manifest, {"adapter": module.state_dict()}), tmp_path / "ah", "xlpeft",
                   "adapterhub")
     assert json.loads((out / "adapter_config.json").read_text())["config"] == PRESETS[preset]
+
+
+# ---- the other methods (issue 18): lora, ia3, prefix_tuning, compacter(++), par_bn, mam
+
+METHOD_CASES = {  # fixture -> (base, xlpeft method, xlpeft config fields it maps onto)
+    "lora": ("tiny-bert", "lora", dict(r=8, alpha=8.0, target_modules="query,value", layers=None, use_dora=False)),
+    "lora_targets": ("tiny-bert", "lora", dict(r=4, alpha=8.0, target_modules="query,key,value,intermediate,ffn_output")),
+    "lora_leave_out": ("tiny-bert", "lora", dict(r=4, alpha=16.0, dropout=0.1, layers="1")),
+    "xlmr_lora": ("tiny-xlmr", "lora", dict(r=8, alpha=16.0)),
+    "ia3_attn": ("tiny-bert", "ia3", dict(target_modules="key,value")),
+    "prefix_tuning": ("tiny-bert", "prefix", dict(prefix_length=30, layers="all", reparameterise=True, width=64,
+                                                  shift_positions=False)),
+    "prefix_tuning_flat": ("tiny-bert", "prefix", dict(prefix_length=30, reparameterise=False)),
+    "prefix_tuning_ejected": ("tiny-bert", "prefix", dict(prefix_length=30, reparameterise=False)),
+    "xlmr_prefix_tuning": ("tiny-xlmr", "prefix", dict(prefix_length=8, width=32)),
+    "compacter": ("tiny-bert", "compacter", dict(placement="houlsby", reduction_factor=4.0, non_linearity="gelu",
+                                                 phm_dim=4, phm_rank=1, shared_phm_rule=True)),
+    "compacter++": ("tiny-bert", "compacter", dict(placement="pfeiffer", reduction_factor=4.0)),
+    "compacter_options": ("tiny-bert", "compacter", dict(placement="pfeiffer", phm_rank=2, shared_phm_rule=False)),
+    "par_bn": ("tiny-bert", "parallel", dict(placement="ffn", reduction_factor=2.0, non_linearity="relu", scaling=4.0)),
+    "par_bn_options": ("tiny-bert", "parallel", dict(placement="both", reduction_factor=4.0, non_linearity="gelu",
+                                                     scaling=2.0)),
+    "mam": ("tiny-bert", "mam", dict(prefix_length=30, width=64, reduction_factor=2.0, scaling=4.0)),
+    "ner_lora": ("tiny-bert", "lora", dict(r=4, alpha=8.0)),
+}
+
+
+@pytest.fixture(scope="module")
+def converted_methods(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("adapterhub_methods")
+    return {case: convert(FIXTURES / "adapterhub" / case, root / case, "adapterhub", base=base_dir(kind))
+            for case, (kind, _, _) in METHOD_CASES.items()}
+
+
+@torch.no_grad()
+def _unpadded_diff(model, exp) -> float:
+    """The padded row alone, cut to its real tokens (a batch of 1, no padding), against AdapterHub's logits for it."""
+    real = exp["row1_unpadded_logits"].shape[1]
+    ids = exp["input_ids"][1:2, :real]
+    out = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    return float((out - exp["row1_unpadded_logits"]).abs().max())
+
+
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_method_logits_match_adapterhub(converted_methods, case):
+    """Measured (2026-12-02): prefix, par_bn, mam, (IA)³ 0; LoRA 1.7e-6..2.7e-6 (merged into the weights), Compacter ~2e-6."""
+    kind, method, _ = METHOD_CASES[case]
+    exp = expected("adapterhub", case)
+    model = xlpeft.compose(base_dir(kind), [converted_methods[case]])
+    check(case, max_diff(model, exp))  # both rows: one padded after 8 tokens, so prefix masks must keep padding out
+    if "row1_unpadded_logits" in exp:
+        check(f"{case} unpadded", _unpadded_diff(model, exp))
+
+
+@pytest.mark.parametrize("lang", ["prefix_tuning", "par_bn"])
+def test_lora_task_over_method_language_modules_matches_adapterhub_stack(converted_methods, lang):
+    """AdapterHub's Stack(lang, ner) with a LoRA task adapter over a prefix / parallel language adapter."""
+    model = xlpeft.compose(base_dir("tiny-bert"), [converted_methods[lang], converted_methods["ner_lora"]])
+    check(lang, max_diff(model, expected("adapterhub", "ner_lora"), f"stack_{lang}_logits"))
+
+
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_method_manifest_records_the_mapping(converted_methods, case):
+    kind, method, config = METHOD_CASES[case]
+    m = load_module(converted_methods[case]).manifest
+    assert m.method == method
+    assert {k: m.config[k] for k in config} == config
+    assert m.extra["imported"]["format"] == "adapterhub"
+    if case == "ner_lora":
+        assert (m.kind, m.task, m.extra["head"]) == ("task", "ner", "token_classification")
+    else:
+        assert (m.kind, m.lang) == ("language", "sw")
+
+
+def test_prefix_import_is_adapterhub_eject(converted_methods):
+    """Running the prefix MLP once at import gives the prefixes AdapterHub's own eject_prefix_tuning saved."""
+    mine, ejected = (load_module(converted_methods[c]).tensors["prefix"] for c in ("prefix_tuning", "prefix_tuning_ejected"))
+    assert max(float((mine[k] - ejected[k]).abs().max()) for k in ("key", "value")) < 1e-6
+    assert float(mine["key"].std()) > 0.1 and not torch.allclose(mine["key"], mine["value"])
+
+
+def _state(directory):
+    return _foreign(directory, "adapter.safetensors", "pytorch_adapter.bin")
+
+
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_method_export_matches_the_adapterhub_files(converted_methods, tmp_path, case):
+    """xlpeft -> AdapterHub writes the config and tensors `save_adapter` wrote; a prefix MLP as AdapterHub ejects it."""
+    src, out = FIXTURES / "adapterhub" / case, convert(converted_methods[case], tmp_path / case, "xlpeft", "adapterhub")
+    ours, theirs = (json.loads((d / "adapter_config.json").read_text()) for d in (out, src))
+    assert {k: ours[k] for k in ("hidden_size", "model_class", "model_type", "name")} == \
+           {k: theirs[k] for k in ("hidden_size", "model_class", "model_type", "name")}
+    mine, orig = _state(out), _state(src)
+    if case in ("prefix_tuning", "xlmr_prefix_tuning", "mam"):  # written flat: compare with the MLP run by hand
+        config = theirs["config"]["configs"][0] if case == "mam" else theirs["config"]
+        assert (ours["config"]["configs"][0] if case == "mam" else ours["config"]) == config | {"flat": True}
+        flat = {k: v for k, v in mine.items() if "prefix_tunings" in k}
+        assert len(flat) == 3 and all(k.endswith("self_prefix.control_trans") for k in flat)
+        assert _ejected_by_hand(orig, config).allclose(next(iter(flat.values())), atol=1e-6)
+        assert {k: v for k, v in mine.items() if "prefix_tunings" not in k}.keys() == \
+               {k for k in orig if "prefix_tunings" not in k}
+        return
+    if case == "ia3_attn":  # alpha is folded into the vectors at import and written as 1
+        orig = {k: v * theirs["config"]["alpha"] for k, v in orig.items()}
+        theirs["config"]["alpha"] = 1
+    expected_config = theirs["config"] | ({"flat": True} if case == "prefix_tuning_ejected" else {})
+    assert ours["config"] == expected_config
+    assert mine.keys() == orig.keys()
+    assert all(torch.equal(mine[k], orig[k]) for k in orig), case
+
+
+def _ejected_by_hand(weights, config) -> torch.Tensor:
+    """AdapterHub's PrefixTuning.eject written out: control_trans(wte(arange(P))), flattened."""
+    part = {k.split("self_prefix.")[1]: v for k, v in weights.items() if k.split(".", 1)[1].startswith("prefix_tuning.")}
+    hidden = torch.tanh(part["wte.weight"] @ part["control_trans.0.weight"].T + part["control_trans.0.bias"])
+    assert config["non_linearity"] == "tanh"
+    return (hidden @ part["control_trans.2.weight"].T + part["control_trans.2.bias"]).reshape(-1)
+
+
+def _native(method: str, config, base) -> dict[str, dict[str, torch.Tensor]]:
+    """A freshly built xlpeft module of ``method`` with every tensor redrawn (non-trivial, so a mix-up shows)."""
+    from xlpeft.methods.compacter import CompacterModule
+    from xlpeft.methods.ia3 import IA3Module, ia3_targets
+    from xlpeft.methods.lora import LoraModule, resolve_targets
+    from xlpeft.methods.mam import MAMModule
+    from xlpeft.methods.parallel import ParallelModule
+    from xlpeft.methods.prefix import PrefixEncoder
+
+    hidden, layers = base.hidden_size, len(base.layers)
+    if method == "lora":
+        paths = resolve_targets(base, config)
+        tensors = {"lora": LoraModule(config, {i: {s: lin for s, (_, lin) in d.items()} for i, d in paths.items()}).state_dict()}
+    elif method == "ia3":
+        tensors = {"ia3": IA3Module(config, ia3_targets(base, config)).state_dict()}
+    elif method == "prefix":
+        tensors = {"prefix": PrefixEncoder(config, hidden, layers).export()}
+    elif method == "compacter":
+        tensors = {"compacter": CompacterModule(config, hidden, layers).state_dict()}
+    elif method == "parallel":
+        tensors = {"parallel": ParallelModule(config, hidden, layers).state_dict()}
+    else:
+        tensors = MAMModule(config, hidden, layers).export()
+    gen = torch.Generator().manual_seed(5)
+    return {stem: {k: torch.randn(v.shape, generator=gen) for k, v in state.items()} for stem, state in tensors.items()}
+
+
+def _native_cases():
+    from xlpeft.methods.compacter import CompacterConfig
+    from xlpeft.methods.ia3 import IA3Config
+    from xlpeft.methods.lora import LoraConfig
+    from xlpeft.methods.mam import MAMConfig
+    from xlpeft.methods.parallel import ParallelConfig
+    from xlpeft.methods.prefix import PrefixConfig
+
+    return {
+        "lora": ("lora", LoraConfig(r=2, alpha=3.0, target_modules="key,intermediate,ffn_output", layers="1")),
+        "ia3": ("ia3", IA3Config(target_modules="value")),
+        "prefix": ("prefix", PrefixConfig(prefix_length=3, width=7)),
+        "compacter": ("compacter", CompacterConfig(placement="houlsby", reduction_factor=4, phm_rank=2,
+                                                   factorized_phm=False)),
+        "compacter++": ("compacter", CompacterConfig(placement="pfeiffer", reduction_factor=4, shared_phm_rule=False)),
+        "parallel": ("parallel", ParallelConfig(placement="attn", reduction_factor=8, non_linearity="tanh", scaling=0.5)),
+        "mam": ("mam", MAMConfig(prefix_length=2, width=5, reduction_factor=4, scaling=3.0)),
+    }
+
+
+@pytest.mark.parametrize("case", ["lora", "ia3", "prefix", "compacter", "compacter++", "parallel", "mam"])
+def test_method_round_trip_from_xlpeft(tmp_path, case):
+    """A module built by xlpeft -> AdapterHub -> xlpeft: the same config and identical tensors (a task one keeps its head)."""
+    base = xlpeft.load_base(base_dir("tiny-bert"))
+    method, config = _native_cases()[case]
+    tensors = _native(method, config, base)
+    task = case == "lora"
+    if task:
+        tensors["head"] = {"classifier.weight": torch.randn(3, 32), "classifier.bias": torch.randn(3)}
+    manifest = Manifest(kind="task" if task else "language", method=method, lang=None if task else "sw",
+                        task="pos" if task else None, config=asdict(config),
+                        base={"name": base_dir("tiny-bert"), "fingerprint": base.fingerprint, "model_type": "bert"},
+                        extra={"labels": ["a", "b", "c"], "head": "token_classification", "head_dropout": 0.1} if task else {})
+    original = save_module(tmp_path / "orig", manifest, tensors)
+    foreign = convert(original, tmp_path / "ah", "xlpeft", "adapterhub")
+    back = load_module(convert(foreign, tmp_path / "back", "adapterhub", base=base))
+    want = load_module(original).manifest.config
+    assert back.manifest.method == method
+    # training-only fields AdapterHub's files cannot carry: AdapterDrop, and whether the (dropped) prefix MLP trained it
+    training_only = ("adapter_drop", "reparameterise")
+    assert {k: v for k, v in back.manifest.config.items() if k not in training_only} == \
+           {k: v for k, v in want.items() if k not in training_only}
+    assert back.tensors.keys() == tensors.keys()
+    for stem, state in tensors.items():
+        assert back.tensors[stem].keys() == state.keys()
+        assert all(torch.equal(back.tensors[stem][k], state[k]) for k in state), (stem, case)
+
+
+def _with_method_config(tmp_path, case, edit):
+    target = tmp_path / case
+    shutil.copytree(FIXTURES / "adapterhub" / case, target)
+    meta = json.loads((target / "adapter_config.json").read_text())
+    meta["config"] = edit(meta["config"])
+    (target / "adapter_config.json").write_text(json.dumps(meta))
+    return target
+
+
+@pytest.mark.parametrize(
+    "case, edit, needles",
+    [
+        ("lora_dora", lambda c: c, ["use_dora=True", "without alpha/r"]),
+        ("ia3", lambda c: c, ["intermediate_lora=True", "pre-activation"]),
+        ("ia3_attn", lambda c: c | {"output_lora": True}, ["output_lora=True"]),
+        ("ia3_attn", lambda c: c | {"attn_matrices": ["q", "k"]}, ["'q'"]),
+        ("lora", lambda c: c | {"use_gating": True}, ["use_gating=True"]),
+        ("lora", lambda c: c | {"vera_d": 0.1}, ["'lora'", "VeRA"]),
+        ("lora", lambda c: c | {"dtype": "bfloat16"}, ["dtype='bfloat16'"]),
+        ("lora", lambda c: c | {"r": 4}, ["layer 0 query lora_A has shape (8, 32)", "(4, 32)"]),
+        ("prefix_tuning", lambda c: c | {"leave_out": [0]}, ["leave_out=[0]", "every layer"]),
+        ("prefix_tuning", lambda c: c | {"non_linearity": "gelu_new"}, ["non_linearity='gelu_new'"]),
+        ("prefix_tuning_flat", lambda c: c | {"prefix_length": 10}, ["flat prefix has 3840 values", "1280"]),
+        ("compacter", lambda c: c | {"shared_W_phm": True}, ["shared_W_phm=True"]),
+        ("compacter", lambda c: c | {"phm_dim": 3}, ["phm_dim"]),
+        ("par_bn", lambda c: c | {"use_gating": True, "ln_after": True}, ["use_gating=True", "ln_after=True"]),
+        ("mam", lambda c: c | {"configs": [c["configs"][0], c["configs"][1] | {"mh_adapter": True}]},
+         ["'both'", "beside the FFN only"]),
+    ],
+)
+def test_method_options_xlpeft_cannot_reproduce_are_refused_by_name(tmp_path, case, edit, needles):
+    src = _with_method_config(tmp_path, case, edit)
+    with pytest.raises(XlpeftError) as info:
+        convert(src, tmp_path / "out", "adapterhub", base=base_dir("tiny-bert"))
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@torch.no_grad()
+def test_the_refused_functions_really_differ(tmp_path):
+    """Negative controls: mapping AdapterHub's DoRA or its FFN (IA)³ onto xlpeft's anyway misses its logits by far.
+
+    (So the refusals above are needed, and these logit tests can fail.) Also a prefix with keys and
+    values swapped, and a LoRA whose alpha/r is dropped, miss the recorded logits.
+    """
+    base = xlpeft.load_base(base_dir("tiny-bert"))
+    fp = {"name": "tiny", "fingerprint": base.fingerprint, "model_type": "bert"}
+    from xlpeft.interop.adapterhub.lowrank import KEY, LINEARS
+
+    def module(case, method, config, state):
+        return save_module(tmp_path / case, Manifest(kind="language", method=method, lang="sw", config=config, base=fp),
+                           {method: state})
+
+    def miss(case, directory):
+        return max_diff(xlpeft.compose(base_dir("tiny-bert"), [directory]), expected("adapterhub", case))
+
+    dora = {}
+    for k, v in load_pickled(FIXTURES / "adapterhub" / "lora_dora" / "pytorch_adapter.bin").items():
+        m = KEY.match(k)
+        part = "magnitude" if m["part"] == "m.weight" else m["part"]
+        dora[f"layers.{m['layer']}.{LINEARS[m['linear']]}.{part}"] = v.reshape(-1) if part == "magnitude" else v
+    cfg = dict(r=4, alpha=8.0, dropout=0.0, target_modules="query,value", layers=None, use_dora=True, merge=True)
+    assert miss("lora_dora", module("dora", "lora", cfg, dora)) > 0.05
+
+    ia3 = {}
+    for k, v in load_pickled(FIXTURES / "adapterhub" / "ia3" / "pytorch_adapter.bin").items():
+        m = KEY.match(k)
+        ia3[f"layers.{m['layer']}.{LINEARS[m['linear']]}"] = v.reshape(-1)
+    assert miss("ia3", module("ia3", "ia3", {"target_modules": "key,value,intermediate"}, ia3)) > 0.05
+
+    good = load_module(convert(FIXTURES / "adapterhub" / "prefix_tuning", tmp_path / "p", "adapterhub", base=base))
+    swapped = {"key": good.tensors["prefix"]["value"], "value": good.tensors["prefix"]["key"]}
+    assert miss("prefix_tuning", module("swapped", "prefix", good.manifest.config, swapped)) > 0.05
+
+    lora = load_module(convert(FIXTURES / "adapterhub" / "lora_targets", tmp_path / "l", "adapterhub", base=base))
+    unscaled = lora.manifest.config | {"alpha": float(lora.manifest.config["r"])}  # alpha/r = 1 instead of 2
+    assert miss("lora_targets", module("unscaled", "lora", unscaled, lora.tensors["lora"])) > 0.05
+
+
+@pytest.mark.parametrize(
+    "method, config, needle",
+    [
+        ("ia3", {"target_modules": "key,value,intermediate"}, "intermediate_lora scales W1·x"),
+        ("lora", {"target_modules": "query,attn_output"}, "attn_output"),
+        ("lora", {"use_dora": True}, "use_dora=True"),
+        ("prefix", {"layers": "input", "prefix_length": 4}, "prompt-tuning"),
+    ],
+)
+def test_method_exports_adapterhub_cannot_load_as_the_same_function_are_refused(tmp_path, method, config, needle):
+    from xlpeft.methods.ia3 import IA3Config
+    from xlpeft.methods.lora import LoraConfig
+    from xlpeft.methods.prefix import PrefixConfig
+
+    base = xlpeft.load_base(base_dir("tiny-bert"))
+    cfg = {"ia3": IA3Config, "lora": LoraConfig, "prefix": PrefixConfig}[method](**config)
+    manifest = Manifest(kind="language", method=method, lang="sw", config=asdict(cfg),
+                        base={"name": "tiny", "fingerprint": base.fingerprint, "model_type": "bert"})
+    src = save_module(tmp_path / "m", manifest, _native(method, cfg, base))
+    with pytest.raises(XlpeftError, match=needle):
+        convert(src, tmp_path / "ah", "xlpeft", "adapterhub")
+    assert not (tmp_path / "ah").exists()

@@ -223,13 +223,15 @@ def mam_to_xlpeft(parts: list[Mapping[str, Any]], weights: Mapping[str, torch.Te
         XlpeftError: either part's options xlpeft cannot express, an adapter part not beside the FFN only.
     """
     prefix_cfg, bn = parts
+    placement = _PARALLEL_SITES.get((bool(bn["mh_adapter"]), bool(bn["output_adapter"])))
+    if placement != "ffn":
+        raise XlpeftError(f"AdapterHub MAM with a parallel adapter at {placement!r} (mh_adapter={bn['mh_adapter']}, "
+                          f"output_adapter={bn['output_adapter']}) is not supported: xlpeft's MAM puts it beside the "
+                          "FFN only (mh_adapter=False, output_adapter=True)")
     prefix_weights = {k: v for k, v in weights.items() if is_prefix_key(k)}
     adapter_weights = {k: v for k, v in weights.items() if not is_prefix_key(k)}
     p_config, p_tensors, p_name = prefix_to_xlpeft(prefix_cfg, prefix_weights, geometry, src)
     a_config, a_state, a_name = _parallel_parts(bn, adapter_weights, geometry, src)
-    if a_config.placement != "ffn":
-        raise XlpeftError(f"AdapterHub MAM with a parallel adapter at {a_config.placement!r} is not supported: "
-                          "xlpeft's MAM puts it beside the FFN only (mh_adapter=False, output_adapter=True)")
     config = MAMConfig(prefix_length=p_config.prefix_length, width=p_config.width,
                        reduction_factor=a_config.reduction_factor, non_linearity=a_config.non_linearity,
                        scaling=a_config.scaling)

@@ -557,3 +557,17 @@ def test_method_exports_adapterhub_cannot_load_as_the_same_function_are_refused(
     with pytest.raises(XlpeftError, match=needle):
         convert(src, tmp_path / "ah", "xlpeft", "adapterhub")
     assert not (tmp_path / "ah").exists()
+
+
+def test_cli_converts_a_lora_and_refuses_adapterhub_ia3_in_one_line(tmp_path, capsys):
+    from xlpeft.cli import main
+
+    main(["convert", str(FIXTURES / "adapterhub" / "lora"), str(tmp_path / "l"), "--from", "adapterhub",
+          "--base", base_dir("tiny-bert")])
+    assert load_module(tmp_path / "l").manifest.method == "lora"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["convert", str(FIXTURES / "adapterhub" / "ia3"), str(tmp_path / "i"), "--from", "adapterhub",
+              "--base", base_dir("tiny-bert")])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error:") and "\n" not in err and "intermediate_lora=True" in err, err

@@ -1,6 +1,7 @@
 """Make the AdapterHub interop fixtures with the `adapters` library itself (run in its own venv, see README.md).
 
-    benchmarks/.venv-adapterhub/bin/python tools/make_interop_fixtures/adapterhub_fixtures.py tests/interop/fixtures
+    benchmarks/.venv-adapterhub/bin/python tools/make_interop_fixtures/adapterhub_fixtures.py tests/interop/fixtures [CASE ...]
+    benchmarks/.venv-adapterhub/bin/python tools/make_interop_fixtures/adapterhub_fixtures.py --check-exports FIXTURES EXPORTS
 
 For each case an adapter is added to a flexible-head model (``BertAdapterModel`` /
 ``XLMRobertaAdapterModel``) built on a tiny base, its weights are drawn at random from a fixed
@@ -12,6 +13,7 @@ inverse before the decoder (MAD-X), which a plain ``BertForMaskedLM`` + ``adapte
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -262,5 +264,31 @@ def main(out: Path, only: list[str]) -> None:
           f"transformers {transformers.__version__}, torch {torch.__version__}")
 
 
+def check_exports(fixtures: Path, exports: Path) -> int:
+    """Load each xlpeft export under ``exports`` (``adapterhub_method_exports.py``) with ``load_adapter`` and compare
+    AdapterHub's logits with the ones xlpeft recorded beside it; returns the number that differ by more than 1e-4."""
+    from safetensors.torch import load_file
+
+    transformers.logging.set_verbosity_error()
+    bad = 0
+    for directory in sorted(d for d in exports.iterdir() if (d / "xlpeft_logits.safetensors").is_file()):
+        meta = json.loads((directory / "adapter_config.json").read_text())
+        kind = "tiny-xlmr" if meta["model_type"] == "xlm-roberta" else "tiny-bert"
+        model = flex_model(kind, fixtures / "bases" / kind)
+        name = model.load_adapter(str(directory))
+        model.set_active_adapters(name)
+        if (directory / "head_config.json").is_file():
+            model.active_head = name
+        recorded = load_file(str(directory / "xlpeft_logits.safetensors"))
+        batch = {k: recorded[k] for k in ("input_ids", "attention_mask")}
+        diff = float((logits(model, batch) - recorded["logits"]).abs().max())
+        bad += diff > 1e-4
+        print(f"{directory.name:24s} {meta['config'].get('architecture') or 'bottleneck':14s} max |diff| {diff:.2g}")
+    print(f"{bad} of the exports differ from xlpeft's logits by more than 1e-4")
+    return bad
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--check-exports":
+        sys.exit(1 if check_exports(Path(sys.argv[2]), Path(sys.argv[3])) else 0)
     main(Path(sys.argv[1] if len(sys.argv) > 1 else "tests/interop/fixtures"), sys.argv[2:])

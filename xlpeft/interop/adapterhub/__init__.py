@@ -1,4 +1,4 @@
-"""AdapterHub (``adapters`` 1.x) bottleneck adapters <-> xlpeft adapter modules.
+"""AdapterHub (``adapters`` 1.x) adapters <-> xlpeft modules.
 
 An AdapterHub adapter directory holds ``adapter_config.json`` (``{"config": {...BnConfig...},
 "name", "model_type", "hidden_size", "version", ...}``), the weights as ``pytorch_adapter.bin``
@@ -23,20 +23,32 @@ classification head). A static-head model's own head (``BertForMaskedLM`` + ``ad
 ``save_adapter`` writes ``cls.predictions.*`` with ``"config": null``) is skipped with a warning when it
 equals the base's frozen head, and refused otherwise with a pointer to ``--without-head``.
 
-Refused by name: other methods (LoRA, prefix tuning, ...), parallel/gated/PHM adapters, new
-layer norms (``ln_before``/``ln_after``), ``residual_before_ln`` other than as in the presets,
-GLOW invertible blocks, non-linearities xlpeft lacks (e.g. ``gelu_new``).
+The other methods (issue 18), each onto the xlpeft method computing the same function
+(:func:`~xlpeft.interop.adapterhub.config.resolve_config` decides which):
+
+* ``lora`` (``LoRAConfig``, ``composition_mode="add"``) -> ``lora``; ``ia3`` (``IA3Config``,
+  ``composition_mode="scale"``) on keys/values -> ``ia3`` (:mod:`.lowrank`);
+* ``prefix_tuning`` (MLP or flat, also ejected) -> ``prefix``, the MLP run once (:mod:`.prefix`);
+* ``compacter`` / ``compacter++`` (``phm_layer``) -> ``compacter``; ``par_bn`` (``is_parallel``) ->
+  ``parallel``; ``mam`` (the union of both) -> ``mam`` (:mod:`.variants`).
+
+Refused by name: other methods (prompt tuning, ReFT, VeRA, unions other than MAM), AdapterHub's
+DoRA and its (IA)³ FFN scaling (both compute other functions than xlpeft's, see :mod:`.lowrank`),
+gated adapters, new layer norms (``ln_before``/``ln_after``), ``residual_before_ln`` other than as
+in the presets, GLOW invertible blocks, non-linearities xlpeft lacks (e.g. ``gelu_new``), prefixes
+with ``leave_out``, shared PHM fast weights.
 
 The invertible adapter sits where AdapterHub and MAD-X put it, on the output of the whole
 embedding layer, with its inverse before the MLM decoder, so imported modules give AdapterHub's
 logits exactly (tests/interop/fixtures/README.md records the agreement).
 
-``config`` maps BnConfig dicts onto :class:`~xlpeft.methods.adapters.AdapterConfig`, ``reading``
-imports a directory, ``writing`` exports one.
+``config`` maps BnConfig dicts onto :class:`~xlpeft.methods.adapters.AdapterConfig` and tells the
+methods apart, ``reading`` imports a directory, ``writing`` exports one.
 """
 
-from xlpeft.interop.adapterhub.config import PRESETS, adapter_config_from, resolve_bn_config
+from xlpeft.interop.adapterhub.config import PRESETS, adapter_config_from, resolve_bn_config, resolve_config
 from xlpeft.interop.adapterhub.reading import import_adapterhub
 from xlpeft.interop.adapterhub.writing import export_adapterhub
 
-__all__ = ["PRESETS", "adapter_config_from", "export_adapterhub", "import_adapterhub", "resolve_bn_config"]
+__all__ = ["PRESETS", "adapter_config_from", "export_adapterhub", "import_adapterhub", "resolve_bn_config",
+           "resolve_config"]

@@ -542,6 +542,7 @@ def test_the_refused_functions_really_differ(tmp_path):
         ("lora", {"target_modules": "query,attn_output"}, "attn_output"),
         ("lora", {"use_dora": True}, "use_dora=True"),
         ("prefix", {"layers": "input", "prefix_length": 4}, "prompt-tuning"),
+        ("prefix", {"prefix_length": 4, "shift_positions": True}, "shift_positions=true"),
     ],
 )
 def test_method_exports_adapterhub_cannot_load_as_the_same_function_are_refused(tmp_path, method, config, needle):

@@ -133,12 +133,17 @@ def prefix_from_xlpeft(config_dict: Mapping[str, Any], tensors: Mapping[str, Map
     """An xlpeft prefix module -> (AdapterHub PrefixTuningConfig dict with ``flat=True``, weights).
 
     Raises:
-        XlpeftError: a prompt-tuning module (``layers=input``): AdapterHub's prompt tuning is another method.
+        XlpeftError: a prompt-tuning module (``layers=input``): AdapterHub's prompt tuning is another method;
+            ``shift_positions=true`` (AdapterHub does not renumber the tokens).
     """
     config = build(PrefixConfig, config_dict)
     if config.layers != "all":
         raise XlpeftError("cannot write a prompt-tuning module (layers=input) as AdapterHub prefix tuning: those "
                           "are per-layer key/value prefixes; export prefix modules with layers=all")
+    if config.shift_positions:
+        raise XlpeftError("cannot write a prefix module with shift_positions=true for AdapterHub: AdapterHub keeps the "
+                          "tokens' positions, so it would compute another function; export one trained with "
+                          "shift_positions=false (the default)")
     key, value = tensors["prefix"]["key"], tensors["prefix"]["value"]  # (L, P, H) each
     num_layers, length, hidden = key.shape
     flat = torch.stack([key, value], dim=2).transpose(0, 1).reshape(-1).contiguous()  # (P, L, 2, H) -> (P·L·2·H,)

@@ -87,12 +87,13 @@ def test_cli_bad_input_is_one_error_line(capsys, tmp_path):
     src = FIXTURES / "adapterhub" / "seq_bn"
     code, _, err = run_cli(capsys, "convert", str(src), str(tmp_path / "a"), "--from", "adapterhub")
     assert_one_error_line(code, err, "needs --base")
-    lora = tmp_path / "lora"
-    lora.mkdir()
-    (lora / "adapter_config.json").write_text(json.dumps({"config": {"architecture": "lora", "r": 8}, "name": "x"}))
-    code, _, err = run_cli(capsys, "convert", str(lora), str(tmp_path / "b"), "--from", "adapterhub", "--base",
+    prompt = tmp_path / "prompt"  # an AdapterHub method xlpeft does not convert (lora is converted since issue 18)
+    prompt.mkdir()
+    (prompt / "adapter_config.json").write_text(json.dumps(
+        {"config": {"architecture": "prompt_tuning", "prompt_length": 10}, "name": "x"}))
+    code, _, err = run_cli(capsys, "convert", str(prompt), str(tmp_path / "b"), "--from", "adapterhub", "--base",
                            base_dir("tiny-bert"))
-    assert_one_error_line(code, err, "'lora'", "not supported")
+    assert_one_error_line(code, err, "'prompt_tuning'", "not supported")
     code, _, err = run_cli(capsys, "convert", str(src), str(tmp_path / "c"), "--from", "adapterhub", "--to", "composable-sft")
     assert_one_error_line(code, err, "between xlpeft and a foreign format")
     code, _, err = run_cli(capsys, "convert", str(src), str(tmp_path / "d"), "--from", "safetensors")

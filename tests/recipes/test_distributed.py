@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
+from tests.tiers import cli_methods
 from xlpeft import load_module, tracking
-from xlpeft.registry import method_names
 
 # Per-method settings that keep a tiny run tiny (LT-SFT's default K is larger than a tiny base).
-SMALL = {"sft": ["--set", "num_params=1500"], "compacter": ["--set", "reduction_factor=4"]}
+SMALL = {"sft": ["--set", "num_params=1500"], "compacter": ["--set", "reduction_factor=4"],
+         "parallel": ["--set", "adapter_drop=1"]}  # parallel: its rows also check AdapterDrop draws the same on each rank
 
 
 def _env(workdir):
@@ -59,7 +60,7 @@ def _assert_same_module(one, two) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", cli_methods())
 def test_two_ranks_equal_one_process_language(workdir, nodrop_base, sw_corpus, method):
     """Same global batch (8 rows as 2 micro-batches of 4), dropout off: 2 ranks == 1 process to 1e-5.
 
@@ -82,7 +83,7 @@ def test_two_ranks_equal_one_process_language(workdir, nodrop_base, sw_corpus, m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", cli_methods())
 def test_two_ranks_equal_one_process_task(workdir, nodrop_base, ner_files, method):
     """Task modules too: sentences of different lengths give ranks different labelled counts."""
     args = ["train-task", "--task", "ner", "--lang", "en", "--method", method, "--base", str(nodrop_base),

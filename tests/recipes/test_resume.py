@@ -8,13 +8,14 @@ import sys
 import pytest
 import torch
 
+from tests.tiers import cli_methods
 from xlpeft import load_module, tracking
 from xlpeft.checkpoint import CHECKPOINT
-from xlpeft.registry import method_names
 
 STEPS = 24
 # Per-method settings that keep a tiny run tiny (LT-SFT's default K is larger than a tiny base); not the method list.
-SMALL = {"sft": ("--set", "num_params=1500"), "compacter": ("--set", "reduction_factor=4")}
+SMALL = {"sft": ("--set", "num_params=1500"), "compacter": ("--set", "reduction_factor=4"),
+         "parallel": ("--set", "adapter_drop=1")}  # parallel: its row also checks that AdapterDrop resumes exactly
 
 
 def _cmd(base_dir, corpus, out, method, extra=()):
@@ -61,7 +62,7 @@ def _kill_after_checkpoint(cmd, env, cwd, min_step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", cli_methods())
 def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, method):
     base_dir, extra = base_dirs["tiny-bert"], SMALL.get(method, ())
     # the reference: one uninterrupted run

@@ -232,3 +232,31 @@ def test_bad_settings_are_one_line_errors(key, value, needle):
 def test_shift_positions_with_prompts_is_refused():
     with pytest.raises(ConfigError, match="layers=all only"):
         PrefixConfig(layers="input", shift_positions=True)
+
+
+@pytest.mark.parametrize("layers", ["all", "input"])
+def test_trained_through_the_protocol_saved_and_applied(base_dirs, tmp_path, layers):
+    """Prompt tuning is a config choice of the same method: train 2 steps, export (no MLP), apply: the same logits."""
+    from tests.methods.test_contract import Batches, make_loss, save
+    from xlpeft.io import load_module
+    from xlpeft.registry import get_method
+
+    spec, base = get_method("prefix"), load_base(str(base_dirs["tiny-bert"]))
+    cfg, train_cfg = resolve_configs("prefix", "language", {"layers": layers, "prefix_length": 2, "width": 8,
+                                                            "max_steps": 2, "batch_size": 4, "max_seq_len": 16})
+    trainable = spec.prepare(base, cfg, train_cfg)
+    params = trainable.begin_phase(trainable.phases[0])
+    opt, data, loss = torch.optim.Adam(params, lr=1e-2), Batches(base, 0), make_loss(base, "language", None, 0)
+    for _ in range(2):
+        opt.zero_grad()
+        loss(next(data)).backward()
+        opt.step()
+    ids, mask = padded_batch(base.model)
+    trained = logits(base.model, ids, mask)
+    tensors, extra = trainable.export()
+    trainable.close()
+    assert set(tensors["prefix"]) == ({"prompt"} if layers == "input" else {"key", "value"}), "the MLP is dropped"
+    other = load_base(str(base_dirs["tiny-bert"]))
+    handle = spec.apply(other, load_module(save(base, "prefix", "language", cfg, tensors, extra, None, tmp_path)))
+    torch.testing.assert_close(logits(other.model, ids, mask), trained, rtol=0, atol=1e-6)
+    handle.remove()

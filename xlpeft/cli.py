@@ -363,19 +363,21 @@ def run(pipeline: str, variables: tuple[str, ...], dry_run: bool, force: bool) -
 @cli.command("convert")
 @click.argument("src", type=click.Path(exists=True, file_okay=False))
 @click.argument("dst", type=click.Path(file_okay=False))
-@click.option("--from", "from_format", required=True, type=click.Choice(["adapterhub", "composable-sft", "xlpeft"]),
+@click.option("--from", "from_format", required=True, type=click.Choice(["adapterhub", "composable-sft", "peft", "xlpeft"]),
               help="format of SRC")
 @click.option("--to", "to_format", default="xlpeft", show_default=True,
-              type=click.Choice(["xlpeft", "adapterhub", "composable-sft"]), help="format to write at DST")
-@click.option("--base", help="the base the module belongs to (needed for --to xlpeft and --to composable-sft)")
+              type=click.Choice(["xlpeft", "adapterhub", "composable-sft", "peft"]), help="format to write at DST")
+@click.option("--base", help="the base the module belongs to (needed for --to xlpeft and --to composable-sft; "
+                              "--to peft: its layer layout, default the base the module records)")
 @click.option("--name", help="language code / task name to record, or the AdapterHub adapter name to write")
 @click.option("--without-head", is_flag=True,
-              help="AdapterHub: ignore the prediction head; composable-sft: drop dense values (apply(with_abs=False))")
+              help="AdapterHub: ignore the prediction head; composable-sft: drop dense values (apply(with_abs=False)); "
+                   "peft export: write a task module's adapter without its head")
 @click.option("--safetensors", is_flag=True, help="AdapterHub export: adapter.safetensors instead of pytorch_adapter.bin")
 @click.option("--layout", default="diffs", show_default=True, type=click.Choice(["diffs", "body"]),
               help="composable-sft export: current {diffs, abs} or earlier {body, head} layout")
 def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safetensors, layout) -> None:
-    """Convert AdapterHub adapters and composable-sft SFTs to xlpeft modules and back."""
+    """Convert AdapterHub adapters, composable-sft SFTs and peft LoRA/(IA)³ adapters to xlpeft modules and back."""
     from xlpeft.interop import convert
 
     out = convert(src, dst, from_format, to_format, base=base, name=name, without_head=without_head,

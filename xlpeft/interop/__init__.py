@@ -4,6 +4,8 @@
     xlpeft convert modules/lang-sw ./sw-adapter-ah --from xlpeft --to adapterhub
     xlpeft convert ./lang-sft-sw modules/lang-sw-sft --from composable-sft --base mbert
     xlpeft convert modules/lang-sw-sft ./sft-out --from xlpeft --to composable-sft --base mbert
+    xlpeft convert ./peft-lora modules/lang-sw-lora --from peft --base xlmr
+    xlpeft convert modules/lang-sw-lora ./peft-lora-out --from xlpeft --to peft
 
 Imports produce ordinary xlpeft module directories (manifest + safetensors) recording the base
 they were checked against, so :func:`xlpeft.compose` uses them like trained ones. Exports write
@@ -23,7 +25,7 @@ import torch
 
 from xlpeft.errors import XlpeftError
 
-FORMATS = ("xlpeft", "adapterhub", "composable-sft")
+FORMATS = ("xlpeft", "adapterhub", "composable-sft", "peft")
 
 
 def _numpy_scalar_globals() -> list:
@@ -101,8 +103,8 @@ def convert(src: str | Path, dst: str | Path, from_format: str, to_format: str =
     Args:
         src: the source directory.
         dst: the directory to write (replaced if it exists).
-        from_format: ``adapterhub``, ``composable-sft`` or ``xlpeft``.
-        to_format: ``xlpeft`` (default), ``adapterhub`` or ``composable-sft``; one side must be xlpeft.
+        from_format: ``adapterhub``, ``composable-sft``, ``peft`` or ``xlpeft``.
+        to_format: ``xlpeft`` (default), ``adapterhub``, ``composable-sft`` or ``peft``; one side must be xlpeft.
         base: the base the module belongs to (alias, hub id, directory or a loaded
             :class:`~xlpeft.models.Base`). Needed to import (xlpeft modules record their base) and to
             export to composable-sft (its files store parameter shapes and dense head values).
@@ -134,6 +136,14 @@ def convert(src: str | Path, dst: str | Path, from_format: str, to_format: str =
         return import_adapterhub(src, dst, base, name=name, without_head=without_head)
     if from_format == "composable-sft":
         return import_composable_sft(src, dst, base, name=name, without_head=without_head)
+    if from_format == "peft":
+        from xlpeft.interop.peft import import_peft
+
+        return import_peft(src, dst, base, name=name)
+    if to_format == "peft":
+        from xlpeft.interop.peft import export_peft
+
+        return export_peft(src, dst, base=base, without_head=without_head)
     if to_format == "adapterhub":
         return export_adapterhub(src, dst, name=name, safetensors=safetensors)
     return export_composable_sft(src, dst, base, layout=layout)

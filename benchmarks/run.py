@@ -247,7 +247,8 @@ class Turns:
     but no CPU, so the two sides alternate step by step and any slowdown of the machine lasting
     longer than a step hits both. ``active`` adds up the time from each go to the byte back (and
     from process start to ready, and from the last go to exit): the whole process without the
-    waiting.
+    waiting. A child with a varying amount of work (``methods.py``'s sides) writes ``f`` instead of
+    ``d`` after its last unit: :meth:`turn` then returns False and only :meth:`finish` is left.
     """
 
     def __init__(self, cmd: list[str], log: Path) -> None:
@@ -263,13 +264,14 @@ class Turns:
         os.close(done_w)
         self._wait(start)
 
-    def turn(self) -> None:
+    def turn(self) -> bool:
+        """Let the child do one unit of work; False when it said that was its last one."""
         start = time.perf_counter()
         try:
             os.write(self.go_w, b"g")
         except BrokenPipeError:
             self._fail()
-        self._wait(start)
+        return self._wait(start)
 
     def finish(self) -> tuple[int, float]:
         """Let the child write its result and exit; (peak RSS bytes, CPU seconds)."""
@@ -288,10 +290,12 @@ class Turns:
             self._fail()
         return usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
-    def _wait(self, start: float) -> None:
-        if os.read(self.done_r, 1) != b"d":  # EOF: the child died
+    def _wait(self, start: float) -> bool:
+        byte = os.read(self.done_r, 1)
+        if byte not in (b"d", b"f"):  # EOF: the child died
             self._fail()
         self.active += time.perf_counter() - start
+        return byte == b"d"
 
     def _fail(self) -> None:
         code = self.proc.wait()

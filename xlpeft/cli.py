@@ -367,12 +367,10 @@ def run(pipeline: str, variables: tuple[str, ...], dry_run: bool, force: bool) -
               help="format of SRC")
 @click.option("--to", "to_format", default="xlpeft", show_default=True,
               type=click.Choice(["xlpeft", "adapterhub", "composable-sft", "peft"]), help="format to write at DST")
-@click.option("--base", help="the base the module belongs to (needed for --to xlpeft and --to composable-sft; "
-                              "--to peft: its layer layout, default the base the module records)")
+@click.option("--base", help="the base the module belongs to (needed for --to xlpeft, --to composable-sft)")
 @click.option("--name", help="language code / task name to record, or the AdapterHub adapter name to write")
 @click.option("--without-head", is_flag=True,
-              help="AdapterHub: ignore the prediction head; composable-sft: drop dense values (apply(with_abs=False)); "
-                   "peft export: write a task module's adapter without its head")
+              help="AdapterHub/peft: no prediction head; composable-sft: drop dense values (apply(with_abs=False))")
 @click.option("--safetensors", is_flag=True, help="AdapterHub export: adapter.safetensors instead of pytorch_adapter.bin")
 @click.option("--layout", default="diffs", show_default=True, type=click.Choice(["diffs", "body"]),
               help="composable-sft export: current {diffs, abs} or earlier {body, head} layout")

@@ -19,6 +19,11 @@ the row norms of W0; the norm is detached in the forward pass (DoRA §4.3), as p
   taken off and put back on). ``merge=False`` (or ``apply_lora(..., merge=False)``) applies it by hooks
   instead, for the merged/unmerged latency comparison.
 
+Merging keeps a copy of every target weight (what SparseDelta's revert restores): for mBERT's query/value, 24
+matrices of 768 x 768, about 57 MB in fp32. DoRA is not additive: its merged delta is computed against the
+weights it is merged into, so a DoRA merged over an sft delta and left on when that delta is removed first keeps
+the rescaling it had over θ0 + δ (plain LoRA has no such caveat: B·A does not depend on the weights).
+
 ``combine="sum"``: a LoRA is a dense low-rank delta; it sits in a Sum with sft modules and other LoRAs
 and in a Stack under or over adapters.
 """

@@ -91,9 +91,9 @@ def test_self_attention_equals_the_math_written_out(base_dirs, impl, mask_kind):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("layers", ["all", "input"])
-@pytest.mark.parametrize("arch", ["tiny-bert", "tiny-xlmr"])
+@pytest.mark.parametrize("arch, layers, impl", [  # each architecture x kind once, each attention implementation twice
+    ("tiny-bert", "all", "eager"), ("tiny-bert", "input", "sdpa"), ("tiny-xlmr", "all", "sdpa"),
+    ("tiny-xlmr", "input", "eager")])
 def test_padded_rows_equal_the_row_alone(base_dirs, arch, layers, impl):
     """Padding stays masked and the prefixes stay visible: a padded row's real positions equal the row run alone."""
     base = load_base(str(base_dirs[arch]))

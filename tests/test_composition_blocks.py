@@ -100,7 +100,15 @@ def test_record_round_trip_with_nesting():
     assert [leaf.name for leaf in again.leaves()] == ["sw", "legal", "dom", "ner"]
 
 
-@pytest.mark.parametrize("version", [3, 99, "2"])
+def test_a_version_2_record_reads_without_adapter_drop():
+    composition = Composition(Stack(ref(), ref("stack", "task", "ner")), FP, adapter_drop=2)
+    record = composition.to_dict()
+    assert record["adapter_drop"] == 2 and Composition.from_dict(record) == composition
+    old = {k: v for k, v in record.items() if k != "adapter_drop"} | {"format_version": 2}
+    assert Composition.from_dict(old) == Composition(composition.root, FP)  # format 2 had no AdapterDrop
+
+
+@pytest.mark.parametrize("version", [4, 99, "2"])
 def test_an_unknown_format_version_is_refused_by_name(version):
     record = {**Composition(Stack(ref()), FP).to_dict(), "format_version": version}
     with pytest.raises(XlpeftError) as err:

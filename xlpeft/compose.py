@@ -29,8 +29,11 @@ from xlpeft.methods.adapterdrop import set_inference_drop
 from xlpeft.methods.base import MODULE_KINDS, Applied
 from xlpeft.registry import get_method
 
-FORMAT_VERSION = 2
-"""Version of the composition record; 1 (xlpeft 0.1: a list of slots, adapters under ``adapters/``) is still read."""
+FORMAT_VERSION = 3
+"""Version of the composition record. 3 adds ``adapter_drop``; 2 (a block tree, no AdapterDrop) and 1
+(xlpeft 0.1: a list of slots, adapters under ``adapters/``) are still read. A reader that predates a
+field must refuse the record rather than ignore what it cannot honour, hence a new version per field."""
+READS = (1, 2, FORMAT_VERSION)
 
 ALLOWED = {
     "stack": ("module", "stack", "sum", "fuse", "average"),
@@ -219,25 +222,23 @@ class Composition:
         return self.root.describe() + (f" adapter_drop={self.adapter_drop}" if self.adapter_drop else "")
 
     def to_dict(self) -> dict[str, Any]:
-        record = {"format_version": FORMAT_VERSION, "base_fingerprint": self.base_fingerprint, "root": self.root.to_dict()}
-        if self.adapter_drop:
-            record["adapter_drop"] = self.adapter_drop
-        return record
+        return {"format_version": FORMAT_VERSION, "base_fingerprint": self.base_fingerprint, "root": self.root.to_dict(),
+                "adapter_drop": self.adapter_drop}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Composition:
-        """Read a record written by :meth:`to_dict` (format 2) or by xlpeft 0.1 (format 1, a list of slots)."""
+        """Read a record written by :meth:`to_dict` (format 3), by xlpeft before AdapterDrop (2) or by xlpeft 0.1 (1, a list of slots)."""
         version = data.get("format_version")
         if version == 1 or (version is None and "slots" in data):
             refs = [ModuleRef(s["kind"], s["method"], s["name"], s["source"]) for s in data["slots"]]
             return cls.of(refs, data["base_fingerprint"])
-        if version != FORMAT_VERSION:
-            raise XlpeftError(f"composition record has format version {version!r}; this xlpeft reads versions 1 and "
-                              f"{FORMAT_VERSION}: upgrade xlpeft (pip install -U xlpeft) to read it")
+        if version not in READS:
+            raise XlpeftError(f"composition record has format version {version!r}; this xlpeft reads versions "
+                              f"{', '.join(map(str, READS))}: upgrade xlpeft (pip install -U xlpeft) to read it")
         root = node_from_dict(data["root"])
         if not isinstance(root, Block):
             root = Stack(root)
-        return cls(root, data["base_fingerprint"], data.get("adapter_drop", 0))
+        return cls(root, data["base_fingerprint"], data.get("adapter_drop", 0) if version == FORMAT_VERSION else 0)
 
 
 @dataclass

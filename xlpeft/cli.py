@@ -294,29 +294,10 @@ def warm_head(base_dir: str, output: str, corpus: tuple[str, ...], steps: int) -
 
 @cli.command("methods")
 def methods() -> None:
-    """List module methods and their --set keys."""
-    from dataclasses import fields
+    """List module methods (with their papers), their --set keys and per-kind defaults."""
+    from xlpeft.registry import describe_methods
 
-    from xlpeft.config import KIND_TRAIN_DEFAULTS, TrainConfig
-    from xlpeft.methods.base import MODULE_KINDS
-    from xlpeft.registry import get_method, method_names
-
-    for name in method_names():
-        spec = get_method(name)
-        click.echo(f"{name}: {spec.help}")
-        for f in fields(spec.config_cls):
-            click.echo(f"  --set {f'{f.name}={f.default}':<28} {f.metadata.get('help', '')}")
-        click.echo(f"  combines by {spec.combine}")
-        for kind in MODULE_KINDS:  # per-kind defaults of the published recipe (method and training keys)
-            kind_defaults = spec.kind_defaults(kind)
-            if kind_defaults:
-                click.echo(f"  {kind} modules default to: " + ", ".join(f"{k}={v}" for k, v in kind_defaults.items()))
-    click.echo("training (all methods):")
-    for f in fields(TrainConfig):
-        click.echo(f"  --set {f'{f.name}={f.default}':<28} {f.metadata.get('help', '')}")
-    for kind, kind_defaults in KIND_TRAIN_DEFAULTS.items():
-        if kind_defaults:
-            click.echo(f"  {kind} modules default to: " + ", ".join(f"{k}={v}" for k, v in kind_defaults.items()))
+    click.echo("\n".join(describe_methods()))
 
 
 @cli.command("modules")

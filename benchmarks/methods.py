@@ -215,19 +215,38 @@ def results_table(rows: dict[str, dict[str, dict]], args) -> str:
     tokens = args.batch * args.seq
     mem = "peak RSS GiB" if args.device == "cpu" else "peak CUDA alloc GiB"
     columns = ["method", "side", "trainable params", "saved params", "s/step (median, min-max)", "tokens/s",
-               "xlpeft speed-up", "CPU s/step", mem, "base fwd ms", "unmerged ms (vs base)", "merged ms (vs base)"]
+               "xlpeft speed-up", "CPU s/step", "xlpeft speed-up (CPU)", mem, "base fwd ms", "unmerged ms (vs base)",
+               "merged ms (vs base)"]
     lines = []
     for name, sides in rows.items():
-        ours = steady(sides["xlpeft"], args)["step"] if "xlpeft" in sides else None
+        ours = steady(sides["xlpeft"], args) if "xlpeft" in sides else None
         for side, r in sides.items():
             s = steady(r, args)
             memory = r["cuda_peak_bytes"] if args.device == "cuda" else r["max_rss"]
             lines.append([name, SIDE_NAMES[side], f"{r['trainable_params']:,}", f"{r['saved_params']:,}",
                           f"{s['step']:.2f} ({s['lo']:.2f}-{s['hi']:.2f})", f"{tokens / s['step']:.0f}",
-                          "-" if side == "xlpeft" or ours is None else f"{s['step'] / ours:.2f}x",
-                          f"{s['cpu']:.2f}", f"{memory / GiB:.2f}",
+                          "-" if side == "xlpeft" or ours is None else f"{s['step'] / ours['step']:.2f}x",
+                          f"{s['cpu']:.2f}", "-" if side == "xlpeft" or ours is None else f"{s['cpu'] / ours['cpu']:.2f}x",
+                          f"{memory / GiB:.2f}",
                           f"{r['latency']['base']['ms']:.0f}" if r.get("latency") else "-",
                           overhead(r, "unmerged"), overhead(r, "merged")])
+    return markdown(columns, lines)
+
+
+def choice_table(rows: dict[str, dict[str, dict]], args) -> str:
+    """xlpeft's rows only, for choosing a method: size, training cost, inference cost over the bare base."""
+    tokens = args.batch * args.seq
+    columns = ["method", "trainable params", "saved params", "tokens/s", "CPU s/step", "peak RSS GiB",
+               "inference vs base: unmerged", "merged"]
+    lines = []
+    for name, sides in rows.items():
+        r = sides.get("xlpeft")
+        if r is None:
+            continue
+        s, lat = steady(r, args), r.get("latency") or {}
+        rel = {k: f"{lat[k]['ms'] / lat['base']['ms']:.2f}x" if k in lat else "-" for k in ("unmerged", "merged")}
+        lines.append([name, f"{r['trainable_params']:,}", f"{r['saved_params']:,}", f"{tokens / s['step']:.0f}",
+                      f"{s['cpu']:.2f}", f"{r['max_rss'] / GiB:.2f}", rel["unmerged"], rel["merged"]])
     return markdown(columns, lines)
 
 
@@ -373,6 +392,9 @@ def main() -> None:
     say(f"## Language modules at their default sizes (MLM training tokens/s = {args.batch} x {args.seq} / median "
         "step; latency = encoder forward of one batch, eval, median)")
     say(results_table(rows, args))
+    say()
+    say("## xlpeft's methods side by side (the rows above)")
+    say(choice_table(rows, args))
     sft_line = sft_phases_line(rows, args)
     if sft_line:
         say()

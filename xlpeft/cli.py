@@ -295,7 +295,7 @@ def warm_head(base_dir: str, output: str, corpus: tuple[str, ...], steps: int) -
 @cli.command("methods")
 def methods() -> None:
     """List module methods (with their papers), their --set keys and per-kind defaults."""
-    from xlpeft.registry import describe_methods
+    from xlpeft.console import describe_methods
 
     click.echo("\n".join(describe_methods()))
 

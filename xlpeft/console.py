@@ -130,3 +130,26 @@ def dispatch(cli: click.Group, args: list[str], debug: bool, training: bool) -> 
             raise
         click.echo(f"Error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
         sys.exit(1)
+
+
+def describe_methods() -> list[str]:
+    """The lines of ``xlpeft methods``: each method's help (its paper), ``--set`` keys with defaults, combine, per-kind recipe."""
+    from dataclasses import fields
+
+    from xlpeft.config import KIND_TRAIN_DEFAULTS, TrainConfig
+    from xlpeft.methods.base import MODULE_KINDS
+    from xlpeft.registry import get_method, method_names
+
+    def keys(cls: type) -> list[str]:
+        return [f"  --set {f'{f.name}={f.default}':<28} {f.metadata.get('help', '')}" for f in fields(cls)]
+
+    def kinds(per_kind: dict[str, dict]) -> list[str]:
+        return [f"  {kind} modules default to: " + ", ".join(f"{k}={v}" for k, v in d.items())
+                for kind, d in per_kind.items() if d]
+
+    lines: list[str] = []
+    for name in method_names():
+        spec = get_method(name)
+        lines += [f"{name}: {spec.help}", *keys(spec.config_cls), f"  combines by {spec.combine}"]
+        lines += kinds({kind: spec.kind_defaults(kind) for kind in MODULE_KINDS})
+    return lines + ["training (all methods):", *keys(TrainConfig), *kinds(KIND_TRAIN_DEFAULTS)]

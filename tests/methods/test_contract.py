@@ -10,7 +10,8 @@ Each method is driven only through its :class:`~xlpeft.methods.base.MethodSpec` 
 * save/load (manifest + safetensors) gives the outputs the trained module had;
 * ``resume_phase(state_dict())`` on a fresh base rebuilds the module where it was (the CLI-level
   resume and DDP equalities are ``tests/recipes/test_resume.py`` / ``test_distributed.py``);
-* a language module of every method composes under a task module of every method;
+* a language module of every method composes under a task module of every method, equal to the
+  two applied by hand, and reloads equal from ``compose --output``'s directory;
 * the spec is complete and consistent with what the method writes.
 """
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from xlpeft.compose import Stack, Sum, activate, compose
+from xlpeft.composed import load_composed, save_composed
 from xlpeft.config import TrainConfig
 from xlpeft.data.mlm import mask_tokens
 from xlpeft.io import Manifest, load_module, save_module
@@ -306,7 +308,8 @@ def test_resume_phase_rebuilds_the_module_where_state_dict_left_it(fresh, method
 
 
 @pytest.mark.parametrize("lower, upper", PAIRS)
-def test_every_method_composes_under_every_method(trained, fresh, lower, upper):
+def test_every_method_composes_under_every_method(trained, fresh, tmp_path, lower, upper):
+    """Composed, equal to both modules applied by hand, and the same again after ``compose --output``'s save and reload."""
     base = fresh()
     before, tied = snapshot(base.model), is_tied(base.model)
     lang = load_module(trained("tiny-bert", lower, "language")[0])
@@ -332,6 +335,9 @@ def test_every_method_composes_under_every_method(trained, fresh, lower, upper):
     active.remove()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert_restored(base.model, before, tied)
+    reloaded = load_composed(save_composed(model, tmp_path / "composed", base.tokenizer)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, got, rtol=1e-5, atol=1e-5, msg="saved and reloaded")
     model.xlpeft_active.remove()  # the composed model's encoder is the bare base's again
     encoder = model.get_submodule(base.arch.encoder).state_dict()
     assert all(torch.equal(encoder[k], v) for k, v in base.encoder.state_dict().items())

@@ -54,7 +54,7 @@ def tiny(base_dirs):
         (["--set", "reduction_factor=-1"], ["reduction_factor", "> 0"]),
         (["--set", "placement=middle"], ["placement", "pfeiffer, houlsby"]),
         (["--set", "lr"], ["key=value"]),
-        (["--method", "lora"], ["unknown method 'lora'", "adapter"]),
+        (["--method", "nosuch"], ["unknown method 'nosuch'", "adapter", "lora"]),
     ],
 )
 def test_bad_train_lang_input(capsys, workdir, tiny, sw_corpus, extra, needles):
@@ -64,6 +64,34 @@ def test_bad_train_lang_input(capsys, workdir, tiny, sw_corpus, extra, needles):
     corpus = [] if "--corpus" in extra else ["--corpus", str(sw_corpus)]
     args = ["train-lang", "--lang", "sw", "--base", tiny, "--max-steps", "2", *corpus, *extra]
     code, _, err = run_cli(capsys, *args)
+    assert_one_error_line(code, err, *needles)
+    assert_nothing_tracked(workdir)
+
+
+@pytest.mark.parametrize(
+    "method, key_value, needles",
+    [
+        ("lora", "r=0", ["r"]),
+        ("lora", "alpha=-1", ["alpha"]),
+        ("lora", "dropout=1.5", ["dropout"]),
+        ("lora", "target_modules=gate", ["gate", "query"]),
+        ("lora", "layers=7", ["layers", "7"]),  # the tiny base has 2: checked against the base before a run opens
+        ("ia3", "target_modules=query", ["query", "key"]),
+        ("prefix", "prefix_length=0", ["prefix_length"]),
+        ("prefix", "width=0", ["width"]),
+        ("prefix", "layers=middle", ["layers", "all"]),
+        ("compacter", "phm_dim=0", ["phm_dim"]),
+        ("compacter", "phm_dim=5", ["phm_dim", "divide"]),  # needs the base's hidden size (32)
+        ("parallel", "scaling=-1", ["scaling"]),
+        ("parallel", "placement=middle", ["placement", "ffn"]),
+        ("mam", "prefix_length=0", ["prefix_length"]),
+        ("adapter", "adapter_drop=9", ["adapter_drop"]),  # at most layers - 1
+    ],
+)
+def test_bad_method_settings_are_one_error_line(capsys, workdir, tiny, sw_corpus, method, key_value, needles):
+    """Every method's bad --set values: one Error: line naming the key, nothing tracked."""
+    code, _, err = run_cli(capsys, "train-lang", "--lang", "sw", "--base", tiny, "--max-steps", "2", "--corpus",
+                           str(sw_corpus), "--method", method, "--set", key_value)
     assert_one_error_line(code, err, *needles)
     assert_nothing_tracked(workdir)
 

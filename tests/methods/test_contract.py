@@ -344,6 +344,21 @@ def test_every_method_composes_under_every_method(trained, fresh, tmp_path, lowe
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_check_leaves_the_base_and_the_random_stream_alone(fresh, method):
+    """``spec.check`` (run by the recipes before a run opens) on a valid config: no error, base bit-exact, same draws."""
+    base = fresh()
+    before, tied = snapshot(base.model), is_tied(base.model)
+    for kind in MODULE_KINDS:
+        cfg, train_cfg = configs(method, kind)
+        torch.manual_seed(3)
+        get_method(method).check(base, cfg, train_cfg)
+        drawn = torch.rand(4)
+        torch.manual_seed(3)
+        assert torch.equal(drawn, torch.rand(4)), "the dry run drew from the caller's random stream"
+        assert_restored(base.model, before, tied)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_the_spec_is_complete(trained, method):
     spec = get_method(method)
     assert spec.name == method and spec.help and spec.combine in COMBINES

@@ -199,6 +199,10 @@ class MethodSpec:
             adapter's zero up-projection, LoRA's B = 0, (IA)³'s unit scales, an SFT's zero delta).
             False for methods that cannot start as the identity (prefix tuning's prefixes attend
             from step 0, Li & Liang 2021); the contract tests then check the opposite.
+        prepare_checks_base: True when ``prepare`` validates the config against the base (a target
+            that matches no layer, a PHM dimension that does not divide the hidden size, more dropped
+            layers than the base has): :meth:`check` then runs it dry before any run opens. Leave it
+            False for methods whose module is costly to build (LT-SFT copies θ0).
     """
 
     name: str
@@ -214,6 +218,7 @@ class MethodSpec:
     overlap: Callable[[LoadedModule, LoadedModule], dict[str, int]] | None = None
     files: tuple[str, ...] = ()
     identity_at_init: bool = True
+    prepare_checks_base: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -225,6 +230,15 @@ class MethodSpec:
             problems.append(f"config_cls should be a dataclass type; got {self.config_cls!r}")
         if problems:
             raise XlpeftError(f"invalid MethodSpec {self.name!r}: " + "; ".join(problems))
+
+    def check(self, base: Any, method_cfg: Any, train_cfg: TrainConfig) -> None:
+        """Raise what ``prepare`` would raise on this base, before an MLflow run exists (a dry run, then ``close()``).
+
+        The dry run draws from a forked random stream; the recipes seed again before the real ``prepare``.
+        """
+        if self.prepare_checks_base:
+            with torch.random.fork_rng(devices=[]):
+                self.prepare(base, method_cfg, train_cfg).close()
 
     def kind_defaults(self, kind: str) -> dict[str, Any]:
         """Method-config and training defaults of the published recipe for ``kind`` (shown by ``xlpeft methods``)."""

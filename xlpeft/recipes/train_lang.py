@@ -90,6 +90,7 @@ def plan_language(req: LangRequest) -> LangPlan:
     out_dir = check_module_output(req.output or f"modules/lang-{req.lang}-{req.method}", "language", req.overwrite)
     base, device = start_training(req.base, cfg)
     cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
+    spec.check(base, method_cfg, cfg)  # what the method checks against this base, before any run opens
     dist = init_from_env(device)
     lines = itertools.chain.from_iterable(iter_lines(c, cfg.max_corpus_lines) for c in corpora)
     blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)

@@ -127,6 +127,7 @@ def plan_task(req: TaskRequest) -> TaskPlan:
     out_dir = check_module_output(req.output or f"modules/task-{req.task}-{req.method}", "task", req.overwrite)
     base, device = start_training(req.base, cfg)
     cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
+    spec.check(base, method_cfg, cfg)  # what the method checks against this base, before any run opens
     lang_module, lineage = language_module_for_task(task_cfg.lang_module, req.lang, base, req.method)
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)

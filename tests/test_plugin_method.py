@@ -327,5 +327,7 @@ def test_the_plug_in_meets_the_method_contract(scale_method, trained, fresh, tmp
     for other in method_names():
         for lower, upper in ((NAME, other), (other, NAME)):
             contract.test_removed_out_of_order_leaves_what_the_other_alone_gives(trained, fresh, lower, upper)
-            contract.test_every_method_composes_under_every_method(trained, fresh, lower, upper)
+            contract.test_every_method_composes_under_every_method(trained, fresh, tmp_path / f"{lower}-{upper}",
+                                                                   lower, upper)
+    contract.test_check_leaves_the_base_and_the_random_stream_alone(fresh, NAME)
     contract.test_the_spec_is_complete(trained, NAME)

@@ -91,3 +91,23 @@ def test_benchmark_runs_the_pipeline_and_reports_every_cell_over_seeds(workdir, 
     out = capsys.readouterr()
     assert "train-lang" in out.err and out.err.count("    runs") <= 4  # prepare-data x2, prepare-base, evaluate
     assert readme.read_text().count("transfer_pos base=tiny-bert seeds=1,2 begin") == 1
+
+
+@pytest.mark.slow
+def test_methods_pipeline_scores_every_method_pair(workdir, capsys):
+    """pipelines/pos-methods.yaml: two other families' modules into the same folders, every pair of them scored."""
+    from xlpeft.cli import cli
+
+    write_prepared()
+    out = workdir / "mods"
+    args = ["run", str(ROOT / "pipelines" / "pos-methods.yaml"), *[a for v in (
+        "base=tiny-bert", "seeds=1", "langs=tr", "methods=lora,prefix", "lang_steps=3", "task_steps=4", "seq_len=32",
+        "lang_batch=4", "task_batch=4", f"out={out}") for a in ("--var", v)]]
+    decisions = cli.main(args=args, prog_name="xlpeft", standalone_mode=False)
+    assert sum(d.run for d in decisions) == len(decisions) == 3 + 2 * 2 + 2 + 1
+    summary = json.loads((out / "tiny-bert" / "report-methods" / "seeds.json").read_text())
+    assert set(summary["values"]["tr"]) == {"lora+lora", "lora+prefix", "prefix+lora", "prefix+prefix",
+                                            "baseline+lora", "baseline+prefix"}
+    assert summary["baseline_langs"] == {"lora": "en", "prefix": "en"}
+    assert sorted(p.name for p in (out / "tiny-bert" / "s1").iterdir()) == [
+        "lang-en-lora", "lang-en-prefix", "lang-tr-lora", "lang-tr-prefix", "task-pos-en-lora", "task-pos-en-prefix"]

@@ -257,5 +257,5 @@ SPEC = MethodSpec(
     help="MAD-X bottleneck adapters (+ invertible embedding adapter for language modules)",
     defaults=AdapterConfig.defaults_for,
     files=("adapter",),
-    prepare_checks_base=True,  # targets, sizes and adapter_drop are checked against the base before a run opens
+    prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
 )

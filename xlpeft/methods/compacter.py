@@ -235,5 +235,5 @@ SPEC = MethodSpec(
     help="Compacter (Karimi Mahabadi et al. 2021): adapters with PHM projections, sums of n=4 Kronecker products "
          "with shared slow weights; placement=pfeiffer is Compacter++",
     files=(STEM,),
-    prepare_checks_base=True,  # targets, sizes and adapter_drop are checked against the base before a run opens
+    prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
 )

@@ -150,5 +150,5 @@ SPEC = MethodSpec(
     help="(IA)³ (Liu et al. 2022): learned vectors rescaling keys, values and the FFN intermediate activation",
     train_defaults=ia3_train_defaults,
     files=(STEM,),
-    prepare_checks_base=True,  # targets, sizes and adapter_drop are checked against the base before a run opens
+    prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
 )

@@ -356,5 +356,5 @@ SPEC = MethodSpec(
     train_defaults=lora_train_defaults,
     overlap=lora_overlap,
     files=(STEM,),
-    prepare_checks_base=True,  # targets, sizes and adapter_drop are checked against the base before a run opens
+    prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
 )

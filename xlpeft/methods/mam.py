@@ -170,5 +170,5 @@ SPEC = MethodSpec(
     help="MAM adapters (He et al. 2022): prefix tuning (length 30) in attention + a parallel adapter (s=4) beside the FFN",
     files=(PARALLEL, PREFIX),
     identity_at_init=False,  # the prefixes are attended to from step 0
-    prepare_checks_base=True,  # targets, sizes and adapter_drop are checked against the base before a run opens
+    prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
 )

@@ -119,5 +119,5 @@ SPEC = MethodSpec(
     help="parallel adapters (He et al. 2022): a bottleneck reading the FFN input, s=4 times its output added "
          "beside the FFN's",
     files=(STEM,),
-    prepare_checks_base=True,  # targets, sizes and adapter_drop are checked against the base before a run opens
+    prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
 )

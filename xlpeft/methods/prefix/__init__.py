@@ -217,5 +217,5 @@ SPEC = MethodSpec(
     train_defaults=train_defaults,
     files=(STEM,),
     identity_at_init=False,  # the prefixes are attended to from step 0 (Li & Liang 2021)
-    prepare_checks_base=True,  # targets, sizes and adapter_drop are checked against the base before a run opens
+    prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
 )

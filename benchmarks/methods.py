@@ -1,7 +1,8 @@
 """Every method as a language module, side by side: xlpeft vs AdapterHub ``adapters`` 1.3.0 vs peft 0.21 (issue 18).
 
-    .venv/bin/python benchmarks/methods.py --quick     # harness check: tiny BERT, 1 + 2 steps, ~1 min
-    .venv/bin/python benchmarks/methods.py             # mBERT-base shape, batch 8 x 128, 3 + 5 steps, ~20 min on 2 cores
+    .venv/bin/python benchmarks/methods.py --quick --threads 1   # harness check: tiny BERT, 1 + 2 steps, ~2 min
+    .venv/bin/python benchmarks/methods.py --threads 1           # mBERT-base shape, batch 8 x 128, 3 + 5 steps
+    # measured: --batch 4 --warmup 2 --steps 3 --latency-reps 3 took 14 min on the shared 2-core machine
     .venv/bin/python benchmarks/methods.py --methods lora,ia3 --sides xlpeft,peft
 
 For each row of :data:`METHODS` (a method at its default size as a language module; the xlpeft

@@ -84,6 +84,41 @@ def load_pickled(path: Path, numpy_scalars: bool = False) -> Any:
         raise XlpeftError(f"cannot read {path}: {first}; is it a complete PyTorch checkpoint?") from None
 
 
+def read_json_object(path: Path, hint: str = "") -> dict:
+    """A foreign format's JSON config as a dict; unreadable or not an object is one error (``hint`` ends it)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise XlpeftError(f"cannot read {path}: {exc}{hint}") from None
+    if not isinstance(data, dict):
+        raise XlpeftError(f"{path} should hold a JSON object; got {type(data).__name__}")
+    return data
+
+
+def read_state_dict(src: Path, safe_name: str, bin_name: str, hint: str) -> dict[str, torch.Tensor]:
+    """Tensors from ``src/safe_name`` (safetensors) or else ``src/bin_name`` (a weights-only pickle of tensors).
+
+    ``hint`` finishes the error when neither file is there (e.g. "is it a complete peft adapter?").
+    """
+    from collections.abc import Mapping
+
+    from safetensors.torch import load_file
+
+    if (src / safe_name).is_file():
+        try:
+            return load_file(str(src / safe_name))
+        except Exception as exc:  # safetensors raises its own error types
+            raise XlpeftError(f"cannot read {src / safe_name}: {exc}") from None
+    if (src / bin_name).is_file():
+        state = load_pickled(src / bin_name)
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise XlpeftError(f"{src / bin_name} should hold a state dict of tensors")
+        return dict(state)
+    raise XlpeftError(f"{src} has neither {bin_name} nor {safe_name}; {hint}")
+
+
 def check_output_dir(dst: str | Path, marker: str) -> Path:
     """Refuse to replace anything but an earlier output of the same kind (a directory holding ``marker``).
 

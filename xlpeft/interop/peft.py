@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from xlpeft.config import build
 from xlpeft.errors import ConfigError, XlpeftError
@@ -276,48 +276,25 @@ PEFT_TYPES: dict[str, PeftType] = {
 ``peft_type`` (import) or by the module's method (export)."""
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise XlpeftError(f"cannot read {path} ({exc}); is it a peft adapter directory?") from None
-    if not isinstance(data, dict):
-        raise XlpeftError(f"{path} should hold a JSON object; got {type(data).__name__}")
-    return data
-
-
-def _read_weights(src: Path) -> dict[str, torch.Tensor]:
-    from xlpeft.interop import load_pickled
-
-    if (src / WEIGHTS_SAFE).is_file():
-        try:
-            return load_file(str(src / WEIGHTS_SAFE))
-        except Exception as exc:  # safetensors has its own error types
-            raise XlpeftError(f"cannot read {src / WEIGHTS_SAFE}: {exc}") from None
-    if (src / WEIGHTS_BIN).is_file():
-        return load_pickled(src / WEIGHTS_BIN)
-    raise XlpeftError(f"{src} has neither {WEIGHTS_SAFE} nor {WEIGHTS_BIN}; is it a complete peft adapter?")
-
-
 def import_peft(src: str | Path, dst: str | Path, base: Any, name: str | None = None) -> Path:
     """Convert a peft adapter directory into an xlpeft language module at ``dst``, checked against ``base``.
 
     Raises:
         XlpeftError: a peft type or option xlpeft does not support (named), or weights that do not fit the base.
     """
-    from xlpeft.interop import check_output_dir
+    from xlpeft.interop import check_output_dir, read_json_object, read_state_dict
     from xlpeft.registry import get_method
 
     src, dst = Path(src), check_output_dir(dst, MANIFEST)
     if not (src / CONFIG_FILE).is_file():
         raise XlpeftError(f"{src} has no {CONFIG_FILE}; is it a peft adapter directory (save_pretrained)?")
-    config = _read_json(src / CONFIG_FILE)
+    config = read_json_object(src / CONFIG_FILE, "; is it a peft adapter directory?")
     kind = config.get("peft_type")
     if kind not in PEFT_TYPES:
         raise XlpeftError(f"{src}: peft_type {kind!r} is not supported; supported: {', '.join(PEFT_TYPES)}")
     skel = skeleton(base)
     converter = PEFT_TYPES[kind]
-    method_cfg, tensors, prefix = converter.read(config, _read_weights(src), skel, src)
+    method_cfg, tensors, prefix = converter.read(config, read_state_dict(src, WEIGHTS_SAFE, WEIGHTS_BIN, "is it a complete peft adapter?"), skel, src)
     label = name or src.name
     manifest = Manifest(kind="language", method=converter.method, base=skel.base_ref, config=asdict(method_cfg),
                         lang=label, trainable_parameters=sum(t.numel() for s in tensors.values() for t in s.values()),

@@ -6,17 +6,15 @@ converters (:mod:`.lowrank`, :mod:`.prefix`, :mod:`.variants`). Heads and the ma
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from xlpeft.errors import XlpeftError
-from xlpeft.interop import check_output_dir, load_pickled
+from xlpeft.interop import check_output_dir, read_json_object, read_state_dict
 from xlpeft.interop.adapterhub.config import (
     CONFIG_FILE,
     HEAD_BIN,
@@ -41,31 +39,6 @@ from xlpeft.methods.adapters import AdapterConfig, AdapterModule
 TO_XLPEFT = {"lora": lora_to_xlpeft, "ia3": ia3_to_xlpeft, "prefix": prefix_to_xlpeft, "compacter": compacter_to_xlpeft,
              "parallel": parallel_to_xlpeft, "mam": mam_to_xlpeft}
 """xlpeft method -> ``(AdapterHub config, weights, base geometry, source) -> (config, {stem: state}, adapter name)``."""
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise XlpeftError(f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise XlpeftError(f"{path} should hold a JSON object; got {type(data).__name__}")
-    return data
-
-
-def _read_weights(src: Path, safe_name: str, bin_name: str) -> dict[str, torch.Tensor]:
-    if (src / safe_name).is_file():
-        try:
-            return load_file(str(src / safe_name))
-        except Exception as exc:  # safetensors raises its own error types
-            raise XlpeftError(f"cannot read {src / safe_name}: {exc}") from None
-    if (src / bin_name).is_file():
-        state = load_pickled(src / bin_name)
-        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise XlpeftError(f"{src / bin_name} should hold a state dict of tensors")
-        return dict(state)
-    raise XlpeftError(f"{src} has neither {bin_name} nor {safe_name}; is it an AdapterHub adapter directory?")
-
 
 
 def _rename_weights(weights: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None, set[str]]:
@@ -191,7 +164,7 @@ def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | N
     src, dst = Path(src), check_output_dir(dst, MANIFEST)
     if not (src / CONFIG_FILE).is_file():
         raise XlpeftError(f"{src} has no {CONFIG_FILE}; is it an AdapterHub adapter directory?")
-    meta = _read_json(src / CONFIG_FILE)
+    meta = read_json_object(src / CONFIG_FILE)
     method, hub_config = resolve_config(meta.get("config"))
     base_ref, base_config = _base_info(base)
     num_layers, hidden = int(base_config.num_hidden_layers), int(base_config.hidden_size)
@@ -202,7 +175,7 @@ def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | N
         problems.append(f"the adapter has hidden size {meta['hidden_size']} but the base has {hidden}")
     if problems:
         raise XlpeftError(f"{src} does not fit base {base_ref['name']!r}: " + "; ".join(problems))
-    weights = _read_weights(src, WEIGHTS_SAFE, WEIGHTS_BIN)
+    weights = read_state_dict(src, WEIGHTS_SAFE, WEIGHTS_BIN, "is it an AdapterHub adapter directory?")
     if method == "adapter":
         bn = hub_config
         config = adapter_config_from(bn, num_layers, versioned="version" in meta)
@@ -220,8 +193,8 @@ def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | N
 
     head, skipped = None, None
     if (src / HEAD_CONFIG_FILE).is_file() and not without_head:
-        head_meta = _read_json(src / HEAD_CONFIG_FILE)
-        head_weights = _read_weights(src, HEAD_SAFE, HEAD_BIN)
+        head_meta = read_json_object(src / HEAD_CONFIG_FILE)
+        head_weights = read_state_dict(src, HEAD_SAFE, HEAD_BIN, "is it an AdapterHub adapter directory?")
         if _is_static_head(head_meta, head_weights):
             skipped = _skip_static_head(head_meta, head_weights, base, src)
         else:

@@ -15,7 +15,10 @@ from xlpeft.checkpoint import CHECKPOINT
 STEPS = 24
 # Per-method settings that keep a tiny run tiny (LT-SFT's default K is larger than a tiny base); not the method list.
 SMALL = {"sft": ("--set", "num_params=1500"), "compacter": ("--set", "reduction_factor=4"),
-         "parallel": ("--set", "adapter_drop=1")}  # parallel: its row also checks that AdapterDrop resumes exactly
+         "parallel": ("--set", "adapter_drop=1"),  # parallel: its row also checks that AdapterDrop resumes exactly
+         # SpIEL's dynamic delta, killed at the checkpoint of step 12, inside the gradient window of steps 10-13
+         "sft:dynamic": ("--set", "num_params=1500", "--set", "selection=dynamic", "--set", "reselect_every=10",
+                         "--set", "accumulation_steps=3")}
 
 
 def _cmd(base_dir, corpus, out, method, extra=()):
@@ -62,9 +65,10 @@ def _kill_after_checkpoint(cmd, env, cwd, min_step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", cli_methods())
+@pytest.mark.parametrize("method", [*cli_methods(), pytest.param("sft:dynamic", marks=pytest.mark.exhaustive)])
 def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, method):
     base_dir, extra = base_dirs["tiny-bert"], SMALL.get(method, ())
+    method = method.split(":")[0]  # a row may be a method with a variant's settings
     # the reference: one uninterrupted run
     ref = workdir / "ref"
     subprocess.run(_cmd(base_dir, sw_corpus, ref, method, extra), env=_env(workdir, MLFLOW_TRACKING_URI=

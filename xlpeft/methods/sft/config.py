@@ -33,7 +33,9 @@ from torch import nn
 from xlpeft.config import check_fields
 from xlpeft.errors import ConfigError
 
-SELECTIONS = ("magnitude", "movement", "random", "bias")
+SELECTIONS = ("magnitude", "movement", "random", "bias", "dynamic")
+GROWTHS = ("rigl", "sm3")  # dynamic selection's growth criteria (SpIEL)
+POLICIES = ("linear", "cosine")  # how the fraction replaced per reselection decays (SpIEL)
 NEEDS_FULL_PHASE = ("magnitude", "movement")  # selections scored from phase 1's training
 MOVEMENTS = ("paper", "delta")
 
@@ -50,7 +52,12 @@ class SFTConfig:
 
     num_params: int | None = field(default=None, metadata={"help": "K, entries kept in the delta (None: reference_num_params scaled to this model)", "min": 1})
     reference_num_params: int = field(default=LANGUAGE_NUM_PARAMS, metadata={"help": "K on a base-size (12x768) model when num_params is None (composable-sft scripts: 7,667,712 language, 14,155,776 task)", "min": 1})
-    selection: str = field(default="magnitude", metadata={"help": "how the K entries are chosen: magnitude |theta1-theta0| (LT-SFT), movement, random, bias (BitFit, K ignored)", "choices": SELECTIONS})
+    selection: str = field(default="magnitude", metadata={"help": "how the K entries are chosen: magnitude |theta1-theta0| (LT-SFT), movement, random, bias (BitFit, K ignored), dynamic (SpIEL: no dense phase, drop and grow during training)", "choices": SELECTIONS})
+    growth: str = field(default="rigl", metadata={"help": "dynamic: where new entries grow, rigl = largest accumulated |gradient| at K candidates, sm3 = largest outer product of SM3 row/column accumulators (SpIEL)", "choices": GROWTHS})
+    reselect_every: int = field(default=20, metadata={"help": "dynamic: steps between reselections (SpIEL reselection_steps 20)", "min": 1})
+    accumulation_steps: int = field(default=5, metadata={"help": "dynamic, rigl: steps whose gradients are accumulated before a reselection (SpIEL selection_accumulation_steps 5)", "min": 1})
+    reselection_rate: float = field(default=0.2, metadata={"help": "dynamic: fraction of the K entries replaced at a reselection, decayed over training; the first replaces all (SpIEL initial_reselection_rate 0.2)", "min": 0.0, "max": 1.0})
+    reselection_policy: str = field(default="linear", metadata={"help": "dynamic: decay of the reselection rate over training (SpIEL reselection_rate_policy)", "choices": POLICIES})
     movement: str = field(default="paper", metadata={"help": "movement scores: paper = -sum g*theta at the weights g was taken at (Sanh et al. 2020); delta = -sum g*(theta_after-theta0), the delta's own movement", "choices": MOVEMENTS})
     full_steps: int | None = field(default=None, metadata={"help": "phase-1 steps of full fine-tuning (None: from full_epochs, else half of --max-steps; 0 for random/bias)", "min": 0})
     sparse_steps: int | None = field(default=None, metadata={"help": "phase-2 steps on the selected entries (None: from sparse_epochs, else the rest of --max-steps)", "min": 1})
@@ -68,6 +75,17 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.selection == "dynamic" and self.accumulation_steps >= self.reselect_every:
+            raise ConfigError(
+                f"invalid SFTConfig: dynamic selection accumulates gradients for `accumulation_steps` steps of every "
+                f"`reselect_every`, so it should be below it; got {self.accumulation_steps} >= {self.reselect_every} "
+                "(lower accumulation_steps or raise reselect_every)"
+            )
+        if self.selection == "dynamic" and self.full_steps:
+            raise ConfigError(
+                f"invalid SFTConfig: dynamic selection has no dense phase, so `full_steps` should be unset or 0; "
+                f"got {self.full_steps} (use selection=magnitude or movement for LT-SFT's two phases)"
+            )
         if self.selection in NEEDS_FULL_PHASE and self.full_steps == 0:
             raise ConfigError(
                 f"invalid SFTConfig: `{self.selection}` selection scores entries from phase 1, so `full_steps` "

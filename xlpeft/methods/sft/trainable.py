@@ -49,6 +49,7 @@ from xlpeft.methods.base import Phase
 from xlpeft.methods.sft.applied import retie_decoder, untie_decoder
 from xlpeft.methods.sft.config import SFTConfig, default_num_params, layer_params, split_steps
 from xlpeft.methods.sft.delta import SparseDelta
+from xlpeft.methods.sft.dynamic import DynamicSelector, allocate, random_subset
 from xlpeft.methods.sft.memory import PeakMemory
 from xlpeft.methods.sft.selection import MovementScores, random_scores, top_k_indices
 
@@ -126,6 +127,8 @@ class SFTTrainable:
         self._l1_due: set[str] = set()  # phase 1: parameters whose L1 subgradient this step still lacks
         self._pending: dict[str, float] = {}  # selection metrics not reported yet
         self._current: str | None = None  # the phase in progress
+        self.selector: DynamicSelector | None = None  # selection=dynamic: SpIEL's drop and grow in phase 2
+        self._sparse_steps = sparse
 
     # ---- the Trainable protocol
     def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
@@ -152,6 +155,11 @@ class SFTTrainable:
                 self.values[name] = nn.Parameter(torch.zeros(len(idx), dtype=p.dtype, device=p.device))
                 p.requires_grad_(True)
                 self._hooks.append(p.register_post_accumulate_grad_hook(partial(self._gather, name)))
+            if self.config.selection == "dynamic":
+                c = self.config
+                self.selector = DynamicSelector(self, c.growth, c.reselect_every, c.accumulation_steps,
+                                                c.reselection_rate, c.reselection_policy, self._sparse_steps)
+                self._hooks.append(register_optimizer_step_pre_hook(self._find_optimizer))
             return list(self.values.values())
         raise XlpeftError(f"sft has phases full and sparse; got {phase.name!r}")
 
@@ -167,6 +175,8 @@ class SFTTrainable:
         elif self._current == "sparse":
             state = {f"{_INDICES}{n}": idx for n, idx in self.indices.items()}
             state.update({f"{_VALUES}{n}": v.detach() for n, v in self.values.items()})
+            if self.selector is not None:
+                state.update(self.selector.state_dict())
         else:
             raise XlpeftError("sft: state_dict() is only meaningful inside a phase")
         return {k: v.cpu().clone() for k, v in state.items()}
@@ -194,6 +204,8 @@ class SFTTrainable:
             else:
                 for n, v in self.values.items():
                     v.copy_(state[f"{_VALUES}{n}"])
+                if self.selector is not None:
+                    self.selector.load_state_dict(state, next(iter(self.params.values())).device)
                 self._write_back()
         return params
 
@@ -204,6 +216,8 @@ class SFTTrainable:
                 self._movement.after_step()
         elif phase.name == "sparse":
             self._write_back()
+            if self.selector is not None:
+                self.selector.after_step(step)  # may drop (back to theta0) and grow (at theta0) entries
 
     def end_phase(self, phase: Phase) -> dict[str, float]:
         self._current = None
@@ -216,7 +230,10 @@ class SFTTrainable:
             self._select()
             self._reset()
             return {"full_peak_memory_mb": peak, **self._pop_pending()}
-        return {"sparse_peak_memory_mb": peak, **self._pop_pending()}
+        out = {"sparse_peak_memory_mb": peak, **self._pop_pending()}
+        if self.selector is not None:
+            out.update({"reselections": float(self.selector.reselections), "replaced_entries": float(self.selector.replaced)})
+        return out
 
     def replicated(self) -> torch.Tensor | None:
         """The selected indices, flattened: every data-parallel rank must have chosen the same mask."""
@@ -270,18 +287,30 @@ class SFTTrainable:
         if self._movement is not None and any(p is probe for g in optimizer.param_groups for p in g["params"]):
             self._movement.before_step()
 
+    def _find_optimizer(self, optimizer, args, kwargs) -> None:
+        """Global optimizer pre-step hook: hand the optimizer training our values to the selector (moment seeding)."""
+        probe = next(iter(self.values.values()))
+        if self.selector is not None and any(p is probe for g in optimizer.param_groups for p in g["params"]):
+            self.selector.optimizer = optimizer
+
     def _remove_full_hooks(self) -> None:
         for h in self._full_hooks:
             h.remove()
         self._full_hooks.clear()
 
     def delta(self) -> SparseDelta:
-        """The delta trained so far, on CPU."""
-        return SparseDelta({n: (idx.cpu(), self.values[n].detach().cpu().clone()) for n, idx in self.indices.items()})
+        """The delta trained so far, on CPU, indices ascending (a dynamic delta's slots are in no order)."""
+        entries = {}
+        for name, idx in self.indices.items():
+            order = torch.argsort(idx.cpu())
+            entries[name] = (idx.cpu()[order], self.values[name].detach().cpu()[order].clone())
+        return SparseDelta(entries)
 
     def _gather(self, name: str, p: nn.Parameter) -> None:
         """Post-accumulate-grad hook: move ``grad[idx]`` into ``v.grad``; the dense gradient is dropped."""
         v = self.values[name]
+        if self.selector is not None:
+            self.selector.observe(name, p.grad)  # growth statistics, while the dense gradient exists
         g = p.grad.view(-1).index_select(0, self.indices[name])  # (K_i,)
         if v.grad is None:  # first micro-batch of the step: add the L1 (sub)gradient once
             v.grad = (g + self.l1_scale * v.detach().sign()) if self.l1_scale else g
@@ -299,6 +328,10 @@ class SFTTrainable:
         self.memory.start()
         if self.config.selection == "bias":
             chosen = {n: torch.arange(p.numel()) for n, p in self.params.items() if n.endswith(".bias")}
+        elif self.config.selection == "dynamic":  # SpIEL: a random start, K_i per tensor in proportion to its size
+            gen = torch.Generator().manual_seed(self.seed)
+            counts = allocate({n: p.numel() for n, p in self.params.items()}, self.num_params)
+            chosen = {n: random_subset(self.params[n].numel(), k, gen) for n, k in counts.items()}
         else:
             numels = {n: p.numel() for n, p in self.params.items()}
             chosen = top_k_indices(numels, self._scorer(), self.num_params, generator=torch.Generator().manual_seed(self.seed))

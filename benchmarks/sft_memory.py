@@ -11,7 +11,9 @@ depend on the values. Every row runs the code ``train-lang`` runs (``train_loop`
   (a) full fine-tuning: AdamW on every maskable weight (the same set LT-SFT's phase 1 trains);
   (b) LT-SFT phase 1: the same, plus the theta0 copy (and movement scores with --selection movement);
   (c) selection of K entries (streamed top-K), timed;
-  (d) LT-SFT phase 2: AdamW on the K selected entries only.
+  (d) LT-SFT phase 2: AdamW on the K selected entries only;
+  (e) SpIEL's dynamic delta (``selection=dynamic``): AdamW on K entries from the first step, with a
+      gradient window (K candidates per tensor: indices, sums, squares, counts: +20 bytes per entry) and a drop-and-grow reselection.
 
 How it measures:
 
@@ -165,6 +167,22 @@ def main() -> None:
     rows.append(dict(name="(d) LT-SFT phase 2 (sparse)", trainable=k, grads=4 * k, optimizer=8 * k, state=16 * k,
                      peak=metrics["sparse_peak_memory_mb"], speed=speed))
     trainable.close()
+    release_memory()
+
+    # (e) SpIEL's dynamic delta (selection=dynamic, rigl growth): no dense phase; a gradient window and a
+    # reselection fall inside the measured steps (reselect_every = steps - 1, accumulation 2)
+    dyn_cfg = SFTConfig(num_params=args.k, selection="dynamic", sparse_steps=args.steps,
+                        reselect_every=max(3, args.steps - 1), accumulation_steps=2)
+    dynamic = SFTTrainable(base, dyn_cfg, cfg)
+    (phase,) = dynamic.phases
+    params = dynamic.begin_phase(phase)
+    k = sum(p.numel() for p in params)
+    speed = run_phase(base, params, cfg, phase.steps, data, lambda step: dynamic.after_step(phase, step))
+    metrics = dynamic.end_phase(phase)
+    rows.append(dict(name=f"(e) dynamic (SpIEL rigl, {int(metrics['reselections'])} reselections)", trainable=k,
+                     grads=4 * k, optimizer=8 * k, state=36 * k, peak=metrics["sparse_peak_memory_mb"],
+                     speed=speed))
+    dynamic.close()
     print_table(args, rows, n, model_mb, idle_mb)
 
 

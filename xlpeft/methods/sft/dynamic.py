@@ -37,7 +37,6 @@ import torch
 from torch import nn
 
 from xlpeft.errors import XlpeftError
-from xlpeft.methods.sft.config import GROWTHS, POLICIES
 
 
 def allocate(numels: Mapping[str, int], k: int) -> dict[str, int]:
@@ -48,7 +47,7 @@ def allocate(numels: Mapping[str, int], k: int) -> dict[str, int]:
     shares = {n: k * m / total for n, m in numels.items()}
     counts = {n: int(s) for n, s in shares.items()}
     left = k - sum(counts.values())
-    by_remainder = sorted(numels, key=lambda n: (-(shares[n] - counts[n]), list(numels).index(n)))
+    by_remainder = sorted(numels, key=lambda n: counts[n] - shares[n])  # stable: ties keep tensor order
     for name in by_remainder[:left]:
         counts[name] += 1
     return counts
@@ -68,6 +67,11 @@ def random_subset(numel: int, k: int, generator: torch.Generator) -> torch.Tenso
     return torch.sort(chosen[keep]).values
 
 
+def holds(group: Mapping, param: torch.Tensor) -> bool:
+    """Whether an optimizer parameter group trains ``param`` (by identity: tensors compare elementwise)."""
+    return any(p is param for p in group["params"])
+
+
 def _same_on_every_rank(grow, seeds, seeded: bool, device):
     """Data parallel: every rank takes rank 0's growth, so all keep one mask (the drop already agrees:
     the values are synchronised). The growth statistics are thus rank 0's micro-batches'."""
@@ -82,8 +86,10 @@ def _same_on_every_rank(grow, seeds, seeded: bool, device):
     grow = grow if dist.get_rank() == 0 else torch.zeros(n, dtype=torch.long, device=device)
     dist.broadcast(grow, 0)
     if seeded:
-        seeds = tuple(s.contiguous() if dist.get_rank() == 0 else torch.zeros(n, device=device)
-                      for s in (seeds if dist.get_rank() == 0 else (None, None)))
+        if dist.get_rank() == 0:
+            seeds = tuple(s.contiguous() for s in seeds)
+        else:
+            seeds = (torch.zeros(n, device=device), torch.zeros(n, device=device))
         for s in seeds:
             dist.broadcast(s, 0)
     return grow, seeds
@@ -94,9 +100,6 @@ class DynamicSelector:
 
     def __init__(self, trainable, growth: str, reselect_every: int, accumulation_steps: int,
                  rate: float, policy: str, total_steps: int) -> None:
-        if growth not in GROWTHS or policy not in POLICIES:
-            raise XlpeftError(f"dynamic sft: growth should be one of {GROWTHS} and policy one of {POLICIES}; "
-                              f"got {growth!r}, {policy!r}")
         self.t = trainable
         self.growth, self.every, self.window = growth, reselect_every, accumulation_steps
         self.rate, self.policy, self.total = rate, policy, total_steps
@@ -113,10 +116,10 @@ class DynamicSelector:
     # ---- per micro-batch: called from the trainable's gradient hook while the dense gradient exists
     @torch.no_grad()
     def observe(self, name: str, grad: torch.Tensor) -> None:
-        flat = grad.reshape(-1).float()
         if self.growth == "sm3":
             self._sm3(name, grad.float())
         elif self.accumulating:
+            flat = grad.reshape(-1).float()
             if name not in self.candidates:
                 k = len(self.t.indices[name])
                 idx = torch.topk(flat.abs(), k, sorted=False).indices  # (K_i,)
@@ -170,7 +173,9 @@ class DynamicSelector:
             idx = t.indices[name]
             drop = torch.topk(values.detach().abs(), n_change, largest=False, sorted=True).indices  # slots, smallest first
             dropped_flat = idx[drop]
-            remaining = idx[~torch.isin(idx, dropped_flat)]
+            stays = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
+            stays[drop] = False
+            remaining = idx[stays]
             grow, seeds = self._growth(name, n_change, remaining)
             grow, seeds = _same_on_every_rank(grow, seeds, self.growth == "rigl", idx.device)
             if grow is None:
@@ -212,8 +217,7 @@ class DynamicSelector:
         rows = self.rows.get(name)
         if rows is None:
             return None, None
-        score = rows if name not in self.cols else torch.outer(rows, self.cols[name]).reshape(-1)  # (numel,)
-        score = score.clone()
+        score = rows.clone() if name not in self.cols else torch.outer(rows, self.cols[name]).reshape(-1)  # (numel,)
         score[current] = -1.0  # scores are >= 0: an entry of the delta is never grown again
         return torch.topk(score, n, sorted=True).indices, None
 
@@ -227,7 +231,7 @@ class DynamicSelector:
             state["exp_avg"][slots] = 0.0
             state["exp_avg_sq"][slots] = 0.0
             return
-        beta1, beta2 = next(g["betas"] for g in self.optimizer.param_groups if any(p is values for p in g["params"]))
+        beta1, beta2 = next(g["betas"] for g in self.optimizer.param_groups if holds(g, values))
         steps = float(state["step"])
         mean_g, mean_g2 = seeds
         state["exp_avg"][slots] = (mean_g * (1 - beta1 ** steps)).to(state["exp_avg"].dtype)

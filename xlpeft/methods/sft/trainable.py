@@ -49,7 +49,7 @@ from xlpeft.methods.base import Phase
 from xlpeft.methods.sft.applied import retie_decoder, untie_decoder
 from xlpeft.methods.sft.config import SFTConfig, default_num_params, layer_params, split_steps
 from xlpeft.methods.sft.delta import SparseDelta
-from xlpeft.methods.sft.dynamic import DynamicSelector, allocate, random_subset
+from xlpeft.methods.sft.dynamic import DynamicSelector, allocate, holds, random_subset
 from xlpeft.methods.sft.memory import PeakMemory
 from xlpeft.methods.sft.selection import MovementScores, random_scores, top_k_indices
 
@@ -128,7 +128,6 @@ class SFTTrainable:
         self._pending: dict[str, float] = {}  # selection metrics not reported yet
         self._current: str | None = None  # the phase in progress
         self.selector: DynamicSelector | None = None  # selection=dynamic: SpIEL's drop and grow in phase 2
-        self._sparse_steps = sparse
 
     # ---- the Trainable protocol
     def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
@@ -158,7 +157,7 @@ class SFTTrainable:
             if self.config.selection == "dynamic":
                 c = self.config
                 self.selector = DynamicSelector(self, c.growth, c.reselect_every, c.accumulation_steps,
-                                                c.reselection_rate, c.reselection_policy, self._sparse_steps)
+                                                c.reselection_rate, c.reselection_policy, phase.steps)
                 self._hooks.append(register_optimizer_step_pre_hook(self._find_optimizer))
             return list(self.values.values())
         raise XlpeftError(f"sft has phases full and sparse; got {phase.name!r}")
@@ -284,13 +283,13 @@ class SFTTrainable:
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Global optimizer pre-step hook: paper movement scores at the weights the gradient was taken at."""
         probe = next(iter(self.params.values()))  # the hook sees every optimizer: act for the one training ours
-        if self._movement is not None and any(p is probe for g in optimizer.param_groups for p in g["params"]):
+        if self._movement is not None and any(holds(g, probe) for g in optimizer.param_groups):
             self._movement.before_step()
 
     def _find_optimizer(self, optimizer, args, kwargs) -> None:
         """Global optimizer pre-step hook: hand the optimizer training our values to the selector (moment seeding)."""
         probe = next(iter(self.values.values()))
-        if self.selector is not None and any(p is probe for g in optimizer.param_groups for p in g["params"]):
+        if self.selector is not None and any(holds(g, probe) for g in optimizer.param_groups):
             self.selector.optimizer = optimizer
 
     def _remove_full_hooks(self) -> None:

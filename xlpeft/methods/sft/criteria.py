@@ -103,7 +103,10 @@ class FisherScores:
         return self.scores[name]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Scores and per-tensor counts: loading them continues the sums bit for bit."""
+        """Scores and per-tensor counts: loading them continues the sums bit for bit.
+
+        The score tensors are the live ones, not copies (``SFTTrainable.state_dict`` copies what it saves).
+        """
         state = {f"{_SCORES}{n}": s for n, s in self.scores.items()}
         state[_COUNTS] = torch.tensor(list(self._counts.values()), dtype=torch.int64)
         return state
@@ -132,7 +135,7 @@ def _stream_seed(seed: int, draw: int, position: int) -> int:
 class DiffPruning:
     """Diff pruning on in-place weights: theta = theta0 + z(alpha) * w, trained by a hand-written chain rule.
 
-    Gates (Louizos et al. 2018, eq. 10-11; Guo et al. 2021, sec. 3): per entry, u ~ U(0, 1),
+    Gates (the hard concrete of Louizos et al. 2018, as Guo et al. 2021 use it): per entry, u ~ U(0, 1),
     s = sigmoid((log u - log(1 - u) + alpha) / beta), z = clamp(s * (zeta - gamma) + gamma, 0, 1);
     at evaluation z_det = clamp(sigmoid(alpha) * (zeta - gamma) + gamma, 0, 1). The penalty is the
     expected L0 norm of the diff, l0 * sum sigmoid(alpha - beta * log(-gamma / zeta)) / N, N =
@@ -150,15 +153,16 @@ class DiffPruning:
     The noise u of tensor i at draw t comes from its own generator seeded with (seed, t, i), so
     :meth:`backward` recomputes z instead of keeping it (one dense copy less) and a resume from
     :meth:`state_dict` (w, alpha, the draw counter) samples the same z, on the same device type.
+    Every data-parallel rank draws the same z; the gradients of w and alpha are not reduced here.
 
     Memory: w, alpha and their two AdamW moments each = 6 dense fp32 copies of the gated weights
     beyond the weights themselves and the theta0 snapshot that LT-SFT's phase 1 keeps anyway
     (:meth:`extra_memory_bytes`); plus a few transient temporaries the size of one tensor at a time.
 
-    Defaults and sources. beta = 2/3, gamma = -0.1, zeta = 1.1 are Louizos et al.'s (sec. 4). Guo
+    Defaults and sources. beta = 2/3, gamma = -0.1, zeta = 1.1 are Louizos et al.'s. Guo
     et al.'s released scripts (github.com/dguo98/DiffPruning, README and
     ``examples/run_glue_diffpruning.py``) use instead: no temperature (beta = 1), a wider stretch
-    gamma = -1.5, zeta = 1.5, ``alpha_init = 5`` so that gates start open (z = 1 almost surely), w
+    gamma = -1.5, zeta = 1.5, ``alpha_init = 5`` so that gates start open (z = 1 in ~97% of draws), w
     initialised to zeros, l0 = 1.25e-7 on the *un-normalised* sum (N = 1), and AdamW with lr 0.1 for
     alpha. ``init_alpha = 5`` and ``init_w_std = 0`` follow them; pass ``beta=1.0, gamma=-1.5,
     zeta=1.5, num_params=1, l0=1.25e-7`` to reproduce their gate and penalty exactly.
@@ -177,7 +181,9 @@ class DiffPruning:
         self.w: dict[str, nn.Parameter] = {}
         self.alpha: dict[str, nn.Parameter] = {}
         for n, p in params.items():
-            w = torch.randn(p.shape, generator=init, dtype=torch.float32) * init_w_std if init_w_std else torch.zeros(p.shape, dtype=torch.float32)
+            w = torch.zeros(p.shape, dtype=torch.float32)
+            if init_w_std:
+                w = torch.randn(p.shape, generator=init, dtype=torch.float32).mul_(init_w_std)
             self.w[n] = nn.Parameter(w.to(p.device))
             self.alpha[n] = nn.Parameter(torch.full(p.shape, float(init_alpha), dtype=torch.float32, device=p.device))
         self.draws = 0  # write(train=True) calls so far; the current draw is draws - 1
@@ -293,7 +299,11 @@ class DiffPruning:
 
     # ---- state and memory
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """w, alpha and the draw counter (with the seed, checked on load): a resume samples the same z."""
+        """w, alpha and the draw counter (with the seed, checked on load): a resume samples the same z.
+
+        w and alpha are the live tensors, not copies (``SFTTrainable.state_dict`` copies what it saves).
+        The optimizer's moments are the loop's to save, as for any trained parameter.
+        """
         state = {f"{_W}{n}": w.detach() for n, w in self.w.items()}
         state.update({f"{_ALPHA}{n}": a.detach() for n, a in self.alpha.items()})
         state[_DRAWS] = torch.tensor(self.draws, dtype=torch.int64)

@@ -265,13 +265,21 @@ def test_phase2_touches_only_selected_entries(base, selection):
         assert torch.equal(p, before[name]) and not p.requires_grad, f"{name} not restored exactly"
 
 
-def test_sparse_gradient_is_the_dense_gradient_at_the_indices(base):
-    trainable = SFTTrainable(base, SFTConfig(num_params=200, selection="random"), TrainConfig(max_steps=1))
-    values = trainable.begin_phase(trainable.phases[0])
+@pytest.mark.parametrize("entry_gradients,k", [("auto", 200), ("sampled", 3000), ("dense", 3000), ("autograd", 200)])
+def test_sparse_gradient_is_the_dense_gradient_at_the_indices(base, entry_gradients, k):
+    """Every way of computing v.grad (taps: SDDMM, dense row blocks, row-sparse embeddings and the tied
+    decoder; or autograd's dense gradient) equals autograd's weight gradient at the entries."""
+    config = SFTConfig(num_params=k, selection="random", entry_gradients=entry_gradients)
+    trainable = SFTTrainable(base, config, TrainConfig(max_steps=1))
     inputs, labels = mask_tokens(_ids(base), base.tokenizer, 0.3, torch.Generator().manual_seed(1))
-    names = list(trainable.indices)  # the weights with selected entries are the ones autograd reaches
-    dense = torch.autograd.grad(mlm_loss(base, inputs, labels), [trainable.params[n] for n in names])
-    dense = dict(zip(names, dense, strict=True))
+    params = list(trainable.params.values())
+    for p in params:
+        p.requires_grad_(True)
+    dense = dict(zip(trainable.params, torch.autograd.grad(mlm_loss(base, inputs, labels), params), strict=True))
+    for p in params:
+        p.requires_grad_(False)
+    values = trainable.begin_phase(trainable.phases[0])
+    assert "bert.embeddings.word_embeddings.weight" in trainable.indices or "roberta.embeddings.word_embeddings.weight" in trainable.indices
     for _ in range(2):  # two micro-batches accumulate
         mlm_loss(base, inputs, labels).backward()
     for name, v in trainable.values.items():

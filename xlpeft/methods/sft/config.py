@@ -32,6 +32,7 @@ from torch import nn
 
 from xlpeft.config import check_fields
 from xlpeft.errors import ConfigError
+from xlpeft.methods.sft.taps import ENTRY_GRADIENTS
 
 SELECTIONS = ("magnitude", "movement", "random", "bias", "dynamic")
 GROWTHS = ("rigl", "sm3")  # dynamic selection's growth criteria (SpIEL)
@@ -58,6 +59,7 @@ class SFTConfig:
     accumulation_steps: int = field(default=5, metadata={"help": "dynamic, rigl: steps whose gradients are accumulated before a reselection (SpIEL selection_accumulation_steps 5)", "min": 1})
     reselection_rate: float = field(default=0.2, metadata={"help": "dynamic: fraction of the K entries replaced at a reselection, decayed over training; the first replaces all (SpIEL initial_reselection_rate 0.2)", "min": 0.0, "max": 1.0})
     reselection_policy: str = field(default="linear", metadata={"help": "dynamic: decay of the reselection rate over training (SpIEL reselection_rate_policy)", "choices": POLICIES})
+    entry_gradients: str = field(default="auto", metadata={"help": "sparse phase: how gradients at the K entries are computed; auto = per weight, sampled (SDDMM at the entries) below 5% density, else dense row blocks gathered at the entries; embeddings row-sparse; no dense weight gradient is kept; autograd = the weights' full gradients, then gathered (before issue 19)", "choices": ENTRY_GRADIENTS})
     movement: str = field(default="paper", metadata={"help": "movement scores: paper = -sum g*theta at the weights g was taken at (Sanh et al. 2020); delta = -sum g*(theta_after-theta0), the delta's own movement", "choices": MOVEMENTS})
     full_steps: int | None = field(default=None, metadata={"help": "phase-1 steps of full fine-tuning (None: from full_epochs, else half of --max-steps; 0 for random/bias)", "min": 0})
     sparse_steps: int | None = field(default=None, metadata={"help": "phase-2 steps on the selected entries (None: from sparse_epochs, else the rest of --max-steps)", "min": 1})

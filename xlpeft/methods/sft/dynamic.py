@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from xlpeft.errors import XlpeftError
+from xlpeft.methods.sft.taps import row_blocks
 
 
 def allocate(numels: Mapping[str, int], k: int) -> dict[str, int]:
@@ -95,6 +96,35 @@ def _same_on_every_rank(grow, seeds, seeded: bool, device):
     return grow, seeds
 
 
+def top_blocks(blocks, k: int, cols: int, absolute: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries (by |value| if ``absolute``) of a matrix given as row blocks: (flat idx, value).
+
+    Exact, with O(k + block) memory, so no dense copy of a 92M-entry matrix is ever made: a block's
+    entries enter the pool only above the pool's k-th key, and the pool is cut back to k when it doubles."""
+    key = torch.abs if absolute else (lambda t: t)
+    pool_i: torch.Tensor | None = None
+    pool_g: torch.Tensor | None = None
+    for r0, block in blocks:
+        flat = block.reshape(-1)
+        offset = r0 * cols
+        if pool_g is not None and len(pool_g) >= k:
+            threshold = key(pool_g).min()
+            keep = (key(flat) > threshold).nonzero().squeeze(1)
+            new_i, new_g = keep + offset, flat[keep]
+        else:
+            new_i = torch.arange(offset, offset + len(flat), device=flat.device)
+            new_g = flat
+        pool_i = new_i if pool_i is None else torch.cat([pool_i, new_i])
+        pool_g = new_g.clone() if pool_g is None else torch.cat([pool_g, new_g])
+        if len(pool_g) >= 2 * k:
+            best = torch.topk(key(pool_g), k, sorted=False).indices
+            pool_i, pool_g = pool_i[best], pool_g[best]
+    if len(pool_g) > k:
+        best = torch.topk(key(pool_g), k, sorted=False).indices
+        pool_i, pool_g = pool_i[best], pool_g[best]
+    return pool_i, pool_g
+
+
 class DynamicSelector:
     """SpIEL's drop-and-grow over the trainable's ``indices`` / ``values`` / ``base_values`` (changed in place)."""
 
@@ -113,38 +143,67 @@ class DynamicSelector:
         self.reselections = 0
         self.replaced = 0
 
-    # ---- per micro-batch: called from the trainable's gradient hook while the dense gradient exists
+    # ---- per micro-batch, from the trainable's gradient hook (autograd path) or its taps (:mod:`.taps`)
+    def need(self, name: str) -> str | None:
+        """What this micro-batch's gradient of ``name`` is needed for: "dense" (the whole tensor: rigl's first
+        micro-batch of a window, every sm3 micro-batch), "candidates" (rigl, at the window's candidates) or None."""
+        if self.growth == "sm3":
+            return "dense"
+        if not self.accumulating:
+            return None
+        return "candidates" if name in self.candidates else "dense"
+
     @torch.no_grad()
     def observe(self, name: str, grad: torch.Tensor) -> None:
-        if self.growth == "sm3":
-            self._sm3(name, grad.float())
-        elif self.accumulating:
-            flat = grad.reshape(-1).float()
-            if name not in self.candidates:
-                k = len(self.t.indices[name])
-                idx = torch.topk(flat.abs(), k, sorted=False).indices  # (K_i,)
-                g = flat[idx]
-                self.candidates[name] = (idx, g.clone(), g * g, torch.ones_like(g))
-            else:
-                idx, gsum, gsq, samples = self.candidates[name]
-                g = flat[idx]
-                gsum += g
-                gsq.addcmul_(g, g)
-                samples += 1
+        """The autograd path: ``grad`` is the dense gradient of one micro-batch."""
+        need = self.need(name)
+        if need == "candidates":
+            self.add_candidates(name, grad.reshape(-1).float()[self.candidates[name][0]])
+        elif need == "dense":
+            shape = tuple(grad.shape) if grad.dim() == 2 else (1, grad.numel())
+            self.observe_blocks(name, lambda: iter([(0, grad.reshape(shape).float())]), shape, vector=grad.dim() != 2)
 
-    def _sm3(self, name: str, g: torch.Tensor) -> None:
-        """SM3 (Anil et al. 2019): nu = min(row_i, col_j) + g^2; rows, cols = the max of nu over columns, rows."""
-        sq = g * g
-        if g.dim() != 2:
+    @torch.no_grad()
+    def observe_blocks(self, name: str, blocks, shape: tuple[int, int], vector: bool = False) -> None:
+        """The whole micro-batch gradient of ``name``: ``blocks()`` yields ``(first row, (rows, cols) block)``
+        covering every row; ``vector``: a 1-D parameter, presented as one row."""
+        if self.growth == "sm3":
+            self._sm3(name, blocks, shape, vector)
+        else:
+            idx, g = top_blocks(blocks(), len(self.t.indices[name]), shape[1])
+            self.candidates[name] = (idx, g.clone(), g * g, torch.ones_like(g))
+
+    @torch.no_grad()
+    def add_candidates(self, name: str, g: torch.Tensor) -> None:
+        """One more micro-batch of the window: ``g`` (K_i,) is its gradient at the candidates."""
+        idx, gsum, gsq, samples = self.candidates[name]
+        gsum += g
+        gsq.addcmul_(g, g)
+        samples += 1
+
+    def _sm3(self, name: str, blocks, shape: tuple[int, int], vector: bool) -> None:
+        """SM3 (Anil et al. 2019): nu = min(row_i, col_j) + g^2; rows, cols = the max of nu over columns, rows.
+
+        A vector (bias) keeps one accumulator of its size (its blocks are one row)."""
+        if vector:
+            sq = next(iter(blocks()))[1].reshape(-1) ** 2
             acc = self.rows.get(name)
-            self.rows[name] = sq.reshape(-1) if acc is None else acc + sq.reshape(-1)
+            self.rows[name] = sq if acc is None else acc + sq
             return
-        if name not in self.rows:
-            self.rows[name] = torch.zeros(g.shape[0], device=g.device)
-            self.cols[name] = torch.zeros(g.shape[1], device=g.device)
-        nu = torch.minimum(self.rows[name][:, None], self.cols[name][None, :]) + sq  # (rows, cols), transient
-        self.rows[name] = nu.amax(1)
-        self.cols[name] = nu.amax(0)
+        rows, cols = self.rows.get(name), self.cols.get(name)
+        new_rows, new_cols = None, None
+        for r0, g in blocks():
+            sq = g * g  # (r, cols)
+            if rows is None:
+                nu = sq
+            else:
+                nu = torch.minimum(rows[r0:r0 + len(g), None], cols[None, :]) + sq  # (r, cols), transient
+            if new_rows is None:
+                new_rows = torch.zeros(shape[0], device=g.device)
+                new_cols = torch.zeros(shape[1], device=g.device)
+            new_rows[r0:r0 + len(g)] = nu.amax(1)
+            torch.maximum(new_cols, nu.amax(0), out=new_cols)
+        self.rows[name], self.cols[name] = new_rows, new_cols
 
     # ---- per optimizer step
     def after_step(self, step: int) -> None:
@@ -217,9 +276,21 @@ class DynamicSelector:
         rows = self.rows.get(name)
         if rows is None:
             return None, None
-        score = rows.clone() if name not in self.cols else torch.outer(rows, self.cols[name]).reshape(-1)  # (numel,)
-        score[current] = -1.0  # scores are >= 0: an entry of the delta is never grown again
-        return torch.topk(score, n, sorted=True).indices, None
+        if name not in self.cols:  # a vector
+            score = rows.clone()
+            score[current] = -1.0  # scores are >= 0: an entry of the delta is never grown again
+            return torch.topk(score, n, sorted=True).indices, None
+        cols = self.cols[name]
+        taken = torch.sort(current).values
+
+        def blocks():  # the outer product row block by row block: never the whole (rows, cols) matrix
+            for r0, r1 in row_blocks(len(rows), len(cols)):
+                score = torch.outer(rows[r0:r1], cols)  # (r1 - r0, cols)
+                lo, hi = torch.searchsorted(taken, torch.tensor([r0 * len(cols), r1 * len(cols)], device=taken.device)).tolist()
+                score.view(-1)[taken[lo:hi] - r0 * len(cols)] = -1.0
+                yield r0, score
+        idx, score = top_blocks(blocks(), n, len(cols), absolute=False)
+        return idx[torch.argsort(score, descending=True, stable=True)], None
 
     def _seed_moments(self, values: nn.Parameter, slots: torch.Tensor, seeds) -> None:
         if self.optimizer is None:

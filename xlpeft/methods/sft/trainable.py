@@ -52,6 +52,7 @@ from xlpeft.methods.sft.delta import SparseDelta
 from xlpeft.methods.sft.dynamic import DynamicSelector, allocate, holds, random_subset
 from xlpeft.methods.sft.memory import PeakMemory
 from xlpeft.methods.sft.selection import MovementScores, random_scores, top_k_indices
+from xlpeft.methods.sft.taps import EntryTaps
 
 _WEIGHT, _MOVEMENT, _INDICES, _VALUES = "full.weight.", "full.movement.", "sparse.indices.", "sparse.values."  # state keys
 
@@ -128,6 +129,7 @@ class SFTTrainable:
         self._pending: dict[str, float] = {}  # selection metrics not reported yet
         self._current: str | None = None  # the phase in progress
         self.selector: DynamicSelector | None = None  # selection=dynamic: SpIEL's drop and grow in phase 2
+        self.taps: EntryTaps | None = None  # phase 2: gradients at the entries, no dense weight gradients
 
     # ---- the Trainable protocol
     def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
@@ -152,8 +154,19 @@ class SFTTrainable:
                 p = self.params[name]
                 self._base_values[name] = p.detach().view(-1)[idx].clone()  # (K_i,)
                 self.values[name] = nn.Parameter(torch.zeros(len(idx), dtype=p.dtype, device=p.device))
+            tapped: set[str] = set()
+            if self.config.entry_gradients != "autograd":  # gradients at the entries only (taps.py)
+                self.taps = EntryTaps(self, self.config.entry_gradients)
+                tapped = self.taps.install(self.model, list(self.indices))
+            for name in self.indices:
+                if name in tapped:  # the weight stays frozen: its taps give v.grad
+                    if self.l1_scale:
+                        self._hooks.append(self.values[name].register_hook(partial(self._l1_values, name)))
+                    continue
+                p = self.params[name]
                 p.requires_grad_(True)
                 self._hooks.append(p.register_post_accumulate_grad_hook(partial(self._gather, name)))
+            self._l1_due = set(self.indices)
             if self.config.selection == "dynamic":
                 c = self.config
                 self.selector = DynamicSelector(self, c.growth, c.reselect_every, c.accumulation_steps,
@@ -215,6 +228,9 @@ class SFTTrainable:
                 self._movement.after_step()
         elif phase.name == "sparse":
             self._write_back()
+            self._l1_due = set(self.indices)
+            if self.taps is not None:
+                self.taps.after_step()
             if self.selector is not None:
                 self.selector.after_step(step)  # may drop (back to theta0) and grow (at theta0) entries
 
@@ -230,6 +246,8 @@ class SFTTrainable:
             self._reset()
             return {"full_peak_memory_mb": peak, **self._pop_pending()}
         out = {"sparse_peak_memory_mb": peak, **self._pop_pending()}
+        if self.taps is not None:
+            out.update(self.taps.counts())
         if self.selector is not None:
             out.update({"reselections": float(self.selector.reselections), "replaced_entries": float(self.selector.replaced)})
         return out
@@ -258,6 +276,9 @@ class SFTTrainable:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self.taps is not None:
+            self.taps.remove()
+            self.taps = None
         if self._theta0:  # closed during phase 1
             self._reset()
         with torch.no_grad():
@@ -279,6 +300,13 @@ class SFTTrainable:
             self._l1_due.discard(name)
             with torch.no_grad():
                 p.grad.add_(torch.sign(p.detach() - self._theta0[name]), alpha=self.l1_scale)
+
+    def _l1_values(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """Tapped weights' values hook: add ``l1 * sign(v)`` (= sign(theta - theta0)) once per optimizer step."""
+        if name not in self._l1_due:
+            return grad
+        self._l1_due.discard(name)
+        return grad + self.l1_scale * self.values[name].detach().sign()
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Global optimizer pre-step hook: paper movement scores at the weights the gradient was taken at."""

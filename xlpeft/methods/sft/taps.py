@@ -1,0 +1,303 @@
+"""Gradients at a sparse delta's K entries without the weights' dense gradients (issue 19).
+
+In a sparse phase only the K selected entries train, yet autograd would build the dense gradient
+of every weight it sees requiring grad: 1x the model in memory for the tied 120k-250k-row word
+embedding matrix alone (the MLM decoder's gradient lives from the head's backward to the
+embeddings'), and one full weight-gradient product per matrix. Here the weights stay frozen and an
+autograd tap on each module that reads them computes the gradient at the entries only:
+
+* ``nn.Linear`` (``y = x W^T + b``): ``dL/dW[i, j] = sum_t dy[t, i] x[t, j]`` at the K_i entries,
+  either *sampled* (an SDDMM, ``torch.sparse.sampled_addmm`` over the entries' CSR pattern: O(T K_i))
+  or *dense* (the product ``dy^T x`` row block by row block, at most :data:`CHUNK` entries at a time,
+  gathered at the entries: the FLOPs of autograd's weight gradient, with no dense buffer kept);
+* ``nn.Embedding``: only the rows of the tokens in the batch receive gradient, so the batch's
+  gradient is summed per distinct token (``(u, H)``, u <= batch tokens) and read at the entries of
+  those rows: no dense gradient of the vocabulary matrix at all;
+* a tied decoder (MLM head ``decoder.weight is word_embeddings.weight``) is just one more Linear
+  tap on the same entries; autograd sums the two contributions into ``values.grad``.
+
+``entry_gradients=auto`` picks per tensor: sampled where the tensor's density K_i / numel is below
+:data:`SAMPLED_BELOW`, dense otherwise. The threshold is measured, not derived: torch's CPU SDDMM is
+memory-bound, so at mBERT-base's shapes and 2,048 tokens (2 CPU cores, torch 2.13) it costs 0.2-0.5x
+the dense product at 0.5% density, 0.45-0.85x at 2%, 0.5-1.1x at 4.3% (LT-SFT's K) and 1.1-1.7x at
+10% (``benchmarks/sft_memory.py`` times both). The choice is a function of the config and the mask
+only, so a resumed run takes the same path and stays bit-identical.
+
+Growth statistics of the dynamic delta (:mod:`.dynamic`) need more than the entries: RigL's
+candidates are the largest |gradient| over the whole tensor (one micro-batch per window) and SM3
+updates row/column maxima of the squared gradient (every micro-batch). Those are computed from the
+same factors, row block by row block over the sum of every tap of the tensor (a tied embedding's
+decoder and input contributions together), once the tensor's last tap of the micro-batch has run.
+
+Assumption: a tapped weight is read only through its modules' ``forward`` (true of every
+architecture in :data:`xlpeft.models.ARCHITECTURES`; ``tests/methods/test_sft_taps.py`` checks the
+gradients against autograd's on each). Anything else in the delta (biases, LayerNorms, an
+``nn.Embedding`` with ``max_norm`` or ``scale_grad_by_freq``) keeps the autograd path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import torch
+from torch import nn
+
+SAMPLED_BELOW = 0.05  # density below which the SDDMM is used (see the module docstring for the measurement)
+CHUNK = 1 << 22  # entries of a dense gradient block computed at once: 16 MiB in fp32
+ENTRY_GRADIENTS = ("auto", "sampled", "dense", "autograd")
+
+
+class Entries:
+    """A weight's entries (flat indices in slot order) sorted, with the CSR row pointers the products need."""
+
+    def __init__(self, idx: torch.Tensor, shape: tuple[int, int]) -> None:
+        rows, cols = shape
+        self.order = torch.argsort(idx)  # (K,) sorted position -> slot
+        self.flat = idx[self.order]  # (K,) ascending
+        self.rows = torch.div(self.flat, cols, rounding_mode="floor")  # (K,) ascending
+        self.cols = self.flat - self.rows * cols  # (K,)
+        crow = torch.zeros(rows + 1, dtype=torch.long, device=idx.device)
+        crow[1:] = torch.bincount(self.rows, minlength=rows).cumsum(0)
+        self.crow = crow  # (rows + 1,)
+        self.bounds = crow.tolist()  # host copy: block boundaries without a device sync per block
+        self.shape = shape
+        self._csr: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.flat)
+
+    def csr(self) -> torch.Tensor:
+        if self._csr is None:
+            zeros = torch.zeros(len(self.flat), device=self.flat.device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": the SDDMM is what is used of it
+                warnings.simplefilter("ignore", UserWarning)
+                self._csr = torch.sparse_csr_tensor(self.crow, self.cols, zeros, size=self.shape)
+        return self._csr
+
+    def to_slots(self, sorted_values: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(sorted_values)
+        out[self.order] = sorted_values
+        return out
+
+
+def row_blocks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    step = max(1, CHUNK // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+class LinearPart:
+    """One Linear tap's factors: the weight gradient is ``dy^T x`` (rows = out features, cols = in features)."""
+
+    def __init__(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        self.dy, self.x = dy, x  # (T, rows), (T, cols)
+
+    def block(self, r0: int, r1: int) -> torch.Tensor:
+        return self.dy[:, r0:r1].t() @ self.x  # (r1 - r0, cols)
+
+    def at(self, e: Entries, sampled: bool) -> torch.Tensor:
+        """The gradient at ``e``'s entries, in slot order (K,)."""
+        if sampled:
+            vals = torch.sparse.sampled_addmm(e.csr(), self.dy.t().contiguous(), self.x, beta=0.0).values()
+            return e.to_slots(vals)
+        vals = torch.empty(len(e), dtype=self.x.dtype, device=self.x.device)
+        cols = e.shape[1]
+        for r0, r1 in row_blocks(*e.shape):
+            s, t = e.bounds[r0], e.bounds[r1]
+            if s < t:
+                vals[s:t] = self.block(r0, r1).reshape(-1)[e.flat[s:t] - r0 * cols]
+        return e.to_slots(vals)
+
+
+class EmbeddingPart:
+    """One Embedding tap's gradient, row-sparse: the distinct tokens ``rows`` (u,) and their summed gradients (u, H)."""
+
+    def __init__(self, ids: torch.Tensor, dy: torch.Tensor, padding_idx: int | None) -> None:
+        if padding_idx is not None:  # nn.Embedding gives the padding row no gradient
+            keep = ids != padding_idx
+            ids, dy = ids[keep], dy[keep]
+        self.rows, inverse = torch.unique(ids, return_inverse=True)  # (u,) ascending
+        self.grad = torch.zeros(len(self.rows), dy.shape[1], dtype=dy.dtype, device=dy.device).index_add_(0, inverse, dy)
+
+    def block(self, r0: int, r1: int) -> torch.Tensor:
+        a, b = (int(i) for i in torch.searchsorted(self.rows, torch.tensor([r0, r1], device=self.rows.device)))
+        out = torch.zeros(r1 - r0, self.grad.shape[1], dtype=self.grad.dtype, device=self.grad.device)
+        out[self.rows[a:b] - r0] = self.grad[a:b]
+        return out
+
+    def at(self, e: Entries, sampled: bool = True) -> torch.Tensor:
+        starts = torch.searchsorted(e.rows, self.rows)  # (u,) first entry of each batch row
+        lengths = torch.searchsorted(e.rows, self.rows, right=True) - starts  # (u,) entries in that row
+        n = int(lengths.sum())
+        out = torch.zeros(len(e), dtype=self.grad.dtype, device=self.grad.device)
+        if n:
+            which = torch.repeat_interleave(torch.arange(len(self.rows), device=lengths.device), lengths)  # (n,)
+            offset = torch.arange(n, device=lengths.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+            pos = starts[which] + offset  # (n,) sorted positions of the entries in the batch's rows
+            out[e.order[pos]] = self.grad[which, e.cols[pos]]
+        return out
+
+
+class _LinearTap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, x, values, weight):
+        ctx.save_for_backward(x)
+        ctx.weight = weight
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        w = ctx.weight
+        part = LinearPart(dy.reshape(-1, dy.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float())
+        return dy, None, w.contribute(part).to(w.param.dtype), None
+
+
+class _EmbeddingTap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, ids, values, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (ids,) = ctx.saved_tensors
+        w = ctx.weight
+        part = EmbeddingPart(ids.reshape(-1), dy.reshape(-1, dy.shape[-1]).float(), w.padding_idx)
+        return dy, None, w.contribute(part).to(w.param.dtype), None
+
+
+class TappedWeight:
+    """One weight of the delta read through taps: its entries, per-micro-batch growth statistics, its hooks."""
+
+    def __init__(self, name: str, param: nn.Parameter, owner, sampled: bool, padding_idx: int | None) -> None:
+        self.name, self.param, self.owner = name, param, owner
+        self.shape = (param.shape[0], param.shape[1])
+        self.sampled, self.padding_idx = sampled, padding_idx
+        self.uses = 0  # taps run in this micro-batch's forward whose backward has not come yet
+        self.parts: list = []  # factors kept for the whole-tensor statistics (selector "dense")
+        self.cand_grad: torch.Tensor | None = None  # the gradient at the rigl candidates, summed over taps
+        self._entries: tuple[int, Entries] | None = None  # (version, entries of the delta)
+        self._cand: tuple[torch.Tensor, Entries] | None = None  # (candidate idx object, its entries)
+
+    def entries(self) -> Entries:
+        version = self.owner.version()
+        if self._entries is None or self._entries[0] != version:
+            self._entries = (version, Entries(self.owner.t.indices[self.name], self.shape))
+        return self._entries[1]
+
+    def contribute(self, part) -> torch.Tensor:
+        """One tap's backward: the gradient at the delta's entries (slot order); growth statistics on the side."""
+        selector = self.owner.t.selector
+        need = selector.need(self.name) if selector is not None else None
+        if need == "dense":
+            self.parts.append(part)
+        elif need == "candidates":
+            cand = selector.candidates[self.name][0]
+            if self._cand is None or self._cand[0] is not cand:
+                self._cand = (cand, Entries(cand, self.shape))
+            g = part.at(self._cand[1], self.sampled)
+            self.cand_grad = g if self.cand_grad is None else self.cand_grad + g
+        grad = part.at(self.entries(), self.sampled)
+        self.uses -= 1
+        if self.uses <= 0:
+            self.finish()
+        return grad
+
+    def finish(self) -> None:
+        """The tensor's micro-batch gradient is complete: hand the statistics to the selector."""
+        selector = self.owner.t.selector
+        if self.parts:
+            parts = self.parts
+            rows, cols = self.shape
+
+            def blocks():
+                for r0, r1 in row_blocks(rows, cols):
+                    total = parts[0].block(r0, r1)
+                    for part in parts[1:]:
+                        total = total + part.block(r0, r1)
+                    yield r0, total  # (r1 - r0, cols)
+            selector.observe_blocks(self.name, blocks, self.shape)
+        if self.cand_grad is not None:
+            selector.add_candidates(self.name, self.cand_grad)
+        self.reset()
+
+    def reset(self) -> None:
+        self.uses, self.parts, self.cand_grad = 0, [], None
+
+
+class EntryTaps:
+    """The taps of one sparse phase: which weights they cover, their hooks, the version of the mask."""
+
+    def __init__(self, trainable, mode: str) -> None:
+        self.t, self.mode = trainable, mode
+        self.weights: dict[str, TappedWeight] = {}
+        self._handles: list = []
+
+    def version(self) -> int:
+        return self.t.selector.reselections if self.t.selector is not None else 0
+
+    def install(self, model: nn.Module, names: list[str]) -> set[str]:
+        """Tap every weight of ``names`` that is read only by Linear / plain Embedding modules; the names tapped."""
+        users: dict[int, list[nn.Module]] = {}
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor):
+                users.setdefault(id(weight), []).append(module)
+        tapped: set[str] = set()
+        for name in names:
+            p = self.t.params[name]
+            mods = users.get(id(p), [])
+            if p.dim() != 2 or not mods or not all(_tappable(m) for m in mods):
+                continue
+            density = len(self.t.indices[name]) / p.numel()
+            sampled = self.mode == "sampled" or (self.mode == "auto" and density < SAMPLED_BELOW)
+            emb = next((m for m in mods if isinstance(m, nn.Embedding)), None)
+            w = TappedWeight(name, p, self, sampled, emb.padding_idx if emb is not None else None)
+            self.weights[name] = w
+            for m in mods:
+                hook = _linear_hook if isinstance(m, nn.Linear) else _embedding_hook
+                self._handles.append(m.register_forward_hook(partial(hook, w, self._values(name)), prepend=True))
+            tapped.add(name)
+        return tapped
+
+    def _values(self, name: str) -> Callable[[], nn.Parameter]:
+        return lambda: self.t.values[name]
+
+    def counts(self) -> dict[str, float]:
+        sampled = sum(w.sampled for w in self.weights.values())
+        return {"tapped_sampled_tensors": float(sampled), "tapped_dense_tensors": float(len(self.weights) - sampled)}
+
+    def after_step(self) -> None:
+        for w in self.weights.values():  # a forward without a backward leaves nothing behind
+            w.reset()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.weights.clear()
+
+
+def _tappable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Embedding) and module.max_norm is None and not module.scale_grad_by_freq
+            and not module.sparse)
+
+
+def _linear_hook(w: TappedWeight, values: Callable[[], nn.Parameter], module, args, output):
+    if not torch.is_grad_enabled():
+        return None
+    w.uses += 1
+    return _LinearTap.apply(output, args[0], values(), w)
+
+
+def _embedding_hook(w: TappedWeight, values: Callable[[], nn.Parameter], module, args, output):
+    if not torch.is_grad_enabled():
+        return None
+    w.uses += 1
+    return _EmbeddingTap.apply(output, args[0], values(), w)

@@ -562,7 +562,7 @@ def test_split_steps(sets, max_steps, expected):
 
 
 def test_config_errors_name_field_and_value():
-    with pytest.raises(ConfigError, match=r"selection.*magnitude, movement, random, bias.*'lottery'"):
+    with pytest.raises(ConfigError, match=r"selection.*magnitude, movement, fisher, diff_pruning, random, bias.*'lottery'"):
         SFTConfig(selection="lottery")
     with pytest.raises(ConfigError, match=r"num_params.*>= 1.*0"):
         SFTConfig(num_params=0)

@@ -34,10 +34,11 @@ from xlpeft.config import check_fields
 from xlpeft.errors import ConfigError
 from xlpeft.methods.sft.taps import ENTRY_GRADIENTS
 
-SELECTIONS = ("magnitude", "movement", "random", "bias", "dynamic")
+SELECTIONS = ("magnitude", "movement", "fisher", "diff_pruning", "random", "bias", "dynamic")
 GROWTHS = ("rigl", "sm3")  # dynamic selection's growth criteria (SpIEL)
 POLICIES = ("linear", "cosine")  # how the fraction replaced per reselection decays (SpIEL)
-NEEDS_FULL_PHASE = ("magnitude", "movement")  # selections scored from phase 1's training
+NEEDS_FULL_PHASE = ("magnitude", "movement", "diff_pruning")  # selections scored from phase 1's training
+FISHER_SAMPLES = 1024  # examples the FISH mask's Fisher information is summed over (Sung et al. 2021)
 MOVEMENTS = ("paper", "delta")
 
 LANGUAGE_NUM_PARAMS = 7_667_712  # composable-sft train_mlm.sh --ft_params_num (base-size models)
@@ -53,13 +54,16 @@ class SFTConfig:
 
     num_params: int | None = field(default=None, metadata={"help": "K, entries kept in the delta (None: reference_num_params scaled to this model)", "min": 1})
     reference_num_params: int = field(default=LANGUAGE_NUM_PARAMS, metadata={"help": "K on a base-size (12x768) model when num_params is None (composable-sft scripts: 7,667,712 language, 14,155,776 task)", "min": 1})
-    selection: str = field(default="magnitude", metadata={"help": "how the K entries are chosen: magnitude |theta1-theta0| (LT-SFT), movement, random, bias (BitFit, K ignored), dynamic (SpIEL: no dense phase, drop and grow during training)", "choices": SELECTIONS})
+    selection: str = field(default="magnitude", metadata={"help": "how the K entries are chosen: magnitude |theta1-theta0| (LT-SFT), movement, fisher (FISH mask: squared gradients at theta0, no training in phase 1), diff_pruning (phase 1 learns theta0 + z*w with L0-gated z), random, bias (BitFit, K ignored), dynamic (SpIEL: no dense phase, drop and grow during training)", "choices": SELECTIONS})
     growth: str = field(default="rigl", metadata={"help": "dynamic: where new entries grow, rigl = largest accumulated |gradient| at K candidates, sm3 = largest outer product of SM3 row/column accumulators (SpIEL)", "choices": GROWTHS})
     reselect_every: int = field(default=20, metadata={"help": "dynamic: steps between reselections (SpIEL reselection_steps 20)", "min": 1})
     accumulation_steps: int = field(default=5, metadata={"help": "dynamic, rigl: steps whose gradients are accumulated before a reselection (SpIEL selection_accumulation_steps 5)", "min": 1})
     reselection_rate: float = field(default=0.2, metadata={"help": "dynamic: fraction of the K entries replaced at a reselection, decayed over training; the first replaces all (SpIEL initial_reselection_rate 0.2)", "min": 0.0, "max": 1.0})
     reselection_policy: str = field(default="linear", metadata={"help": "dynamic: decay of the reselection rate over training (SpIEL reselection_rate_policy)", "choices": POLICIES})
     entry_gradients: str = field(default="auto", metadata={"help": "sparse phase: how gradients at the K entries are computed; auto = per weight, sampled (SDDMM at the entries) below 5% density, else dense row blocks gathered at the entries; embeddings row-sparse; no dense weight gradient is kept; autograd = the weights' full gradients, then gathered (before issue 19)", "choices": ENTRY_GRADIENTS})
+    fisher_samples: int = field(default=FISHER_SAMPLES, metadata={"help": "fisher: examples (rows of micro-batches) whose squared gradients are summed at theta0; phase 1 is this many / (batch_size x grad_accum) steps unless full_steps is set (Sung et al. 2021: 1024)", "min": 1})
+    diff_l0: float = field(default=1.25e-7, metadata={"help": "diff_pruning: weight of the expected-L0 penalty on the gates, on their unnormalised sum (Guo et al. 2021's released scripts: 1.25e-7)", "min": 0.0})
+    diff_alpha_lr: float = field(default=0.1, metadata={"help": "diff_pruning: learning rate of the gates' log-alphas (Guo et al.: 0.1; the diff w takes TrainConfig's lr)", "min": 0.0})
     movement: str = field(default="paper", metadata={"help": "movement scores: paper = -sum g*theta at the weights g was taken at (Sanh et al. 2020); delta = -sum g*(theta_after-theta0), the delta's own movement", "choices": MOVEMENTS})
     full_steps: int | None = field(default=None, metadata={"help": "phase-1 steps of full fine-tuning (None: from full_epochs, else half of --max-steps; 0 for random/bias)", "min": 0})
     sparse_steps: int | None = field(default=None, metadata={"help": "phase-2 steps on the selected entries (None: from sparse_epochs, else the rest of --max-steps)", "min": 1})
@@ -88,7 +92,7 @@ class SFTConfig:
                 f"invalid SFTConfig: dynamic selection has no dense phase, so `full_steps` should be unset or 0; "
                 f"got {self.full_steps} (use selection=magnitude or movement for LT-SFT's two phases)"
             )
-        if self.selection in NEEDS_FULL_PHASE and self.full_steps == 0:
+        if self.selection in (*NEEDS_FULL_PHASE, "fisher") and self.full_steps == 0:
             raise ConfigError(
                 f"invalid SFTConfig: `{self.selection}` selection scores entries from phase 1, so `full_steps` "
                 "should be >= 1; got 0 (use selection=random or bias to skip phase 1)"
@@ -97,7 +101,7 @@ class SFTConfig:
     def check_against(self, train_cfg) -> None:
         """Fail before any run is opened if ``--max-steps`` cannot be split into the phases."""
         if self.full_epochs is None and self.sparse_epochs is None:
-            split_steps(self, train_cfg.max_steps)
+            split_steps(self, train_cfg.max_steps, train_cfg.batch_size * train_cfg.grad_accum)
 
     def with_epochs(self, num_examples: int, train_cfg) -> SFTConfig:
         """Epoch-based phases converted to steps for ``num_examples`` training examples (or blocks).
@@ -117,7 +121,7 @@ class SFTConfig:
         full = steps(self.full_steps, self.full_epochs) if self.selection in NEEDS_FULL_PHASE else self.full_steps
         sparse = steps(self.sparse_steps, self.sparse_epochs)
         out = replace(self, full_steps=full, sparse_steps=sparse, full_epochs=None, sparse_epochs=None)
-        split_steps(out, train_cfg.max_steps)
+        split_steps(out, train_cfg.max_steps, train_cfg.batch_size * train_cfg.grad_accum)
         return replace(out, full_epochs=self.full_epochs, sparse_epochs=self.sparse_epochs)
 
     @classmethod
@@ -142,12 +146,14 @@ def default_num_params(reference: int, model_layer_params: int) -> int:
     return max(1, round(reference * model_layer_params / MBERT_BASE_LAYER_PARAMS))
 
 
-def split_steps(config: SFTConfig, max_steps: int) -> tuple[int, int]:
+def split_steps(config: SFTConfig, max_steps: int, examples_per_step: int = 1) -> tuple[int, int]:
     """(full_steps, sparse_steps) from the config and ``--max-steps``, which is the total when a phase is unset.
 
-    * magnitude / movement: both unset -> ``max_steps // 2`` full, the rest sparse; one set -> the
-      other gets ``max_steps`` minus it; both set -> used as given (``max_steps`` is ignored).
-    * random / bias need no phase 1: ``full_steps`` defaults to 0 and the sparse phase gets the rest.
+    * magnitude / movement / diff_pruning: both unset -> ``max_steps // 2`` full, the rest sparse; one
+      set -> the other gets ``max_steps`` minus it; both set -> used as given (``max_steps`` is ignored).
+    * fisher: phase 1 trains nothing, so it is not part of the total: ``full_steps`` defaults to
+      ``ceil(fisher_samples / examples_per_step)`` and the sparse phase gets ``max_steps``.
+    * random / bias / dynamic need no phase 1: ``full_steps`` defaults to 0 and the sparse phase gets the rest.
 
     Raises:
         ConfigError: a phase would get no steps.
@@ -156,6 +162,9 @@ def split_steps(config: SFTConfig, max_steps: int) -> tuple[int, int]:
     if (config.full_epochs and full is None and config.selection in NEEDS_FULL_PHASE) or (config.sparse_epochs and sparse is None):
         raise ConfigError("sft: full_epochs/sparse_epochs must be converted to steps for the training data first "
                           "(SFTConfig.with_epochs, done by the train-lang/train-task recipes)")
+    if config.selection == "fisher":
+        full = full if full is not None else math.ceil(config.fisher_samples / max(1, examples_per_step))
+        sparse = sparse if sparse is not None else max_steps
     if full is None:
         if config.selection not in NEEDS_FULL_PHASE:
             full = 0
@@ -165,7 +174,7 @@ def split_steps(config: SFTConfig, max_steps: int) -> tuple[int, int]:
             full = max_steps - sparse
     if sparse is None:
         sparse = max_steps - full
-    if (config.selection in NEEDS_FULL_PHASE and full < 1) or sparse < 1:
+    if (config.selection in (*NEEDS_FULL_PHASE, "fisher") and full < 1) or sparse < 1:
         raise ConfigError(
             f"sft with {config.selection} selection cannot split --max-steps {max_steps} into "
             f"{full} full + {sparse} sparse steps; every phase needs >= 1 step "

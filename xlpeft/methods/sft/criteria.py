@@ -165,14 +165,21 @@ class DiffPruning:
     gamma = -1.5, zeta = 1.5, ``alpha_init = 5`` so that gates start open (z = 1 in ~97% of draws), w
     initialised to zeros, l0 = 1.25e-7 on the *un-normalised* sum (N = 1), and AdamW with lr 0.1 for
     alpha. ``init_alpha = 5`` and ``init_w_std = 0`` follow them; pass ``beta=1.0, gamma=-1.5,
-    zeta=1.5, num_params=1, l0=1.25e-7`` to reproduce their gate and penalty exactly.
+    zeta=1.5, num_params=1, l0=1.25e-7`` to reproduce their gate and penalty exactly (``SFTTrainable``
+    does), and ``alpha_scale = 0.1 / lr`` for their alpha learning rate in the one optimizer the
+    training loop runs: :attr:`alpha` then holds alpha / alpha_scale (see :meth:`_true_alpha`), also
+    in :meth:`state_dict`.
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter], theta0: Mapping[str, torch.Tensor], *,
                  l0: float, seed: int, init_alpha: float = 5.0, beta: float = 2 / 3, gamma: float = -0.1,
-                 zeta: float = 1.1, init_w_std: float = 0.0, num_params: int | None = None) -> None:
+                 zeta: float = 1.1, init_w_std: float = 0.0, num_params: int | None = None,
+                 alpha_scale: float = 1.0) -> None:
         _check_params(params, "DiffPruning")
         self._check_args(params, theta0, l0, init_alpha, beta, gamma, zeta, init_w_std, num_params)
+        if not (math.isfinite(alpha_scale) and alpha_scale > 0):
+            raise ConfigError(f"invalid DiffPruning: `alpha_scale` should be a finite number > 0; got {alpha_scale!r}")
+        self.alpha_scale = float(alpha_scale)
         self.params, self.theta0 = params, theta0
         self.l0, self.seed, self.beta, self.gamma, self.zeta = float(l0), int(seed), float(beta), float(gamma), float(zeta)
         self.num_params = num_params if num_params is not None else sum(p.numel() for p in params.values())
@@ -185,7 +192,8 @@ class DiffPruning:
             if init_w_std:
                 w = torch.randn(p.shape, generator=init, dtype=torch.float32).mul_(init_w_std)
             self.w[n] = nn.Parameter(w.to(p.device))
-            self.alpha[n] = nn.Parameter(torch.full(p.shape, float(init_alpha), dtype=torch.float32, device=p.device))
+            self.alpha[n] = nn.Parameter(torch.full(p.shape, float(init_alpha) / self.alpha_scale, dtype=torch.float32,
+                                                    device=p.device))
         self.draws = 0  # write(train=True) calls so far; the current draw is draws - 1
         self._train: bool | None = None  # the gates last written: sampled (True), deterministic (False)
         self._penalty_due: set[str] = set()  # tensors whose penalty gradient this step still lacks
@@ -236,13 +244,16 @@ class DiffPruning:
         if self._train is None:
             raise XlpeftError("DiffPruning: backward() before write(); call write(train=True) before each step's forward")
         w, alpha = self.w[name], self.alpha[name]
+        true_alpha = self._true_alpha(name)
         g = (grad.to_dense() if grad.is_sparse else grad).float()
         z, dz = self._gate(name, with_grad=True)
         gw = z.mul_(g)  # dL/dw = g * z
         ga = dz.mul_(g).mul_(w)  # dL/dalpha = g * w * dz/dalpha
         if name in self._penalty_due:  # the penalty is not per micro-batch: once per step
             self._penalty_due.discard(name)
-            ga.add_(self._penalty_grad(alpha))
+            ga.add_(self._penalty_grad(true_alpha))
+        if self.alpha_scale != 1.0:  # the optimizer's parameter is alpha / alpha_scale
+            ga.mul_(self.alpha_scale)
         for param, update in ((w, gw), (alpha, ga)):
             if param.grad is None:
                 param.grad = update
@@ -252,7 +263,7 @@ class DiffPruning:
     def __call__(self, name: str) -> torch.Tensor:
         """Selection score |z_det * w|: the diff as evaluated, the magnitude Guo et al. prune by."""
         with torch.no_grad():
-            return self._deterministic(self.alpha[name])[0].mul_(self.w[name]).abs_()
+            return self._deterministic(self._true_alpha(name))[0].mul_(self.w[name]).abs_()
 
     # ---- the gates
     def uniform(self, name: str) -> torch.Tensor:
@@ -266,7 +277,7 @@ class DiffPruning:
 
     def _gate(self, name: str, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(z, dz/dalpha or None) of the gates last written: sampled or deterministic."""
-        alpha = self.alpha[name].detach()
+        alpha = self._true_alpha(name)
         if not self._train:
             return self._deterministic(alpha, with_grad)
         s = self.uniform(name)
@@ -285,6 +296,15 @@ class DiffPruning:
             dz.mul_((zbar > 0) & (zbar < 1))
         return zbar.clamp_(0.0, 1.0), dz
 
+    def _true_alpha(self, name: str) -> torch.Tensor:
+        """The gates' log-alpha: the optimizer's parameter times ``alpha_scale``.
+
+        Adam's step is about lr whatever the gradient's scale, so a separate learning rate for alpha
+        (Guo et al.: 0.1, against ~1e-5 for w) is had in one optimizer by training alpha / scale with
+        scale = lr_alpha / lr: the step on alpha is then about lr_alpha."""
+        alpha = self.alpha[name].detach()
+        return alpha if self.alpha_scale == 1.0 else alpha * self.alpha_scale
+
     # ---- the penalty
     def _penalty_grad(self, alpha: torch.Tensor) -> torch.Tensor:
         sig = torch.sigmoid(alpha.detach() - self.beta * math.log(-self.gamma / self.zeta))
@@ -294,7 +314,7 @@ class DiffPruning:
         """l0 * E[L0] / N: the penalty term of the loss, for logging (its gradient is in :meth:`backward`)."""
         shift = self.beta * math.log(-self.gamma / self.zeta)
         with torch.no_grad():
-            total = sum(float(torch.sigmoid(a - shift).sum(dtype=torch.float64)) for a in self.alpha.values())
+            total = sum(float(torch.sigmoid(self._true_alpha(n) - shift).sum(dtype=torch.float64)) for n in self.alpha)
         return self.l0 * total / self.num_params
 
     # ---- state and memory

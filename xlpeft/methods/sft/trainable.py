@@ -48,6 +48,7 @@ from xlpeft.errors import XlpeftError
 from xlpeft.methods.base import Phase
 from xlpeft.methods.sft.applied import retie_decoder, untie_decoder
 from xlpeft.methods.sft.config import SFTConfig, default_num_params, layer_params, split_steps
+from xlpeft.methods.sft.criteria import DiffPruning, FisherScores
 from xlpeft.methods.sft.delta import SparseDelta
 from xlpeft.methods.sft.dynamic import DynamicSelector, allocate, holds, random_subset
 from xlpeft.methods.sft.memory import PeakMemory
@@ -106,7 +107,8 @@ class SFTTrainable:
             )
         else:
             self.num_params = config.num_params
-        full, sparse = split_steps(config, train_cfg.max_steps)
+        full, sparse = split_steps(config, train_cfg.max_steps, train_cfg.batch_size * train_cfg.grad_accum)
+        self.lr = train_cfg.lr
         # random / bias selections need no phase 1: it is left out rather than run for 0 steps
         # composable-sft resets every parameter before phase 2, the task head included (reset_head)
         self.phases = ([Phase("full", full)] if full else []) + [Phase("sparse", sparse, reset_extras=config.reset_head)]
@@ -120,6 +122,8 @@ class SFTTrainable:
         self.memory = PeakMemory(next(self.model.parameters()).device)
         self._theta0: dict[str, torch.Tensor] = {}
         self._movement: MovementScores | None = None
+        self._fisher: FisherScores | None = None  # selection=fisher: phase 1 sums squared gradients at theta0
+        self._diff: DiffPruning | None = None  # selection=diff_pruning: phase 1 learns theta0 + z * w
         self.indices: dict[str, torch.Tensor] = {}
         self._base_values: dict[str, torch.Tensor] = {}  # theta0 at ``indices``: exact restore
         self.values: dict[str, nn.Parameter] = {}
@@ -136,7 +140,11 @@ class SFTTrainable:
         self._current = phase.name
         if phase.name == "full":
             self.memory.start()
+            if self.config.selection == "fisher":
+                return self._begin_fisher()
             self._theta0 = {n: p.detach().clone() for n, p in self.params.items()}
+            if self.config.selection == "diff_pruning":
+                return self._begin_diff_pruning()
             if self.config.selection == "movement":
                 self._movement = MovementScores(self.params, self._theta0, self.config.movement)
                 self._full_hooks.append(register_optimizer_step_pre_hook(self._before_step))
@@ -180,7 +188,11 @@ class SFTTrainable:
 
         theta0 is not saved: a resumed run loads the same base, whose weights are theta0 again.
         """
-        if self._current == "full":
+        if self._current == "full" and self._fisher is not None:
+            state = self._fisher.state_dict()
+        elif self._current == "full" and self._diff is not None:
+            state = self._diff.state_dict()
+        elif self._current == "full":
             state = {f"{_WEIGHT}{n}": p.detach() for n, p in self.params.items()}
             if self._movement is not None:
                 state.update({f"{_MOVEMENT}{n}": s for n, s in self._movement.scores.items()})
@@ -201,6 +213,12 @@ class SFTTrainable:
             if not self.indices:
                 raise XlpeftError("sft: the checkpoint holds no sparse indices; it was not written by an sft run")
         params = self.begin_phase(phase)  # theta0 is snapshotted here, from the fresh weights
+        if self._fisher is not None or self._diff is not None:
+            (self._fisher or self._diff).load_state_dict(state)  # checks the keys itself
+            if self._diff is not None:  # the weights of the step being resumed: its draw again
+                self._diff.draws -= 1
+                self._diff.write(train=True)
+            return params
         wanted = {f"{_WEIGHT}{n}" for n in self.params} if phase.name == "full" else {f"{_VALUES}{n}" for n in self.values}
         if self._movement is not None:
             wanted |= {f"{_MOVEMENT}{n}" for n in self.params}
@@ -226,6 +244,8 @@ class SFTTrainable:
             self._l1_due = set(self.params)
             if self._movement is not None:
                 self._movement.after_step()
+            if self._diff is not None:
+                self._diff.write(train=True)  # the next step's gates
         elif phase.name == "sparse":
             self._write_back()
             self._l1_due = set(self.indices)
@@ -242,6 +262,9 @@ class SFTTrainable:
             for p in self.params.values():
                 p.grad = None  # the last step's dense gradients (1x the model): selection does not need them
             gc.collect()  # phase 1's optimizer (2x the model) is garbage now, unless held in a cycle
+            if self._fisher is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+                for name in self.params:  # every rank's examples in one Fisher sum, so all select one mask
+                    torch.distributed.all_reduce(self._fisher(name))
             self._select()
             self._reset()
             return {"full_peak_memory_mb": peak, **self._pop_pending()}
@@ -294,6 +317,36 @@ class SFTTrainable:
             self._decoder = None
 
     # ---- helpers
+    def _begin_fisher(self) -> list[nn.Parameter]:
+        """FISH mask (Sung et al. 2021): each micro-batch's squared gradient is summed at theta0 and dropped,
+        so the optimizer has nothing to apply and the weights never move; no theta0 copy is needed."""
+        self._fisher = FisherScores(self.params)
+        for name, p in self.params.items():
+            p.requires_grad_(True)
+            self._full_hooks.append(p.register_post_accumulate_grad_hook(partial(self._fisher_hook, name)))
+        return list(self.params.values())
+
+    def _fisher_hook(self, name: str, p: nn.Parameter) -> None:
+        self._fisher.accumulate(name, p.grad)
+        p.grad = None
+
+    def _begin_diff_pruning(self) -> list[nn.Parameter]:
+        """Diff pruning (Guo et al. 2021) with their released gate, penalty and alpha learning rate:
+        the optimizer trains the diff w and the gates' log-alphas; each weight's gradient is turned
+        into theirs by hand (:meth:`DiffPruning.backward`) and dropped."""
+        c = self.config
+        self._diff = DiffPruning(self.params, self._theta0, l0=c.diff_l0, seed=self.seed, init_alpha=5.0, beta=1.0,
+                                 gamma=-1.5, zeta=1.5, num_params=1, alpha_scale=c.diff_alpha_lr / self.lr)
+        for name, p in self.params.items():
+            p.requires_grad_(True)
+            self._full_hooks.append(p.register_post_accumulate_grad_hook(partial(self._diff_hook, name)))
+        self._diff.write(train=True)  # the first step's gates
+        return self._diff.parameters()
+
+    def _diff_hook(self, name: str, p: nn.Parameter) -> None:
+        self._diff.backward(name, p.grad)
+        p.grad = None
+
     def _l1_full(self, name: str, p: nn.Parameter) -> None:
         """Phase-1 post-accumulate-grad hook: add ``l1 * sign(theta - theta0) / N`` once per optimizer step."""
         if name in self._l1_due:
@@ -376,17 +429,22 @@ class SFTTrainable:
             return lambda n: (self.params[n].detach() - self._theta0[n]).abs_()
         if selection == "movement":
             return self._movement
+        if selection == "fisher":
+            return self._fisher
+        if selection == "diff_pruning":
+            return self._diff
         positions = {n: i for i, n in enumerate(self.params)}
         return lambda n: random_scores(self.params[n].numel(), self.seed, positions[n], self.params[n].device)
 
     @torch.no_grad()
     def _reset(self) -> None:
         for name, p in self.params.items():
-            p.copy_(self._theta0[name])
+            if name in self._theta0:  # fisher: the weights never left theta0
+                p.copy_(self._theta0[name])
             p.requires_grad_(False)
             p.grad = None
         self._theta0 = {}
-        self._movement = None
+        self._movement = self._fisher = self._diff = None
 
     def _pop_pending(self) -> dict[str, float]:
         out, self._pending = self._pending, {}

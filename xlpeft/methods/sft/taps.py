@@ -44,39 +44,54 @@ from functools import partial
 import torch
 from torch import nn
 
-SAMPLED_BELOW = 0.05  # density below which the SDDMM is used (see the module docstring for the measurement)
+SAMPLED_BELOW = 0.02  # density below which the SDDMM is used (see the module docstring for the measurement)
 CHUNK = 1 << 22  # entries of a dense gradient block computed at once: 16 MiB in fp32
 ENTRY_GRADIENTS = ("auto", "sampled", "dense", "autograd")
 
 
 class Entries:
-    """A weight's entries (flat indices in slot order) sorted, with the CSR row pointers the products need."""
+    """A weight's entries sorted by flat index, as CSR: row pointers, columns and the slot of each.
+
+    8 bytes per entry (int32 columns and slots; none for the slots when the indices are sorted
+    already, as LT-SFT's are) plus the row pointers, beside the trainable's own 16 (index, value,
+    theta0 at the index): each tensor's entries are rebuilt only after a reselection.
+    """
 
     def __init__(self, idx: torch.Tensor, shape: tuple[int, int]) -> None:
         rows, cols = shape
-        self.order = torch.argsort(idx)  # (K,) sorted position -> slot
-        self.flat = idx[self.order]  # (K,) ascending
-        self.rows = torch.div(self.flat, cols, rounding_mode="floor")  # (K,) ascending
-        self.cols = self.flat - self.rows * cols  # (K,)
+        ordered = bool((idx[1:] > idx[:-1]).all()) if len(idx) > 1 else True
+        index_dtype = torch.int32 if rows * cols < 2**31 else torch.long
+        order = None if ordered else torch.argsort(idx)
+        flat = idx if order is None else idx[order]  # (K,) ascending
+        row = torch.div(flat, cols, rounding_mode="floor")
+        self.order = None if order is None else order.to(index_dtype)  # (K,) sorted position -> slot
+        self.cols = (flat - row * cols).to(index_dtype)  # (K,)
         crow = torch.zeros(rows + 1, dtype=torch.long, device=idx.device)
-        crow[1:] = torch.bincount(self.rows, minlength=rows).cumsum(0)
+        crow[1:] = torch.bincount(row, minlength=rows).cumsum(0)
         self.crow = crow  # (rows + 1,)
         self.bounds = crow.tolist()  # host copy: block boundaries without a device sync per block
         self.shape = shape
-        self._csr: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return len(self.flat)
+        return len(self.cols)
 
-    def csr(self) -> torch.Tensor:
-        if self._csr is None:
-            zeros = torch.zeros(len(self.flat), device=self.flat.device)
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": the SDDMM is what is used of it
-                warnings.simplefilter("ignore", UserWarning)
-                self._csr = torch.sparse_csr_tensor(self.crow, self.cols, zeros, size=self.shape)
-        return self._csr
+    def block_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """The row (relative to ``r0``) of each entry in rows ``r0:r1``."""
+        counts = self.crow[r0 + 1:r1 + 1] - self.crow[r0:r1]
+        return torch.repeat_interleave(torch.arange(r1 - r0, device=counts.device), counts)
+
+    def block_csr(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` as a (r1 - r0, cols) CSR pattern (zeros), for the SDDMM."""
+        s, t = self.bounds[r0], self.bounds[r1]
+        crow = (self.crow[r0:r1 + 1] - s).to(self.cols.dtype)
+        zeros = torch.zeros(t - s, device=self.cols.device)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the SDDMM is what is used of it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(crow, self.cols[s:t], zeros, size=(r1 - r0, self.shape[1]))
 
     def to_slots(self, sorted_values: torch.Tensor) -> torch.Tensor:
+        if self.order is None:
+            return sorted_values
         out = torch.empty_like(sorted_values)
         out[self.order] = sorted_values
         return out
@@ -98,16 +113,19 @@ class LinearPart:
         return self.dy[:, r0:r1].t() @ self.x  # (r1 - r0, cols)
 
     def at(self, e: Entries, sampled: bool) -> torch.Tensor:
-        """The gradient at ``e``'s entries, in slot order (K,)."""
-        if sampled:
-            vals = torch.sparse.sampled_addmm(e.csr(), self.dy.t().contiguous(), self.x, beta=0.0).values()
-            return e.to_slots(vals)
+        """The gradient at ``e``'s entries, in slot order (K,), row block by row block (bounded temporaries)."""
         vals = torch.empty(len(e), dtype=self.x.dtype, device=self.x.device)
         cols = e.shape[1]
         for r0, r1 in row_blocks(*e.shape):
             s, t = e.bounds[r0], e.bounds[r1]
-            if s < t:
-                vals[s:t] = self.block(r0, r1).reshape(-1)[e.flat[s:t] - r0 * cols]
+            if s == t:
+                continue
+            if sampled:  # SDDMM: dy[:, r0:r1]^T x at the block's entries only
+                dy = self.dy[:, r0:r1].t().contiguous()  # (r1 - r0, T)
+                vals[s:t] = torch.sparse.sampled_addmm(e.block_csr(r0, r1), dy, self.x, beta=0.0).values()
+            else:
+                local = e.block_rows(r0, r1) * cols + e.cols[s:t]  # (t - s,) flat offsets inside the block
+                vals[s:t] = self.block(r0, r1).reshape(-1)[local]
         return e.to_slots(vals)
 
 
@@ -128,15 +146,16 @@ class EmbeddingPart:
         return out
 
     def at(self, e: Entries, sampled: bool = True) -> torch.Tensor:
-        starts = torch.searchsorted(e.rows, self.rows)  # (u,) first entry of each batch row
-        lengths = torch.searchsorted(e.rows, self.rows, right=True) - starts  # (u,) entries in that row
+        starts = e.crow[self.rows]  # (u,) first entry of each batch row
+        lengths = e.crow[self.rows + 1] - starts  # (u,) entries in that row
         n = int(lengths.sum())
         out = torch.zeros(len(e), dtype=self.grad.dtype, device=self.grad.device)
         if n:
             which = torch.repeat_interleave(torch.arange(len(self.rows), device=lengths.device), lengths)  # (n,)
             offset = torch.arange(n, device=lengths.device) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
             pos = starts[which] + offset  # (n,) sorted positions of the entries in the batch's rows
-            out[e.order[pos]] = self.grad[which, e.cols[pos]]
+            slots = pos if e.order is None else e.order[pos]
+            out[slots] = self.grad[which, e.cols[pos]]
         return out
 
 

@@ -95,6 +95,27 @@ def test_two_ranks_equal_one_process_task(workdir, nodrop_base, ner_files, metho
     _assert_same_module(workdir / "modules/one", workdir / "modules/two")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [
+    ["selection=dynamic", "reselect_every=3", "accumulation_steps=1"],
+    ["selection=dynamic", "growth=sm3", "reselect_every=3", "accumulation_steps=1"],
+    ["selection=fisher", "fisher_samples=16"],
+], ids=["dynamic-rigl", "dynamic-sm3", "fisher"])
+def test_two_ranks_keep_one_mask(workdir, nodrop_base, sw_corpus, settings):
+    """Ranks see different rows, so their gradients differ; the mask must not: dynamic reselections take
+    rank 0's growth and FISH sums every rank's Fisher scores. The loop compares the ranks' masks after
+    each phase and fails the run if they differ, so a finished 2-rank run is the check."""
+    sets = [x for setting in ["num_params=1500", *settings] for x in ("--set", setting)]
+    args = ["train-lang", "--lang", "sw", "--method", "sft", "--base", str(nodrop_base), "--corpus", str(sw_corpus),
+            "--max-steps", "8", "--batch-size", "4", "--set", "max_seq_len=32", "--set", "lr=3e-3", *sets]
+    _xlpeft(workdir, 2, *args, "--output", "modules/two")
+    module = load_module(workdir / "modules/two")
+    assert module.manifest.trainable_parameters == 1500
+    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("xlpeft").experiment_id])
+    if "selection=dynamic" in settings:  # reselections after steps 1, 4 and 7 really happened
+        assert runs[0].data.metrics["reselections"] == 3 and runs[0].data.metrics["replaced_entries"] > 0
+
+
 def test_odd_batch_is_refused_with_a_fix():
     from xlpeft.distributed import Dist
     from xlpeft.errors import XlpeftError

@@ -15,8 +15,9 @@ with it the phase structure) differs:
 The figure is the run's own held-out MLM loss after training (``training.eval_loss`` in the
 module's ``xlpeft.json``): the same held-out blocks of the corpus for every row (fixed by corpus and
 seed) and the same masking. No hyper-parameter is tuned here; the learning rate is sft's default
-(5e-5, composable-sft's) unless ``--lr``. Prints the machine, the command of every run, its wall
-time, and the loss relative to the magnitude (LT-SFT) row.
+(5e-5, composable-sft's) unless ``--lr``. Prints the machine, the command of every run, its
+time in the training loops (from the module's manifest), and the loss relative to the magnitude
+(LT-SFT) row. ``--reuse`` reports finished runs of the same arguments found in ``--workdir``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--selections", default=",".join(VARIANTS))
     ap.add_argument("--workdir", default="benchmarks/.sft-quality", help="modules and logs go here")
+    ap.add_argument("--reuse", action="store_true",
+                    help="report a finished run found in --workdir instead of training it again (same arguments!)")
     args = ap.parse_args()
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)  # also the runs' cwd: their MLflow store is work/mlflow.db
@@ -72,17 +74,19 @@ def main() -> None:
         for setting in VARIANTS[name] + ([f"num_params={args.k}"] if args.k else []) + ([f"lr={args.lr}"] if args.lr else []):
             cmd += ["--set", setting]
         print("$", " ".join(cmd[2:]), flush=True)
-        start = time.perf_counter()
-        with open(work / f"{out.name}.log", "w") as log:
-            subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
-        seconds = time.perf_counter() - start
+        if not (args.reuse and (out / "xlpeft.json").exists()):
+            with open(work / f"{out.name}.log", "w") as log:
+                subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
         manifest = json.loads((out / "xlpeft.json").read_text())
         training = manifest["training"]
+        seconds = sum(phase["seconds"] for phase in training["phases"].values())  # the training loops' own time
+        print(f"  {name}: K {manifest['trainable_parameters']:,}, held-out MLM loss {training['eval_loss_before']:.4f} -> "
+              f"{training['eval_loss']:.4f}", flush=True)
         rows.append((name, manifest["trainable_parameters"], training["eval_loss_before"], training["eval_loss"], seconds))
     ref = next((r for r in rows if r[0] == "magnitude"), rows[0])
     print(f"\n{args.base}, {args.lang} ({args.corpus}), {args.steps} training steps, batch {args.batch} x {args.seq}, "
           f"seed {args.seed}")
-    print("| selection | K used | held-out MLM loss before | after | vs magnitude | wall s |")
+    print("| selection | K used | held-out MLM loss before | after | vs magnitude | training s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, k, before, after, seconds in rows:
         print(f"| {name} | {k:,} | {before:.4f} | {after:.4f} | {(after / ref[3] - 1) * 100:+.2f}% | {seconds:.0f} |")

@@ -18,10 +18,12 @@ autograd tap on each module that reads them computes the gradient at the entries
 
 ``entry_gradients=auto`` picks per tensor: sampled where the tensor's density K_i / numel is below
 :data:`SAMPLED_BELOW`, dense otherwise. The threshold is measured, not derived: torch's CPU SDDMM is
-memory-bound, so at mBERT-base's shapes and 2,048 tokens (2 CPU cores, torch 2.13) it costs 0.2-0.5x
-the dense product at 0.5% density, 0.45-0.85x at 2%, 0.5-1.1x at 4.3% (LT-SFT's K) and 1.1-1.7x at
-10% (``benchmarks/sft_memory.py`` times both). The choice is a function of the config and the mask
-only, so a resumed run takes the same path and stays bit-identical.
+memory-bound, so at mBERT-base's shapes (768x768, 3072x768, 768x3072) and 2,048 tokens (2 CPU
+cores, torch 2.13) it cost 0.4-0.5x the dense product at 0.5% density and 0.4-0.8x at 2%, but
+0.95-1.6x at 4.3% (LT-SFT's K) and more above (``benchmarks/sft_entry_gradients.py``; a GPU will
+differ: re-measure there; ``benchmarks/sft_memory.py`` times whole steps with each path). The
+choice is a function of the config and the mask only, so a resumed run takes the same path and
+stays bit-identical.
 
 Growth statistics of the dynamic delta (:mod:`.dynamic`) need more than the entries: RigL's
 candidates are the largest |gradient| over the whole tensor (one micro-batch per window) and SM3

@@ -558,7 +558,8 @@ def run_extras(args, work: Path, mbert_dir: Path | None) -> list[str]:
     sft = HERE / "sft_memory.py"
     if sft.is_file():
         print("## extras: LT-SFT phase memory (benchmarks/sft_memory.py)", flush=True)
-        cmd = [sys.executable, str(sft), "--device", args.device] + (["--steps", "2", "--seq", "64"] if args.quick else [])
+        cmd = [sys.executable, str(sft), "--device", args.device, "--rows", "lt-sft,dynamic-rigl"]
+        cmd += ["--steps", "3", "--seq", "64"] if args.quick else []
         log = work / "sft_memory.log"
         wall, _ = run_child(cmd, log)
         text = log.read_text(encoding="utf-8", errors="replace")

@@ -265,10 +265,14 @@ def test_phase2_touches_only_selected_entries(base, selection):
         assert torch.equal(p, before[name]) and not p.requires_grad, f"{name} not restored exactly"
 
 
-@pytest.mark.parametrize("entry_gradients,k", [("auto", 200), ("sampled", 3000), ("dense", 3000), ("autograd", 200)])
-def test_sparse_gradient_is_the_dense_gradient_at_the_indices(base, entry_gradients, k):
+@pytest.mark.parametrize("entry_gradients,k,chunk", [("auto", 200, None), ("sampled", 3000, None), ("dense", 3000, None),
+                                                     ("sampled", 3000, 100), ("dense", 3000, 100), ("autograd", 200, None)])
+def test_sparse_gradient_is_the_dense_gradient_at_the_indices(base, entry_gradients, k, chunk, monkeypatch):
     """Every way of computing v.grad (taps: SDDMM, dense row blocks, row-sparse embeddings and the tied
-    decoder; or autograd's dense gradient) equals autograd's weight gradient at the entries."""
+    decoder; or autograd's dense gradient) equals autograd's weight gradient at the entries. ``chunk``:
+    blocks of 100 entries, so every weight is cut into row blocks as a base-size embedding matrix is."""
+    if chunk is not None:
+        monkeypatch.setattr("xlpeft.methods.sft.taps.CHUNK", chunk)
     config = SFTConfig(num_params=k, selection="random", entry_gradients=entry_gradients)
     trainable = SFTTrainable(base, config, TrainConfig(max_steps=1))
     inputs, labels = mask_tokens(_ids(base), base.tokenizer, 0.3, torch.Generator().manual_seed(1))

@@ -54,9 +54,11 @@ ENTRY_GRADIENTS = ("auto", "sampled", "dense", "autograd")
 class Entries:
     """A weight's entries sorted by flat index, as CSR: row pointers, columns and the slot of each.
 
-    8 bytes per entry (int32 columns and slots; none for the slots when the indices are sorted
-    already, as LT-SFT's are) plus the row pointers, beside the trainable's own 16 (index, value,
-    theta0 at the index): each tensor's entries are rebuilt only after a reselection.
+    4-12 bytes per entry (int32 columns, slots unless the indices are sorted already, as LT-SFT's
+    are, and flat indices for weights of more than one block) plus the row pointers, beside the
+    trainable's own 16 (index, value, theta0 at the index); rebuilt only after a reselection. A
+    weight of one block (every Linear of a base-size encoder) is gathered densely in slot order
+    straight from the trainable's index vector, as the autograd path does.
     """
 
     def __init__(self, idx: torch.Tensor, shape: tuple[int, int]) -> None:
@@ -68,6 +70,8 @@ class Entries:
         row = torch.div(flat, cols, rounding_mode="floor")
         self.order = None if order is None else order.to(index_dtype)  # (K,) sorted position -> slot
         self.cols = (flat - row * cols).to(index_dtype)  # (K,)
+        self.slots_flat = idx if rows * cols <= CHUNK else None  # one block: gather in slot order, no sort
+        self.flat = flat.to(index_dtype) if self.slots_flat is None else None  # (K,) for block-local offsets
         crow = torch.zeros(rows + 1, dtype=torch.long, device=idx.device)
         crow[1:] = torch.bincount(row, minlength=rows).cumsum(0)
         self.crow = crow  # (rows + 1,)
@@ -76,11 +80,6 @@ class Entries:
 
     def __len__(self) -> int:
         return len(self.cols)
-
-    def block_rows(self, r0: int, r1: int) -> torch.Tensor:
-        """The row (relative to ``r0``) of each entry in rows ``r0:r1``."""
-        counts = self.crow[r0 + 1:r1 + 1] - self.crow[r0:r1]
-        return torch.repeat_interleave(torch.arange(r1 - r0, device=counts.device), counts)
 
     def block_csr(self, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` as a (r1 - r0, cols) CSR pattern (zeros), for the SDDMM."""
@@ -116,6 +115,8 @@ class LinearPart:
 
     def at(self, e: Entries, sampled: bool) -> torch.Tensor:
         """The gradient at ``e``'s entries, in slot order (K,), row block by row block (bounded temporaries)."""
+        if not sampled and e.slots_flat is not None:  # the whole weight is one block: gather it in slot order
+            return self.block(0, e.shape[0]).reshape(-1)[e.slots_flat]
         vals = torch.empty(len(e), dtype=self.x.dtype, device=self.x.device)
         cols = e.shape[1]
         for r0, r1 in row_blocks(*e.shape):
@@ -126,8 +127,7 @@ class LinearPart:
                 dy = self.dy[:, r0:r1].t().contiguous()  # (r1 - r0, T)
                 vals[s:t] = torch.sparse.sampled_addmm(e.block_csr(r0, r1), dy, self.x, beta=0.0).values()
             else:
-                local = e.block_rows(r0, r1) * cols + e.cols[s:t]  # (t - s,) flat offsets inside the block
-                vals[s:t] = self.block(r0, r1).reshape(-1)[local]
+                vals[s:t] = self.block(r0, r1).reshape(-1)[e.flat[s:t] - r0 * cols]
         return e.to_slots(vals)
 
 

@@ -1,6 +1,8 @@
 """Training an LT-SFT through the :class:`~xlpeft.methods.base.Trainable` protocol, and activating a saved one.
 
-Phase 1 ("full") fine-tunes every maskable weight in place, keeping a copy of theta0. At its end
+Phase 1 ("full") fine-tunes every maskable weight in place, keeping a copy of theta0 (selection
+``fisher``: sums squared gradients at theta0 instead and trains nothing; ``diff_pruning``: trains
+theta0 + z * w, :mod:`.criteria`). At its end
 the K entries are selected, the weights are reset to theta0 (an exact copy back), and phase 2
 ("sparse") trains only those entries.
 
@@ -8,10 +10,13 @@ Phase 2 mechanism. Per parameter with selected entries the optimiser sees one va
 ``v`` (K_i,), zero-initialised; the index vector ``idx`` (K_i,) and theta0 at those entries are
 kept beside it. The weight itself stays a dense Parameter holding ``theta0 + scatter(idx, v)``:
 
-* backward: the weight has ``requires_grad`` so autograd produces its dense gradient as for any
-  matmul; a post-accumulate-grad hook gathers ``grad[idx]`` into ``v.grad`` and drops the dense
-  gradient at once, so only one tensor's dense gradient lives at a time and nothing is multiplied
-  by a dense mask;
+* backward (``entry_gradients`` auto, sampled, dense; :mod:`.taps`): the weight stays frozen and
+  taps on the Linear / Embedding modules that read it compute ``v.grad`` at the entries only (an
+  SDDMM or a dense product per row block, the embeddings' batch rows), so no dense weight gradient
+  is ever kept; biases, LayerNorms and anything else, or ``entry_gradients=autograd``: the weight
+  has ``requires_grad``, autograd produces its dense gradient, and a post-accumulate-grad hook
+  gathers ``grad[idx]`` into ``v.grad`` and drops it at once, so one tensor's dense gradient lives
+  at a time and nothing is multiplied by a dense mask;
 * step: AdamW updates ``v`` only (its state is 2 x K floats), then ``after_step`` writes
   ``theta0[idx] + v`` back into the weight with ``index_copy_``. Entries outside ``idx`` are never
   written, so they stay bit-identical to theta0.

@@ -3,27 +3,14 @@
 import pytest
 import torch
 
+from tests.methods.mlm_data import masked_loss, random_batches
 from xlpeft.config import TrainConfig
-from xlpeft.data.mlm import mask_tokens
 from xlpeft.errors import ConfigError, XlpeftError
 from xlpeft.methods.sft import SFTConfig, SFTTrainable, SparseDelta
 from xlpeft.methods.sft.dynamic import allocate, random_subset
-from xlpeft.training import mlm_loss, train_loop
+from xlpeft.training import train_loop
 
-
-def _batches(base, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        yield torch.randint(5, len(base.tokenizer), (4, 16), generator=gen)
-
-
-def _loss(base, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-
-    def loss_fn(ids):
-        inputs, labels = mask_tokens(ids, base.tokenizer, 0.3, gen)
-        return mlm_loss(base, inputs, labels)
-    return loss_fn
+_batches, _loss = random_batches, masked_loss
 
 
 def _dynamic(**kw):

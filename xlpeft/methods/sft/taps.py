@@ -161,34 +161,29 @@ class EmbeddingPart:
         return out
 
 
-class _LinearTap(torch.autograd.Function):
+def _linear_part(w: TappedWeight, dy: torch.Tensor, x: torch.Tensor) -> LinearPart:
+    return LinearPart(dy.reshape(-1, dy.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float())  # (T, rows), (T, cols)
+
+
+def _embedding_part(w: TappedWeight, dy: torch.Tensor, ids: torch.Tensor) -> EmbeddingPart:
+    return EmbeddingPart(ids.reshape(-1), dy.reshape(-1, dy.shape[-1]).float(), w.padding_idx)  # (T,), (T, H)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a module's output ``y``; its backward hands ``dy`` (and the module's input) to the weight's
+    taps and returns the gradient at the entries as ``values``' gradient."""
+
     @staticmethod
-    def forward(ctx, y, x, values, weight):
-        ctx.save_for_backward(x)
-        ctx.weight = weight
+    def forward(ctx, y, inp, values, weight, make_part):
+        ctx.save_for_backward(inp)
+        ctx.weight, ctx.make_part = weight, make_part
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, dy):
-        (x,) = ctx.saved_tensors
+        (inp,) = ctx.saved_tensors
         w = ctx.weight
-        part = LinearPart(dy.reshape(-1, dy.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float())
-        return dy, None, w.contribute(part).to(w.param.dtype), None
-
-
-class _EmbeddingTap(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, ids, values, weight):
-        ctx.save_for_backward(ids)
-        ctx.weight = weight
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, dy):
-        (ids,) = ctx.saved_tensors
-        w = ctx.weight
-        part = EmbeddingPart(ids.reshape(-1), dy.reshape(-1, dy.shape[-1]).float(), w.padding_idx)
-        return dy, None, w.contribute(part).to(w.param.dtype), None
+        return dy, None, w.contribute(ctx.make_part(w, dy, inp)).to(w.param.dtype), None, None
 
 
 class TappedWeight:
@@ -280,8 +275,9 @@ class EntryTaps:
             w = TappedWeight(name, p, self, sampled, emb.padding_idx if emb is not None else None)
             self.weights[name] = w
             for m in mods:
-                hook = _linear_hook if isinstance(m, nn.Linear) else _embedding_hook
-                self._handles.append(m.register_forward_hook(partial(hook, w, self._values(name)), prepend=True))
+                make_part = _linear_part if isinstance(m, nn.Linear) else _embedding_part
+                self._handles.append(m.register_forward_hook(partial(_hook, w, self._values(name), make_part),
+                                                             prepend=True))
             tapped.add(name)
         return tapped
 
@@ -310,15 +306,8 @@ def _tappable(module: nn.Module) -> bool:
             and not module.sparse)
 
 
-def _linear_hook(w: TappedWeight, values: Callable[[], nn.Parameter], module, args, output):
+def _hook(w: TappedWeight, values: Callable[[], nn.Parameter], make_part, module, args, output):
     if not torch.is_grad_enabled():
         return None
     w.uses += 1
-    return _LinearTap.apply(output, args[0], values(), w)
-
-
-def _embedding_hook(w: TappedWeight, values: Callable[[], nn.Parameter], module, args, output):
-    if not torch.is_grad_enabled():
-        return None
-    w.uses += 1
-    return _EmbeddingTap.apply(output, args[0], values(), w)
+    return _Tap.apply(output, args[0], values(), w, make_part)

@@ -12,6 +12,8 @@ depend on the values. Every row runs the code ``train-lang`` runs (``train_loop`
   (b) LT-SFT phase 1: the same, plus the theta0 copy (and movement scores with --selection movement);
   (c) selection of K entries (streamed top-K), timed;
   (d) LT-SFT phase 2: AdamW on the K selected entries only;
+  (f) the FISH mask (``selection=fisher``): squared gradients at theta0 over ``--fisher-batches``
+      batches, then the same top-K; its overlap with (c)'s magnitude mask is printed under the table;
   (e) SpIEL's dynamic delta (``selection=dynamic``): AdamW on K entries from the first step, with a
       gradient window (K candidates per tensor: indices, sums, squares, counts: +20 bytes per entry) and a drop-and-grow reselection.
 
@@ -120,9 +122,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--k", type=int, default=7_667_712, help="entries kept (LT-SFT language SFT: 7,667,712)")
-    ap.add_argument("--rows", default="lt-sft,dynamic-rigl,dynamic-sm3",
-                    help="comma list of row groups: lt-sft, dynamic-rigl, dynamic-sm3, modes (also entry_gradients="
-                         "sampled/dense for phase 2 and autograd for sm3)")
+    ap.add_argument("--rows", default="lt-sft,fisher,dynamic-rigl,dynamic-sm3",
+                    help="comma list of row groups: lt-sft, fisher (needs lt-sft: its mask overlap), dynamic-rigl, "
+                         "dynamic-sm3, modes (also entry_gradients=sampled/dense for phase 2 and autograd for sm3)")
+    ap.add_argument("--fisher-batches", type=int, default=2, help="FISH: batches of squared gradients (the paper: 1024 "
+                    "examples, 128 batches of 8; each costs one forward and backward)")
     ap.add_argument("--selection", default="magnitude", choices=("magnitude", "movement"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
@@ -142,6 +146,7 @@ def main() -> None:
     data = mlm_batches(args.batch, args.seq, base.model.config.vocab_size, args.device)
     base.model.train()
     rows: list[dict] = []
+    notes: list[str] = []
 
     # (a) full fine-tuning of the maskable weights
     meter = PeakMemory(args.device)
@@ -179,6 +184,25 @@ def main() -> None:
                          state=16 * k, peak=metrics["sparse_peak_memory_mb"], speed=speed))
         trainable.close()
         release_memory()
+        if "fisher" in args.rows:  # FISH: squared gradients at theta0 over a few batches, then the same top-K
+            fish = SFTTrainable(base, replace(sft_cfg, selection="fisher", full_steps=max(2, args.fisher_batches)), cfg)
+            fisher_phase = fish.phases[0]
+            params = fish.begin_phase(fisher_phase)
+            start = time.perf_counter()
+            speed = run_phase(base, params, cfg, fisher_phase.steps, data)
+            accumulate_s = time.perf_counter() - start
+            metrics = fish.end_phase(fisher_phase)  # the selection
+            overlap = sum(int(torch.isin(fish.indices[n], mask[n]).sum()) for n in fish.indices if n in mask)
+            rows.append(dict(name=f"(f) FISH mask: {fisher_phase.steps} batches at theta0", trainable=0, grads=0,
+                             optimizer=0, state=4 * n, peak=metrics["full_peak_memory_mb"], speed=speed))
+            rows.append(dict(name=f"(f) FISH selection of K={args.k:,}", trainable=0, grads=0, optimizer=0, state=0,
+                             peak=metrics["selection_peak_memory_mb"], seconds=metrics["selection_seconds"]))
+            notes.append(f"FISH mask: {fisher_phase.steps} batches of {args.batch} x {args.seq} accumulated in "
+                         f"{accumulate_s:.1f} s, selected in {metrics['selection_seconds']:.1f} s; "
+                         f"{overlap:,} of its {args.k:,} entries ({overlap / args.k:.1%}) are also in the magnitude mask "
+                         f"after {args.steps} phase-1 steps (random weights and tokens: compare with a real model too)")
+            fish.close()
+            release_memory()
         for mode in ("auto",) + (("sampled", "dense") if "modes" in args.rows else ()):
             # the same mask, its gradients from the taps (no dense weight gradient)
             trainable = SFTTrainable(base, replace(sft_cfg, selection="random", full_steps=0, entry_gradients=mode), cfg)
@@ -212,6 +236,8 @@ def main() -> None:
         dynamic.close()
         release_memory()
     print_table(args, rows, n, model_mb, idle_mb)
+    for note in notes:
+        print(note)
 
 
 def _tapped(metrics: dict) -> str:

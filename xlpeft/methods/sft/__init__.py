@@ -26,8 +26,9 @@ from xlpeft.methods.sft.applied import AppliedSFT, apply_sft, retie_decoder, unt
 from xlpeft.methods.sft.config import SELECTIONS, SFTConfig, default_num_params, split_steps
 from xlpeft.methods.sft.delta import SparseDelta
 from xlpeft.methods.sft.memory import PeakMemory
+from xlpeft.methods.sft.params import maskable_parameters
 from xlpeft.methods.sft.selection import MovementScores, top_k_indices
-from xlpeft.methods.sft.trainable import SFTTrainable, maskable_parameters, prepare_sft
+from xlpeft.methods.sft.trainable import SFTTrainable, prepare_sft
 
 
 def plan_sft(config: SFTConfig, train_cfg, num_examples: int | None) -> SFTConfig:

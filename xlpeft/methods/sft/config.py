@@ -20,6 +20,16 @@ Default K on other sizes: scaled by the parameters of the transformer layers,
 Layers rather than all maskable parameters, so that every base-size encoder gets exactly
 LT-SFT's K whatever its vocabulary (XLM-R's 250k-row embedding matrix would otherwise give it
 1.6x mBERT's K), and a tiny test model gets a proportionally tiny one.
+
+How :mod:`.trainable` applies them (composable-sft ``src/sft/trainer.py``, ``lt_sft.py``): L1 is ``l1 * sum|theta - theta0| / (all model parameters)``, its subgradient
+``l1 * sign(theta - theta0) / N`` added once per optimizer step, in both phases unless
+``l1_full_phase`` is off (composable-sft backpropagates its reg loss once per step scaled by
+``gradient_accumulation_steps``, which accelerate's ``backward`` divides out again); the phase-2
+:class:`~xlpeft.registry.Phase` asks the loop to reset the task head (``reset_head``); with
+``freeze_decoder`` the MLM decoder gets its own frozen copy of the word embeddings for the
+lifetime of the trainable (and of an activated module), instead of sharing the tensor the delta
+changes. Known difference: composable-sft's L1 also pulls a fully trained head towards its
+initial values; here it covers the delta's weights only (the released task recipes use l1 = 0).
 """
 
 from __future__ import annotations

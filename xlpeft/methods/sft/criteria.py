@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 from torch import nn
@@ -349,3 +350,18 @@ class DiffPruning:
     def extra_memory_bytes(self) -> int:
         """6 fp32 copies of the gated entries: w, alpha, and AdamW's two moments of each."""
         return 6 * 4 * sum(p.numel() for p in self.params.values())
+
+
+def hand_over_gradients(trainable, receive, params: Mapping[str, nn.Parameter]) -> list[nn.Parameter]:
+    """Phase 1 of FISH and diff pruning: every weight requires grad, and a post-accumulate-grad hook hands
+    each micro-batch's gradient to ``receive(name, grad)`` and drops it, so the optimizer never applies it."""
+
+    def hook(name: str, p: nn.Parameter) -> None:
+        receive(name, p.grad)
+        p.grad = None
+
+    for name, p in params.items():
+        p.requires_grad_(True)
+        trainable._full_hooks.append(p.register_post_accumulate_grad_hook(partial(hook, name)))
+    return list(params.values())
+

@@ -21,17 +21,7 @@ kept beside it. The weight itself stays a dense Parameter holding ``theta0 + sca
   ``theta0[idx] + v`` back into the weight with ``index_copy_``. Entries outside ``idx`` are never
   written, so they stay bit-identical to theta0.
 
-Recipe details that follow composable-sft (``src/sft/trainer.py``, ``lt_sft.py``; see
-:mod:`.config`): L1 is ``l1 * sum|theta - theta0| / (all model parameters)``, its subgradient
-``l1 * sign(theta - theta0) / N`` added once per optimizer step, in both phases unless
-``l1_full_phase`` is off (composable-sft backpropagates its reg loss once per step scaled by
-``gradient_accumulation_steps``, which accelerate's ``backward`` divides out again); the phase-2
-:class:`~xlpeft.registry.Phase` asks the loop to reset the task head (``reset_head``); with
-``freeze_decoder`` the MLM decoder gets its own frozen copy of the word embeddings for the
-lifetime of the trainable (and of an activated module), instead of sharing the tensor the delta
-changes. Known difference: composable-sft's L1 also pulls a fully trained head towards its
-initial values; here it covers the delta's weights only (the released task recipes use l1 = 0).
-
+Recipe details (L1, the head reset, ``freeze_decoder``): :mod:`.config`.
 Why in place rather than a forward pre-hook that builds ``theta0 + scatter(v)`` per call: that
 tensor would be a second dense copy of every masked weight, kept alive by autograd from forward
 to backward (+1x model memory); in place costs O(K), needs no module surgery, and a tied weight
@@ -53,42 +43,15 @@ from xlpeft.errors import XlpeftError
 from xlpeft.methods.base import Phase
 from xlpeft.methods.sft.applied import retie_decoder, untie_decoder
 from xlpeft.methods.sft.config import SFTConfig, default_num_params, layer_params, split_steps
-from xlpeft.methods.sft.criteria import DiffPruning, FisherScores
+from xlpeft.methods.sft.criteria import DiffPruning, FisherScores, hand_over_gradients
 from xlpeft.methods.sft.delta import SparseDelta
 from xlpeft.methods.sft.dynamic import DynamicSelector, allocate, holds, random_subset
 from xlpeft.methods.sft.memory import PeakMemory
+from xlpeft.methods.sft.params import maskable_parameters
 from xlpeft.methods.sft.selection import MovementScores, random_scores, top_k_indices
 from xlpeft.methods.sft.taps import EntryTaps
 
 _WEIGHT, _MOVEMENT, _INDICES, _VALUES = "full.weight.", "full.movement.", "sparse.indices.", "sparse.values."  # state keys
-
-
-def maskable_parameters(base, config: SFTConfig) -> dict[str, nn.Parameter]:
-    """The weights a delta may touch, by canonical name, in the model's order.
-
-    A weight's canonical name is its first name outside the MLM head: the decoder weight tied to
-    the word embeddings is listed once, as ``<encoder>.embeddings.word_embeddings.weight``, even
-    where ``named_parameters()`` would name it ``lm_head.decoder.weight`` (XLM-R), so a delta
-    also applies to a classification model built on the same encoder. Excluded: the MLM head's own
-    weights (transform, its LayerNorm, output bias); LayerNorms if ``freeze_layer_norm``; the
-    embeddings module if not ``include_embeddings``.
-    """
-    model = base.model
-    frozen: set[int] = set()
-    if config.freeze_layer_norm:
-        frozen |= {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
-    if not config.include_embeddings:
-        frozen |= {id(p) for p in base.encoder.embeddings.parameters()}
-    head = base.arch.mlm_head + "."
-    out: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if name.startswith(head) or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if id(p) not in frozen and p.is_floating_point():
-            out[name] = p
-    return out
 
 
 class SFTTrainable:
@@ -146,10 +109,16 @@ class SFTTrainable:
         if phase.name == "full":
             self.memory.start()
             if self.config.selection == "fisher":
-                return self._begin_fisher()
+                self._fisher = FisherScores(self.params)
+                return hand_over_gradients(self, self._fisher.accumulate, self.params)
             self._theta0 = {n: p.detach().clone() for n, p in self.params.items()}
             if self.config.selection == "diff_pruning":
-                return self._begin_diff_pruning()
+                c = self.config  # Guo et al.'s released gate, penalty and alpha learning rate
+                self._diff = DiffPruning(self.params, self._theta0, l0=c.diff_l0, seed=self.seed, init_alpha=5.0,
+                                         beta=1.0, gamma=-1.5, zeta=1.5, num_params=1, alpha_scale=c.diff_alpha_lr / self.lr)
+                hand_over_gradients(self, self._diff.backward, self.params)
+                self._diff.write(train=True)  # the first step's gates
+                return self._diff.parameters()
             if self.config.selection == "movement":
                 self._movement = MovementScores(self.params, self._theta0, self.config.movement)
                 self._full_hooks.append(register_optimizer_step_pre_hook(self._before_step))
@@ -322,36 +291,6 @@ class SFTTrainable:
             self._decoder = None
 
     # ---- helpers
-    def _begin_fisher(self) -> list[nn.Parameter]:
-        """FISH mask (Sung et al. 2021): each micro-batch's squared gradient is summed at theta0 and dropped,
-        so the optimizer has nothing to apply and the weights never move; no theta0 copy is needed."""
-        self._fisher = FisherScores(self.params)
-        for name, p in self.params.items():
-            p.requires_grad_(True)
-            self._full_hooks.append(p.register_post_accumulate_grad_hook(partial(self._fisher_hook, name)))
-        return list(self.params.values())
-
-    def _fisher_hook(self, name: str, p: nn.Parameter) -> None:
-        self._fisher.accumulate(name, p.grad)
-        p.grad = None
-
-    def _begin_diff_pruning(self) -> list[nn.Parameter]:
-        """Diff pruning (Guo et al. 2021) with their released gate, penalty and alpha learning rate:
-        the optimizer trains the diff w and the gates' log-alphas; each weight's gradient is turned
-        into theirs by hand (:meth:`DiffPruning.backward`) and dropped."""
-        c = self.config
-        self._diff = DiffPruning(self.params, self._theta0, l0=c.diff_l0, seed=self.seed, init_alpha=5.0, beta=1.0,
-                                 gamma=-1.5, zeta=1.5, num_params=1, alpha_scale=c.diff_alpha_lr / self.lr)
-        for name, p in self.params.items():
-            p.requires_grad_(True)
-            self._full_hooks.append(p.register_post_accumulate_grad_hook(partial(self._diff_hook, name)))
-        self._diff.write(train=True)  # the first step's gates
-        return self._diff.parameters()
-
-    def _diff_hook(self, name: str, p: nn.Parameter) -> None:
-        self._diff.backward(name, p.grad)
-        p.grad = None
-
     def _l1_full(self, name: str, p: nn.Parameter) -> None:
         """Phase-1 post-accumulate-grad hook: add ``l1 * sign(theta - theta0) / N`` once per optimizer step."""
         if name in self._l1_due:

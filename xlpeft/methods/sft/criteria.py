@@ -352,9 +352,10 @@ class DiffPruning:
         return 6 * 4 * sum(p.numel() for p in self.params.values())
 
 
-def hand_over_gradients(trainable, receive, params: Mapping[str, nn.Parameter]) -> list[nn.Parameter]:
+def hand_over_gradients(receive, params: Mapping[str, nn.Parameter], handles: list) -> list[nn.Parameter]:
     """Phase 1 of FISH and diff pruning: every weight requires grad, and a post-accumulate-grad hook hands
-    each micro-batch's gradient to ``receive(name, grad)`` and drops it, so the optimizer never applies it."""
+    each micro-batch's gradient to ``receive(name, grad)`` and drops it, so the optimizer never applies it.
+    The hooks' handles are appended to ``handles`` (the caller removes them)."""
 
     def hook(name: str, p: nn.Parameter) -> None:
         receive(name, p.grad)
@@ -362,6 +363,6 @@ def hand_over_gradients(trainable, receive, params: Mapping[str, nn.Parameter]) 
 
     for name, p in params.items():
         p.requires_grad_(True)
-        trainable._full_hooks.append(p.register_post_accumulate_grad_hook(partial(hook, name)))
+        handles.append(p.register_post_accumulate_grad_hook(partial(hook, name)))
     return list(params.values())
 

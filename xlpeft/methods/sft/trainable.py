@@ -110,13 +110,13 @@ class SFTTrainable:
             self.memory.start()
             if self.config.selection == "fisher":
                 self._fisher = FisherScores(self.params)
-                return hand_over_gradients(self, self._fisher.accumulate, self.params)
+                return hand_over_gradients(self._fisher.accumulate, self.params, self._full_hooks)
             self._theta0 = {n: p.detach().clone() for n, p in self.params.items()}
             if self.config.selection == "diff_pruning":
                 c = self.config  # Guo et al.'s released gate, penalty and alpha learning rate
                 self._diff = DiffPruning(self.params, self._theta0, l0=c.diff_l0, seed=self.seed, init_alpha=5.0,
                                          beta=1.0, gamma=-1.5, zeta=1.5, num_params=1, alpha_scale=c.diff_alpha_lr / self.lr)
-                hand_over_gradients(self, self._diff.backward, self.params)
+                hand_over_gradients(self._diff.backward, self.params, self._full_hooks)
                 self._diff.write(train=True)  # the first step's gates
                 return self._diff.parameters()
             if self.config.selection == "movement":

@@ -70,6 +70,8 @@ def test_two_ranks_equal_one_process_language(workdir, nodrop_base, sw_corpus, m
             "--max-steps", "8", "--batch-size", "4", "--set", "max_seq_len=32", "--set", "grad_accum=2",
             "--set", "lr=3e-3", *SMALL.get(method, [])]
     proc = _xlpeft(workdir, 2, *args, "--output", "modules/two")
+    # the corpus is tokenised once: one rank builds the store, the other waits for it and reads it
+    assert (proc.stderr.count("token cache built"), proc.stderr.count("token cache hit")) == (1, 1), proc.stderr[-2000:]
     # one MLflow run, one registered version, one artifact: written by rank 0 only
     assert proc.stdout.count("registered as xlpeft-lang-sw-") == 1, proc.stdout
     client = tracking.client()
@@ -78,7 +80,8 @@ def test_two_ranks_equal_one_process_language(workdir, nodrop_base, sw_corpus, m
     assert runs[0].data.params["world_size"] == "2"
     assert [v.version for v in tracking.list_versions(f"xlpeft-lang-sw-{method}")] == ["1"]
     assert load_module(workdir / "modules/two").manifest.training["world_size"] == 2
-    _xlpeft(workdir, 1, *args, "--output", "modules/one")
+    one = _xlpeft(workdir, 1, *args, "--output", "modules/one")
+    assert "token cache hit" in one.stderr and "token cache built" not in one.stderr
     _assert_same_module(workdir / "modules/one", workdir / "modules/two")
 
 

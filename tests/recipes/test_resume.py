@@ -84,6 +84,7 @@ def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, met
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     resumed_lines = [line for line in resumed.stderr.splitlines() if line.startswith("resuming MLflow run")]
     assert len(resumed_lines) == 1 and runs[0].info.run_id in resumed_lines[0]
+    assert "token cache hit" in resumed.stderr and "token cache built" not in resumed.stderr, "resume never re-tokenises"
     runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("xlpeft").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the same MLflow run was continued"
     a, b = load_module(ref), load_module(out)

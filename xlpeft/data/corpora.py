@@ -6,9 +6,11 @@ A corpus spec is a path (one document or sentence a line) or ``hf:NAME[:CONFIG][
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from xlpeft.errors import XlpeftError
 
@@ -52,23 +54,101 @@ def parse_corpus(spec: str, base_dir: Path | None = None) -> CorpusSpec:
     return CorpusSpec(path=str(path))
 
 
-def check_text_file(path: Path) -> None:
-    """Fail early, with a fix, on a missing, empty, binary or non-UTF-8 corpus file."""
+SCAN_CHUNK = 1 << 22  # bytes read at a time by the streaming validator
+
+
+def check_text_file(path: Path) -> str:
+    """Fail early, with a fix, on a missing, empty, binary or non-UTF-8 corpus file; return its sha256.
+
+    The file is read once, in :data:`SCAN_CHUNK`-byte pieces (never whole, so a 10 GB corpus costs
+    megabytes), decoding UTF-8 as it goes; the first bad byte is named by its offset and line.
+    A file that passed is remembered under its (path, size, mtime, inode) in the cache's
+    ``fingerprints/`` folder, so later runs and resumes neither re-read nor re-hash it.
+    """
     if not path.exists():
         raise XlpeftError(f"corpus file {path} does not exist; pass a UTF-8 text file (one sentence or document a line)")
     if not path.is_file():
         raise XlpeftError(f"corpus {path} is not a file; pass a UTF-8 text file (one sentence or document a line)")
-    head = path.open("rb").read(1 << 16)
-    if b"\x00" in head:
-        raise XlpeftError(f"corpus file {path} looks binary (NUL bytes); pass a UTF-8 text file")
+    memo = _memo_path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise XlpeftError(
-            f"corpus file {path} is not UTF-8 (byte {exc.start}: {exc.reason}); re-encode it, e.g. iconv -t UTF-8"
-        ) from None
-    if not text.strip():
+        cached = json.loads(memo.read_text(encoding="utf-8")) if memo else None
+        if isinstance(cached, dict) and cached.get("utf8") and len(cached.get("sha256", "")) == 64:
+            return cached["sha256"]
+    except (OSError, ValueError):
+        pass
+    digest = _scan(path)
+    try:  # a read-only cache only costs the scan next time
+        if memo:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            memo.write_text(json.dumps({"sha256": digest, "utf8": True, "path": str(path)}), encoding="utf-8")
+    except OSError:
+        pass
+    return digest
+
+
+def _scan(path: Path) -> str:
+    """Validate ``path`` as non-empty UTF-8 text without NUL bytes, streaming; its sha256 hex digest."""
+    h = hashlib.sha256()
+    offset, lines, carry, seen_text = 0, 0, b"", False  # offset: file position of carry's first byte
+    with path.open("rb") as fh:
+        while True:
+            chunk = fh.read(SCAN_CHUNK)
+            h.update(chunk)
+            data = carry + chunk
+            if not data:
+                break
+            cut = len(data) if not chunk else _utf8_boundary(data)  # at EOF an incomplete tail is an error
+            head = data[:cut]
+            nul = head.find(b"\x00")
+            if nul >= 0:
+                line = lines + head.count(b"\n", 0, nul) + 1
+                raise XlpeftError(f"corpus file {path} looks binary (a NUL byte at byte {offset + nul}, line {line}); "
+                                  "pass a UTF-8 text file")
+            try:
+                text = head.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                line = lines + head.count(b"\n", 0, exc.start) + 1
+                raise XlpeftError(f"corpus file {path} is not UTF-8 (byte {offset + exc.start}, line {line}: "
+                                  f"{exc.reason}); re-encode it, e.g. iconv -t UTF-8") from None
+            seen_text = seen_text or bool(text.strip())
+            lines += head.count(b"\n")
+            offset += cut
+            carry = data[cut:]
+            if not chunk:
+                break
+    if not seen_text:
         raise XlpeftError(f"corpus file {path} is empty; it needs at least one non-empty line of text")
+    return h.hexdigest()
+
+
+def _utf8_boundary(data: bytes) -> int:
+    """The largest cut <= len(data) that does not split a UTF-8 sequence (at most 3 bytes are held back)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: the cut after it is clean
+            return len(data) - back + 1
+        if byte >= 0xC0:  # a lead byte: complete if its sequence fits in what follows it
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= need else len(data) - back
+    return len(data)  # four continuation bytes in a row: invalid anyway, let the decoder name it
+
+
+def _memo_path(path: Path) -> Path | None:
+    """Where the scan of ``path`` is remembered: keyed by its resolved path, size, times, inode and first and
+    last 64 KiB (a rewrite in the middle of a file within one tick of the file-system clock is not seen)."""
+    from xlpeft.models import cache_dir
+
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    with path.open("rb") as fh:  # the ends too: a same-size rewrite within the clock's tick still differs there
+        ends = fh.read(1 << 16)
+        fh.seek(max(0, st.st_size - (1 << 16)))
+        ends += fh.read(1 << 16)
+    stamp = json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                        hashlib.sha256(ends).hexdigest()])
+    return cache_dir() / "fingerprints" / ("text-" + hashlib.sha256(stamp.encode()).hexdigest()[:32])
 
 
 MAX_LINE_CHARS = 10_000  # a longer "line" (a whole book without newlines) is cut into pieces at spaces
@@ -80,8 +160,13 @@ def iter_lines(spec: CorpusSpec, limit: int = 0) -> Iterator[str]:
     Lines longer than :data:`MAX_LINE_CHARS` are split at whitespace while streaming, so a corpus
     without newlines costs memory in proportion to a piece, not to the file.
     """
+    yield from clean_lines(_raw_lines(spec), limit)
+
+
+def clean_lines(raw: Iterable[str], limit: int = 0) -> Iterator[str]:
+    """Raw lines -> the non-empty, stripped pieces of at most :data:`MAX_LINE_CHARS` (at most ``limit`` if > 0)."""
     count = 0
-    for line in _raw_lines(spec):
+    for line in raw:
         for piece in split_long(line):
             piece = piece.strip()
             if not piece:
@@ -104,20 +189,25 @@ def split_long(text: str, limit: int = MAX_LINE_CHARS) -> Iterator[str]:
 
 def _read_pieces(path: Path, chunk: int = 1 << 20) -> Iterator[str]:
     """Lines of a UTF-8 file; a line of megabytes arrives in ~``chunk``-character pieces cut at spaces."""
-    carry = ""
     with path.open(encoding="utf-8") as fh:
-        while True:
-            block = fh.readline(chunk)
-            if not block:
-                if carry:
-                    yield carry
-                return
-            block, carry = carry + block, ""
-            if not block.endswith("\n") and len(block) >= chunk:
-                head, sep, tail = block.rpartition(" ")
-                if sep and len(tail) < chunk:  # the word cut by the chunk goes with the next piece
-                    block, carry = head, tail
-            yield block
+        yield from read_pieces(fh, chunk)
+
+
+def read_pieces(fh: TextIO, chunk: int = 1 << 20) -> Iterator[str]:
+    """:func:`_read_pieces` over an open text stream (the token store reads byte ranges of a file this way)."""
+    carry = ""
+    while True:
+        block = fh.readline(chunk)
+        if not block:
+            if carry:
+                yield carry
+            return
+        block, carry = carry + block, ""
+        if not block.endswith("\n") and len(block) >= chunk:
+            head, sep, tail = block.rpartition(" ")
+            if sep and len(tail) < chunk:  # the word cut by the chunk goes with the next piece
+                block, carry = head, tail
+        yield block
 
 
 def fingerprint_files(paths: Iterable[str | Path | None], extra: Iterable[str] = ()) -> str:
@@ -140,9 +230,13 @@ def fingerprint_files(paths: Iterable[str | Path | None], extra: Iterable[str] =
 
 
 def fingerprint_corpora(specs: Iterable[CorpusSpec]) -> str:
-    """Content fingerprint of local corpus files; hub corpora contribute their spec."""
-    specs = list(specs)
-    return fingerprint_files([s.path for s in specs if s.path], [s.describe() for s in specs if not s.path])
+    """Content fingerprint of corpora: local files by their sha256 (memoised by :func:`check_text_file`, so a
+    warm start of a 10 GB corpus does not re-hash it), hub corpora by their spec."""
+    h = hashlib.sha256()
+    for s in specs:
+        h.update((f"file:{Path(s.path).name}:{check_text_file(Path(s.path))}" if s.path else s.describe()).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def _raw_lines(spec: CorpusSpec) -> Iterator[str]:

@@ -75,8 +75,12 @@ def _encode(tokenizer, batch: list[str], sep: int) -> list[int]:
     return out
 
 
-def split_blocks(blocks: torch.Tensor, eval_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shuffle blocks deterministically and hold out ``eval_fraction`` (at least one block) for evaluation."""
+def split_blocks(blocks, eval_fraction: float, seed: int):
+    """Shuffle blocks deterministically and hold out ``eval_fraction`` (at least one block) for evaluation.
+
+    ``blocks`` is a LongTensor (N, L) or a :class:`xlpeft.data.token_store.Blocks` view; a view
+    splits into two views (no tokens are read), with the same rows a tensor would give.
+    """
     n = blocks.shape[0]
     if n < 2:
         raise XlpeftError(
@@ -85,6 +89,10 @@ def split_blocks(blocks: torch.Tensor, eval_fraction: float, seed: int) -> tuple
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_eval = max(1, int(round(n * eval_fraction)))
+    from xlpeft.data.token_store import Blocks
+
+    if isinstance(blocks, Blocks):
+        return blocks.select(order[n_eval:]), blocks.select(order[:n_eval])
     return blocks[order[n_eval:]], blocks[order[:n_eval]]
 
 

@@ -6,7 +6,6 @@ MLflow run is opened, so a bad command leaves nothing behind in the tracking sto
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,9 @@ import torch
 from xlpeft import tracking
 from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD
 from xlpeft.data.batches import batches
-from xlpeft.data.corpora import check_text_file, fingerprint_corpora, iter_lines
-from xlpeft.data.mlm import attention_mask_for, mask_tokens, pack_blocks, split_blocks
+from xlpeft.data.corpora import check_text_file, fingerprint_corpora
+from xlpeft.data.mlm import attention_mask_for, mask_tokens, split_blocks
+from xlpeft.data.token_store import open_store
 from xlpeft.distributed import init_from_env
 from xlpeft.io import Manifest, check_module_output
 from xlpeft.packs import language_pack
@@ -92,8 +92,8 @@ def plan_language(req: LangRequest) -> LangPlan:
     cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
     spec.check(base, method_cfg, cfg)  # what the method checks against this base, before any run opens
     dist = init_from_env(device)
-    lines = itertools.chain.from_iterable(iter_lines(c, cfg.max_corpus_lines) for c in corpora)
-    blocks = pack_blocks(base.tokenizer, lines, cfg.max_seq_len, progress=dist.main)
+    store = open_store(corpora, base.tokenizer, cfg.max_corpus_lines, progress=dist.main)  # tokenised once, cached
+    blocks = store.blocks(cfg.max_seq_len, base.tokenizer)  # pack_blocks's blocks, read from disk on demand
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
     method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_blocks))  # epoch-based phases (LT-SFT) -> steps
     name = req.registered_name

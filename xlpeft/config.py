@@ -185,6 +185,9 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata={"help": "evaluate every N steps (0: only at the end)", "min": 0})
     eval_batches: int = field(default=50, metadata={"help": "at most this many eval batches (MLM blocks, or task "
                                                             "examples, of batch_size each)", "min": 1})
+    eval_tokens: int = field(default=0, metadata={"help": "held-out tokens per MLM evaluation (0: a fifth of the "
+                                                          "run's training tokens, at least 4 batches; at most "
+                                                          "eval_batches batches either way)", "min": 0})
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps", "min": 1})
     max_corpus_lines: int = field(default=0, metadata={"help": "read at most N corpus lines (0: all)", "min": 0})
     checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0: never)", "min": 0})

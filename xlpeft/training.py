@@ -328,9 +328,29 @@ def _unprefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+MIN_EVAL_BATCHES = 4
+"""The smallest held-out evaluation the automatic budget (``eval_tokens=0``) picks, in batches."""
+
+
+def eval_block_count(cfg: TrainConfig, available: int) -> int:
+    """How many held-out blocks one MLM evaluation reads: sized to the run, so a short run is not mostly evaluation.
+
+    ``eval_tokens`` > 0 is the budget in tokens; 0 takes a fifth of the tokens the run trains on
+    (steps x batch x accumulation x max_seq_len), at least :data:`MIN_EVAL_BATCHES` batches. Never more
+    than ``eval_batches`` batches or than the held-out blocks there are.
+    """
+    if cfg.eval_tokens:
+        wanted = math.ceil(cfg.eval_tokens / cfg.max_seq_len)
+    else:
+        trained = cfg.max_steps * cfg.batch_size * cfg.grad_accum  # blocks the run trains on
+        wanted = max(MIN_EVAL_BATCHES * cfg.batch_size, math.ceil(trained / 5))
+    return max(1, min(available, wanted, cfg.eval_batches * cfg.batch_size))
+
+
 @torch.no_grad()
-def evaluate_mlm(base, blocks: torch.Tensor, tokenizer, cfg: TrainConfig) -> dict[str, float]:
-    """Held-out MLM loss and perplexity, with a fixed masking seed so evaluations are comparable."""
+def evaluate_mlm(base, blocks: torch.Tensor, tokenizer, cfg: TrainConfig, limit: int | None = None) -> dict[str, float]:
+    """Held-out MLM loss and perplexity over the first ``limit`` blocks (default: ``eval_batches`` batches), with a
+    fixed masking seed so evaluations are comparable."""
     model = base.model
     was_training = model.training
     model.eval()
@@ -339,8 +359,9 @@ def evaluate_mlm(base, blocks: torch.Tensor, tokenizer, cfg: TrainConfig) -> dic
 
     total, count = 0.0, 0
     device = next(model.parameters()).device
-    for i in range(0, min(len(blocks), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
-        clean = blocks[i:i + cfg.batch_size]  # (B, T) uncorrupted: the attention mask comes from here
+    end = min(len(blocks), cfg.eval_batches * cfg.batch_size if limit is None else limit)
+    for i in range(0, end, cfg.batch_size):
+        clean = blocks[i:min(i + cfg.batch_size, end)]  # (B, T) uncorrupted: the attention mask comes from here
         inputs, labels = mask_tokens(clean, tokenizer, cfg.mlm_probability, generator)
         n = int((labels != -100).sum())
         if n == 0:

@@ -118,3 +118,17 @@ def test_mlm_loss_attention_comes_from_the_clean_batch(base):
         implied = mlm_loss(base, corrupted, labels)  # None: non-pad of the given ids, the old behaviour
     assert torch.allclose(right, ones)
     assert abs(float(right - implied)) > 1e-6, float(right - implied)
+
+
+@pytest.mark.parametrize("sets, available, expected", [
+    ({"max_steps": 10, "batch_size": 8}, 1000, 32),  # a fifth of 80 blocks is 16: the 4-batch minimum
+    ({"max_steps": 1000, "batch_size": 8}, 1000, 400),  # a fifth of 8,000 is 1,600: eval_batches (50 x 8) caps it
+    ({"max_steps": 100, "batch_size": 8, "grad_accum": 2}, 1000, 320),  # a fifth of 1,600 blocks
+    ({"max_steps": 1000, "batch_size": 8}, 20, 20),  # never more than are held out
+    ({"max_steps": 10, "eval_tokens": 2560, "max_seq_len": 256}, 1000, 10),  # an explicit budget in tokens
+])
+def test_eval_block_count(sets, available, expected):
+    from xlpeft.config import TrainConfig
+    from xlpeft.training import eval_block_count
+
+    assert eval_block_count(TrainConfig(**sets), available) == expected

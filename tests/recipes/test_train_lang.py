@@ -82,13 +82,25 @@ def test_mlflow_run_tags_params_metrics_artifacts_and_registry(trained):
         tracking.find_reference("xlpeft-lang-sw-adapter", "otherbase")
 
 
-def test_same_seed_same_module(workdir, base_dirs, sw_corpus):
+def test_same_seed_same_module(workdir, base_dirs, sw_corpus, capsys):
+    """The second run reads the token cache and the cached loss before training, and still trains the same module."""
     def run(out):
         req = LangRequest(lang="sw", base=str(base_dirs["tiny-bert"]), corpus=(str(sw_corpus),),
                           output=str(workdir / out), sets={"max_steps": "5", "max_seq_len": "32", "lr": "1e-2"})
-        return load_module(train_language(req).path).tensors["adapter"]
+        module = load_module(train_language(req).path)
+        return module.tensors["adapter"], module.manifest.training, capsys.readouterr().err
 
-    a, b = run("a"), run("b")
+    (a, train_a, err_a), (b, train_b, err_b) = run("a"), run("b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "token cache built" in err_a and "token cache hit" in err_b and "token cache built" not in err_b
+    assert "before training: from the cache" in err_b and "from the cache" not in err_a
+    assert train_a["eval_loss_before"] == train_b["eval_loss_before"] and train_a["eval_loss"] == train_b["eval_loss"]
     versions = tracking.list_versions("xlpeft-lang-sw-adapter")
     assert [v.version for v in versions] == ["2", "1"]
+
+
+def test_the_held_out_evaluation_is_sized_to_the_run(workdir, base_dirs, sw_corpus):
+    req = LangRequest(lang="sw", base=str(base_dirs["tiny-bert"]), corpus=(str(sw_corpus),),
+                      sets={"max_steps": "3", "max_seq_len": "16", "batch_size": "2", "eval_fraction": "0.5"})
+    params = tracking.client().get_run(train_language(req).run_id).data.params
+    assert int(params["eval_blocks"]) > 8 and params["eval_blocks_used"] == "8", "4 batches of 2: the automatic minimum"

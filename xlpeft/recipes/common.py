@@ -6,6 +6,10 @@ The library pieces recipes drive live below them: the loop, phases and checkpoin
 
 from __future__ import annotations
 
+import hashlib
+import json
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,3 +80,35 @@ def count_parameters(tensors: dict[str, dict], extra: dict[str, Any], skip: tupl
     if "trainable_parameters" in extra:
         return int(extra.pop("trainable_parameters"))
     return sum(t.numel() for stem, s in tensors.items() if stem not in skip for t in s.values())
+
+
+def cached_before(key: dict[str, Any], compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """The held-out loss before training, computed once per ``key`` and kept in ``$XLPEFT_CACHE/eval-before/``.
+
+    ``key`` must name everything the figure depends on (base and corpus fingerprints, the blocks, the
+    masking seed, the method and its config, the device and the xlpeft version): re-running a
+    configuration, or changing only what comes after step 0 (steps, learning rate), then costs no
+    evaluation. The evaluation draws no random numbers training uses, so skipping it changes nothing else.
+    """
+    from xlpeft import __version__
+    from xlpeft.models import cache_dir
+
+    digest = hashlib.sha256(json.dumps({**key, "xlpeft": __version__}, sort_keys=True, default=str).encode())
+    path = cache_dir() / "eval-before" / f"{digest.hexdigest()[:32]}.json"
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(found, dict) and all(isinstance(v, float) for v in found.values()) and found:
+            print("held-out loss before training: from the cache (this configuration was evaluated before)",
+                  file=sys.stderr, flush=True)
+            return found
+    except (OSError, ValueError):
+        pass
+    result = compute()
+    try:  # a read-only cache only costs the evaluation next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{id(result)}")
+        tmp.write_text(json.dumps(result), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass
+    return result

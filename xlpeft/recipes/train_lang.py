@@ -21,10 +21,11 @@ from xlpeft.data.token_store import open_store
 from xlpeft.distributed import init_from_env
 from xlpeft.io import Manifest, check_module_output
 from xlpeft.packs import language_pack
+from xlpeft.recipes import common
 from xlpeft.recipes.common import base_ref, count_parameters, resolve_configs, resolve_epochs, run_tags, start_training
 from xlpeft.registry import get_method
 from xlpeft.tracking.lifecycle import publish, training_run
-from xlpeft.training import PhaseRun, evaluate_mlm, fit_train_config, mlm_loss, run_phases
+from xlpeft.training import PhaseRun, eval_block_count, evaluate_mlm, fit_train_config, mlm_loss, run_phases
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class LangPlan:
     registered_name: str
     tags: dict[str, str]
     params: dict[str, Any]
+    n_eval: int  # held-out blocks one evaluation reads
+    before_key: dict[str, Any]  # what the loss before training depends on (its cache key)
 
 
 def plan_language(req: LangRequest) -> LangPlan:
@@ -96,16 +99,19 @@ def plan_language(req: LangRequest) -> LangPlan:
     blocks = store.blocks(cfg.max_seq_len, base.tokenizer)  # pack_blocks's blocks, read from disk on demand
     train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
     method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_blocks))  # epoch-based phases (LT-SFT) -> steps
+    n_eval = eval_block_count(cfg, len(eval_blocks))  # sized to the run: a 10-step run is not mostly evaluation
     name = req.registered_name
     tags = run_tags("language", req.lang, pack.name, None, req.method, base)
     params = {
         "method": asdict(method_cfg), "train": asdict(cfg), "lang": req.lang, "base": base.name,
         "corpora": ", ".join(c.describe() for c in corpora),
         "corpus_fingerprint": fingerprint_corpora(corpora), "train_blocks": len(train_blocks),
-        "eval_blocks": len(eval_blocks), "world_size": dist.world,
+        "eval_blocks": len(eval_blocks), "eval_blocks_used": n_eval, "world_size": dist.world,
     }
+    before_key = {"base": base.fingerprint, "tokens": store.meta["key"], "train": asdict(cfg), "n_eval": n_eval,
+                  "method": req.method, "method_cfg": asdict(method_cfg), "device": device.type}
     return LangPlan(spec, method_cfg, cfg, corpora, out_dir, base, device, dist, train_blocks, eval_blocks, name,
-                    tags, params)
+                    tags, params, n_eval, before_key)
 
 
 def train_language(req: LangRequest) -> LangResult:
@@ -133,10 +139,10 @@ def train_language(req: LangRequest) -> LangResult:
                             dist.shard(mask).to(device), num_labelled=max(n_global, 1))
 
         def evaluate() -> dict[str, float]:
-            return evaluate_mlm(base, eval_blocks, base.tokenizer, cfg)
+            return evaluate_mlm(base, eval_blocks, base.tokenizer, cfg, limit=p.n_eval)
 
         if checkpoint is None:
-            before = evaluate()
+            before = common.cached_before(p.before_key, evaluate)
             tracker.log_metrics({f"{k}_before": v for k, v in before.items()}, 0)
         else:
             before = checkpoint[1]["summary"]["_before"]

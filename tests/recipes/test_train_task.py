@@ -129,3 +129,14 @@ def test_fingerprint_mismatch_refused(workdir, base_dirs, lang_en, ner_files):
         train_task(TaskRequest(task="ner", base=str(base_dirs["tiny-xlmr"]), train_data=str(ner_files["train"]),
                                sets={"max_steps": "2", "lang_module": str(lang_en.path)}))
     assert torch.is_tensor(load_module(lang_en.path).tensors["adapter"]["layers.0.ffn.up.weight"])
+
+
+def test_a_second_run_reads_the_encoded_training_data_from_the_cache(workdir, base_dirs, ner_files, capsys):
+    def run(out: str):
+        result = train_task(TaskRequest(task="ner", base=str(base_dirs["tiny-bert"]), train_data=str(ner_files["train"]),
+                                        output=out, sets={"max_steps": "3", **SETS, "lang_module": "none"}))
+        return load_module(result.path).tensors, capsys.readouterr().err
+
+    (a, err_a), (b, err_b) = run("modules/a"), run("modules/b")
+    assert "encoded training data: from the cache" not in err_a and "encoded training data: from the cache" in err_b
+    assert a.keys() == b.keys() and all(torch.equal(a[s][k], b[s][k]) for s in a for k in a[s])

@@ -18,9 +18,10 @@ from xlpeft import tracking
 from xlpeft.compose import activate
 from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD, check_fields
 from xlpeft.data.batches import ExampleBatches
+from xlpeft.data.encoded_cache import cached_encoding, encoding_key
 from xlpeft.data.tasks import data_fingerprint, load_examples
 from xlpeft.distributed import init_from_env
-from xlpeft.evaluation import encode, evaluate_task
+from xlpeft.evaluation import default_label, encode, evaluate_task, warn_truncated
 from xlpeft.io import Manifest, check_module_output
 from xlpeft.lineage import language_module_for_task
 from xlpeft.methods.heads import build_head
@@ -131,7 +132,11 @@ def plan_task(req: TaskRequest) -> TaskPlan:
     lang_module, lineage = language_module_for_task(task_cfg.lang_module, req.lang, base, req.method)
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)
-    train_enc = encode(pack, base.tokenizer, train_ex, cfg.max_seq_len, purpose="training data")
+    key = encoding_key(train_ex, base.tokenizer, list(pack.labels), pack.head, cfg.max_seq_len)
+    train_enc, hit = cached_encoding(key, lambda: encode(pack, base.tokenizer, train_ex, cfg.max_seq_len,
+                                                         purpose="training data"))  # tokenised once per data + base
+    if hit and train_enc.truncated:  # the warning encode() gives, from the cached counts
+        warn_truncated(train_enc, len(train_ex), cfg.max_seq_len, "training data", default_label(pack))
     name = req.registered_name
     tags = {**run_tags("task", req.lang, lang_name, req.task, req.method, base), **parent_tags(lineage)}
     params = {"method": asdict(method_cfg), "train": asdict(cfg), "task_config": asdict(task_cfg), "task": req.task,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,33 +52,66 @@ def warn_truncated(enc: Encoded, n: int, max_len: int, purpose: str, default: st
     )
 
 
+@dataclass
+class EvalSet:
+    """Examples encoded, sorted by length and padded into batches once, to be scored under any number of models.
+
+    Encoding and padding depend on the tokenizer, ``max_len`` and ``batch_size`` only, never on the
+    modules applied, so a transfer matrix prepares each language once and runs only the forward per cell.
+    """
+
+    pack: TaskPack
+    examples: list
+    enc: Encoded
+    batches: list[tuple[list[int], dict[str, torch.Tensor]]]  # (example indices, input_ids/attention_mask (B, T))
+    max_len: int
+
+
+def eval_set(pack: TaskPack, tokenizer, examples: list, batch_size: int = 32, max_len: int = EVAL_MAX_LEN) -> EvalSet:
+    """Encode ``examples`` (warning once about cut ones) and pad them into batches of similar length."""
+    enc = encode(pack, tokenizer, examples, max_len)
+    # batches of similar length pad less (a treebank's 5- and 60-word sentences in one batch pad to 60):
+    # predictions are per example, so the order only changes the cost, not the result
+    order = sorted(range(len(examples)), key=lambda i: len(enc.input_ids[i]))
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        idx = order[start:start + batch_size]
+        batches.append((idx, {k: v for k, v in collate(enc, idx, tokenizer.pad_token_id).items() if k != "labels"}))
+    return EvalSet(pack, examples, enc, batches, max_len)
+
+
 @torch.no_grad()
-def predict(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], pack: TaskPack, tokenizer,
-            examples: list, device: torch.device | str = "cpu", batch_size: int = 32, max_len: int = EVAL_MAX_LEN) -> list[Any]:
-    """Predicted labels: one per example, or for token tasks one per word, read at its first sub-word.
+def predict_set(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], data: EvalSet,
+                device: torch.device | str = "cpu") -> list[Any]:
+    """Predicted labels of a prepared :class:`EvalSet`: one per example, or for token tasks one per word.
 
     A word with no sub-word in the input (it tokenised to nothing, or ``max_len`` cut it) gets
     :func:`default_label` at its own position, so it never shifts the predictions of later words.
     """
-    enc = encode(pack, tokenizer, examples, max_len)
+    pack, enc = data.pack, data.enc
     fallback = default_label(pack)
-    out: list[Any] = [None] * len(examples)
-    # batches of similar length pad less (a treebank's 5- and 60-word sentences in one batch pad to 60):
-    # predictions are per example, so the order only changes the cost, not the result
-    order = sorted(range(len(examples)), key=lambda i: len(enc.input_ids[i]))
-    bar = progress(total=len(examples), desc="predicting", unit=" examples", leave=False)  # silent if short
-    for start in range(0, len(examples), batch_size):
-        idx = order[start:start + batch_size]
+    token_task = pack.head == "token_classification"
+    out: list[Any] = [None] * len(data.examples)
+    bar = progress(total=len(data.examples), desc="predicting", unit=" examples", leave=False)  # silent if short
+    for idx, inputs in data.batches:
         bar.update(len(idx))
-        batch = {k: v.to(device) for k, v in collate(enc, idx, tokenizer.pad_token_id).items() if k != "labels"}
-        best = logits_fn(batch).argmax(-1).cpu()  # (B, T) or (B,)
-        for row, i in enumerate(idx):
-            if pack.head == "token_classification":
-                out[i] = [fallback if pos == NO_SUBWORD else pack.labels[int(best[row, pos])] for pos in enc.words[i]]
+        best = logits_fn({k: v.to(device) for k, v in inputs.items()}).argmax(-1).cpu().tolist()  # (B, T) or (B,)
+        for row, i in zip(best, idx, strict=True):
+            if token_task:
+                out[i] = [fallback if pos == NO_SUBWORD else pack.labels[row[pos]] for pos in enc.words[i]]
             else:
-                out[i] = pack.labels[int(best[row])]
+                out[i] = pack.labels[row]
     bar.close()
     return out
+
+
+def predict(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], pack: TaskPack, tokenizer,
+            examples: list, device: torch.device | str = "cpu", batch_size: int = 32, max_len: int = EVAL_MAX_LEN) -> list[Any]:
+    """Predicted labels: one per example, or for token tasks one per word, read at its first sub-word.
+
+    :func:`eval_set` then :func:`predict_set`; to score one set under many models, call those two.
+    """
+    return predict_set(logits_fn, eval_set(pack, tokenizer, examples, batch_size, max_len), device)
 
 
 def score(pack: TaskPack, examples: list, predictions: list) -> dict[str, float]:
@@ -101,11 +135,21 @@ def evaluate_task(base, head, pack: TaskPack, tokenizer, examples: list, max_len
     return score(pack, examples, preds)
 
 
+def model_max_len(model) -> int:
+    """:data:`EVAL_MAX_LEN`, or fewer when the model cannot embed that many positions (longer inputs are cut)."""
+    return fit_seq_len(EVAL_MAX_LEN, model, explicit=False)
+
+
 def predict_model(model, pack: TaskPack, tokenizer, examples: list) -> list[Any]:
     """Predictions of a composed model (:func:`xlpeft.compose.compose`), at up to :data:`EVAL_MAX_LEN` sub-words."""
     device = next(model.parameters()).device
-    max_len = fit_seq_len(EVAL_MAX_LEN, model, explicit=False)  # long sentences are cut with a warning
-    return predict(lambda b: model(**b).logits, pack, tokenizer, examples, device, max_len=max_len)
+    return predict(lambda b: model(**b).logits, pack, tokenizer, examples, device, max_len=model_max_len(model))
+
+
+def evaluate_set(model, data: EvalSet) -> dict[str, float]:
+    """Score a composed model on a prepared :class:`EvalSet` (the same numbers as :func:`evaluate_model`)."""
+    device = next(model.parameters()).device
+    return score(data.pack, data.examples, predict_set(lambda b: model(**b).logits, data, device))
 
 
 def evaluate_model(model, pack: TaskPack, tokenizer, examples: list) -> dict[str, float]:

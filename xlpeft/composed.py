@@ -12,15 +12,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from xlpeft.compose import Active, Composition
+from xlpeft.compose import Active, Composition, ModuleRef, check_same_base
 from xlpeft.errors import XlpeftError
 from xlpeft.io import LoadedModule, load_module
 from xlpeft.methods.adapterdrop import set_inference_drop
+from xlpeft.methods.base import Applied
 from xlpeft.registry import get_method
 
 COMPOSITION_FILE = "xlpeft_composition.json"
@@ -46,17 +49,99 @@ def target_model(base, task: LoadedModule | None) -> nn.Module:
     missing, unexpected = encoder.load_state_dict(base.encoder.state_dict(), strict=False)
     if unexpected or any(not k.startswith("pooler.") for k in missing):
         raise XlpeftError(f"base encoder does not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
-    head = task.tensors["head"]
-    with torch.no_grad():
-        if head_kind == "token_classification":
-            _copy_linear(model.get_submodule(base.arch.token_head), head, "classifier")
-        else:
-            dense, out = base.arch.seq_head
-            _copy_linear(model.get_submodule(dense), head, "dense")
-            _copy_linear(model.get_submodule(out), head, "classifier")
+    load_head(model, base, task)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(next(base.model.parameters()).device)
+
+
+@torch.no_grad()
+def load_head(model: nn.Module, base, task: LoadedModule) -> None:
+    """Copy the task module's head (checked by :func:`check_head`) into a :func:`target_model`'s head layers."""
+    head = task.tensors["head"]
+    if task.manifest.extra["head"] == "token_classification":
+        _copy_linear(model.get_submodule(base.arch.token_head), head, "classifier")
+    else:
+        dense, out = base.arch.seq_head
+        _copy_linear(model.get_submodule(dense), head, "dense")
+        _copy_linear(model.get_submodule(out), head, "classifier")
+
+
+class InPlace:
+    """Compositions with a task module on one base, one after another, in place: nothing rebuilt per composition.
+
+    :func:`~xlpeft.compose.compose` builds a fresh model per composition (a Hugging Face model from
+    its config, the base encoder's weights copied in, every module applied). Here the model of a
+    task head (its kind and labels) is built once; each composition copies its task module's head
+    into it and changes only the modules that differ from the previous composition's: those above
+    the longest shared bottom are removed, bit-exactly (``Applied.remove``), and the new ones applied
+    in order, as :func:`~xlpeft.compose.activate` would. So ``[sw, task_a]`` then ``[sw, task_b]``
+    applies ``sw`` once. Outputs equal ``compose``'s. :meth:`close` restores the bare model.
+    """
+
+    def __init__(self, base, force: bool = False) -> None:
+        self.base, self.force = base, force
+        self._models: dict[tuple[str, tuple[str, ...]], nn.Module] = {}
+        self._model: nn.Module | None = None  # the model holding ``_applied``
+        self._applied: list[tuple[LoadedModule, Applied]] = []  # bottom first
+
+    def model_for(self, task: LoadedModule) -> nn.Module:
+        """The model of ``task``'s head kind and labels (built on first use), holding ``task``'s head."""
+        check_head(task, self.base.hidden_size)
+        key = (task.manifest.extra["head"], tuple(task.manifest.extra["labels"]))
+        if key not in self._models:
+            self._models[key] = target_model(self.base, task).eval()
+        model = self._models[key]
+        load_head(model, self.base, task)
+        return model
+
+    @contextmanager
+    def composed(self, modules: Sequence[LoadedModule]) -> Iterator[nn.Module]:
+        """The model with ``modules`` (bottom first, the task module last) applied, in eval mode.
+
+        The modules stay applied after the block, for the next composition to keep what it shares;
+        an error inside the block (or while applying) removes them all.
+
+        Raises:
+            XlpeftError: no task module on top (an MLM composition: use ``compose``), a module trained on
+                another base (unless ``force``), or a module that does not fit.
+        """
+        composition = Composition.of([ModuleRef.of(m) for m in modules], self.base.fingerprint)  # validated
+        if composition.task is None:
+            raise XlpeftError(f"{composition.describe()}: evaluating in place needs a task module on top; use compose()")
+        if not self.force:
+            check_same_base(self.base, modules)
+        try:
+            model = self.model_for(composition.task.module)
+            self._align(model, list(modules))
+            yield model
+        except BaseException:
+            self.close()
+            raise
+
+    def _align(self, model: nn.Module, modules: list[LoadedModule]) -> None:
+        """Apply ``modules`` on ``model``, keeping the applied bottom they share (same objects, same order)."""
+        if model is not self._model:
+            self.close()
+            self._model = model
+        keep = 0
+        while keep < min(len(self._applied), len(modules)) and self._applied[keep][0] is modules[keep]:
+            keep += 1
+        while len(self._applied) > keep:
+            self._applied.pop()[1].remove()  # newest first: a plain restore
+        base = dataclasses.replace(self.base, model=model)
+        for module in modules[keep:]:
+            self._applied.append((module, get_method(module.manifest.method).apply(base, module)))
+        hooked = [m for _, handle in self._applied for m in handle.modules()]
+        set_inference_drop(hooked, 0, len(base.layers))  # as activate() with the composition's adapter_drop, 0
+        for m in hooked:
+            m.eval()  # as compose's model.eval() leaves the modules it owns
+
+    def close(self) -> None:
+        """Remove every applied module, newest first: each model is the bare base with a head again."""
+        while self._applied:
+            self._applied.pop()[1].remove()
+        self._model = None
 
 
 def check_head(task: LoadedModule, hidden_size: int) -> None:

@@ -11,9 +11,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xlpeft.compose import compose
+from xlpeft.composed import InPlace
 from xlpeft.errors import XlpeftError
-from xlpeft.evaluation import eval_examples, evaluate_model
+from xlpeft.evaluation import EvalSet, eval_examples, eval_set, evaluate_set, model_max_len
 from xlpeft.io import LoadedModule
 from xlpeft.metrics import METRICS
 from xlpeft.packs import TaskPack
@@ -76,21 +76,52 @@ def matrix_examples(pack: TaskPack, lang: str, eval_dir: str | None, split: str 
     return examples, "" if examples is not None else f"no {pack.task} evaluation data for {lang}"
 
 
-def matrix_row(base, pack: TaskPack, examples: list, task_mods: dict[str, LoadedModule],
-               lang_mods: dict[str, LoadedModule], references: dict[str, list[LoadedModule]]) -> dict[str, float]:
+class Scorer:
+    """Scores compositions on one base: each language's examples prepared once, modules swapped in place.
+
+    The per-cell work of ``evaluate_model(compose(base, modules), ...)`` less what does not change
+    between cells: the model of a task head is built once and a cell applies only the modules that
+    differ from the previous cell's (:class:`~xlpeft.composed.InPlace`); the examples are encoded,
+    sorted by length and padded once (:func:`~xlpeft.evaluation.eval_set`). Same scores.
+    """
+
+    def __init__(self, base) -> None:
+        self.base = base
+        self.in_place = InPlace(base)
+        self.max_len = model_max_len(base.model)  # a task model of this base embeds as many positions
+
+    def prepare(self, pack: TaskPack, examples: list) -> EvalSet:
+        """``examples`` encoded and batched for every cell of their row (and every seed)."""
+        return eval_set(pack, self.base.tokenizer, examples, max_len=self.max_len)
+
+    def score(self, modules: list[LoadedModule], data: EvalSet) -> float:
+        """The pack's headline metric of ``modules`` (bottom first, task module last) on ``data``."""
+        with self.in_place.composed(modules) as model:
+            return evaluate_set(model, data)[METRICS[data.pack.metric]]
+
+    def close(self) -> None:
+        """Remove the modules still applied (the models are the bare base with a head again)."""
+        self.in_place.close()
+
+
+def matrix_row(scorer: Scorer, data: EvalSet, task_mods: dict[str, LoadedModule], lang_mods: dict[str, LoadedModule],
+               references: dict[str, list[LoadedModule]]) -> dict[str, float]:
     """One language's scores: every language module under every task module, and each task module's baseline.
 
     Args:
+        data: the language's examples, prepared once (:meth:`Scorer.prepare`).
         task_mods, lang_mods: loaded modules by method (resolved once per command, not per cell).
         references: task method -> its baseline stack (:func:`xlpeft.lineage.baseline_stack`).
     """
-    key = METRICS[pack.metric]
-    row = {}
+    cells: dict[str, list[LoadedModule]] = {}
     for tm, task_mod in task_mods.items():
         for lm, lang_mod in lang_mods.items():
-            row[f"{lm}+{tm}"] = evaluate_model(compose(base, [lang_mod, task_mod]), pack, base.tokenizer, examples)[key]
-        row[f"{BASELINE}+{tm}"] = evaluate_model(compose(base, references[tm]), pack, base.tokenizer, examples)[key]
-    return row
+            cells[f"{lm}+{tm}"] = [lang_mod, task_mod]
+        cells[f"{BASELINE}+{tm}"] = references[tm]
+    # cells sharing their bottom module run one after another, so it stays applied while the task modules swap
+    # on top (Scorer keeps what consecutive compositions share); the order changes no score
+    scores = {name: scorer.score(cells[name], data) for name in sorted(cells, key=lambda n: [id(m) for m in cells[n]])}
+    return {name: scores[name] for name in cells}
 
 
 def heatmap(matrix: Matrix, path: Path, title: str, columns: list[str] | None = None) -> None:

@@ -20,12 +20,11 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xlpeft.compose import compose
 from xlpeft.errors import XlpeftError
-from xlpeft.evaluation import evaluate_model
+from xlpeft.evaluation import EvalSet
 from xlpeft.io import LoadedModule
 from xlpeft.lineage import baseline_stack
-from xlpeft.matrix import BASELINE, Matrix, baseline_langs, heatmap, matrix_row
+from xlpeft.matrix import BASELINE, Matrix, Scorer, baseline_langs, heatmap, matrix_row
 from xlpeft.metrics import METRICS
 from xlpeft.packs import TaskPack
 
@@ -67,12 +66,14 @@ def group_by_seed(modules: list[LoadedModule], task: str) -> dict[int, SeedGroup
     return dict(sorted(groups.items()))
 
 
-def seed_matrix(base, pack: TaskPack, group: SeedGroup, source: str, rows: dict[str, list]) -> Matrix:
+def seed_matrix(scorer: Scorer, pack: TaskPack, group: SeedGroup, source: str, rows: dict[str, EvalSet]) -> Matrix:
     """One seed's matrix: every target module under every ``source`` task module, the baselines, the ceilings.
 
     Args:
-        rows: target language -> its evaluation examples.
+        scorer: the base's scorer, shared by every seed (:class:`~xlpeft.matrix.Scorer`).
+        rows: target language -> its evaluation examples, prepared once (:meth:`Scorer.prepare`).
     """
+    base = scorer.base
     key = METRICS[pack.metric]
     task_mods = {m: mod for (lang, m), mod in group.task_mods.items() if lang == source}
     if not task_mods:
@@ -82,16 +83,16 @@ def seed_matrix(base, pack: TaskPack, group: SeedGroup, source: str, rows: dict[
                           f"{group.seed}`")
     references = {m: baseline_stack(mod, base.fingerprint) for m, mod in task_mods.items()}
     matrix = Matrix(key, {}, {}, baseline_langs(references))
-    for lang, examples in rows.items():
+    for lang, data in rows.items():
         lang_mods = {m: mod for (code, m), mod in group.lang_mods.items() if code == lang}
         if not lang_mods:
             matrix.skipped[lang] = f"no language module for {lang} with seed {group.seed}"
             continue
-        row = matrix_row(base, pack, examples, task_mods, lang_mods, references)
+        row = matrix_row(scorer, data, task_mods, lang_mods, references)
         for (code, m), mod in group.task_mods.items():
             if code == lang:  # trained on the target's own data: the supervised ceiling
                 stack = baseline_stack(mod, base.fingerprint)
-                row[f"{IN_LANGUAGE}+{m}"] = evaluate_model(compose(base, stack), pack, base.tokenizer, examples)[key]
+                row[f"{IN_LANGUAGE}+{m}"] = scorer.score(stack, data)
         matrix.rows[lang] = row
     return matrix
 

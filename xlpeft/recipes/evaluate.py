@@ -16,7 +16,7 @@ from pathlib import Path
 from xlpeft import tracking
 from xlpeft.errors import XlpeftError
 from xlpeft.lineage import baseline_stack, modules_under, registered_by_method
-from xlpeft.matrix import Matrix, baseline_langs, matrix_examples, matrix_row
+from xlpeft.matrix import Matrix, Scorer, baseline_langs, matrix_examples, matrix_row
 from xlpeft.metrics import METRICS
 from xlpeft.models import load_base
 from xlpeft.packs import load_task_pack
@@ -43,6 +43,7 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
         tracking.find_module("task", task, fingerprint=base.fingerprint, fetch=False)
     references = {tm: baseline_stack(mod, base.fingerprint) for tm, mod in task_mods.items()}
     matrix = Matrix(key, {}, {}, baseline_langs(references))
+    scorer = Scorer(base)  # one model per task head for every cell; modules swapped in place
 
     # ---- evaluate, row by row
     for lang in langs:
@@ -54,7 +55,8 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
         if examples is None:
             matrix.skipped[lang] = why
             continue
-        matrix.rows[lang] = matrix_row(base, pack, examples, task_mods, lang_mods, references)
+        matrix.rows[lang] = matrix_row(scorer, scorer.prepare(pack, examples), task_mods, lang_mods, references)
+    scorer.close()
     if not matrix.rows:  # nothing to show: say why, and open no run
         why = "; ".join(f"{lang}: {reason}" for lang, reason in matrix.skipped.items())
         raise XlpeftError(f"nothing to evaluate for {task}: every language was skipped ({why[:600]})")
@@ -101,21 +103,23 @@ def evaluate_seeds(task: str, langs: list[str], base_name: str, modules_dir: str
                               f"besides the targets {', '.join(langs)}; found {', '.join(sources) or 'none'}. "
                               "Pass --source LANG, or train one with `xlpeft train-task`")
         source = sources[0]
+    scorer = Scorer(base)  # one model per task head for every seed's cells; modules swapped in place
     rows, skipped = {}, {}
     for lang in langs:
         examples, why = matrix_examples(pack, lang, eval_dir, split)
         if examples is None:
             skipped[lang] = why
         else:
-            rows[lang] = examples
+            rows[lang] = scorer.prepare(pack, examples)  # encoded once for every seed
 
     # ---- evaluate, seed by seed
     matrices = {}
     for seed, group in groups.items():
         print(f"seed {seed}: scoring {len(group.lang_mods)} language and {len(group.task_mods)} task modules",
               file=sys.stderr, flush=True)
-        matrices[seed] = seed_matrix(base, pack, group, source, rows)
+        matrices[seed] = seed_matrix(scorer, pack, group, source, rows)
         matrices[seed].skipped.update(skipped)
+    scorer.close()
     table = SeedTable.of(matrices)
     if not table.values:
         why = "; ".join(f"{lang}: {reason}" for lang, reason in table.skipped.items())

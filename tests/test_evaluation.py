@@ -99,3 +99,20 @@ def test_long_pairs_are_counted(base):
     ex = [PairExample("watu wote " * 30, "haki", "entailment"), PairExample("a", "b", "neutral")]
     enc = encode_pairs(base.tokenizer, ex, {"entailment": 0, "neutral": 1}, 16)
     assert enc.truncated == 1 and all(len(ids) <= 16 for ids in enc.input_ids)
+
+
+def test_an_eval_set_is_encoded_once_and_scored_under_many_models(base):
+    """eval_set: every example once, batches in length order; predict_set reuses it unchanged, as predict would."""
+    from xlpeft.evaluation import eval_set, predict_set
+
+    pack = load_task_pack("ner")
+    examples = [TokenExample(tuple(["Amina"] + ["jana"] * n), tuple(["B-PER"] + ["O"] * n)) for n in (9, 1, 5, 3, 7)]
+    data = eval_set(pack, base.tokenizer, examples, batch_size=2)
+    assert sorted(i for idx, _ in data.batches for i in idx) == list(range(len(examples)))
+    widths = [inputs["input_ids"].shape[1] for _, inputs in data.batches]
+    assert widths == sorted(widths) and "labels" not in data.batches[0][1]
+    right = oracle(pack, base.tokenizer, examples)
+    wrong = lambda b: right(b).flip(-1)  # noqa: E731  another "model"
+    for fn in (right, wrong, right):
+        assert predict_set(fn, data) == predict(fn, pack, base.tokenizer, examples, batch_size=2)
+    assert predict_set(right, data) == [list(e.tags) for e in examples]

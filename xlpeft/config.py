@@ -190,6 +190,12 @@ class TrainConfig:
                                                           "eval_batches batches either way)", "min": 0})
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps", "min": 1})
     max_corpus_lines: int = field(default=0, metadata={"help": "read at most N corpus lines (0: all)", "min": 0})
+    corpus_mode: str = field(default="auto", metadata={
+        "help": "language modules: cache (tokenise once into $XLPEFT_CACHE/tokens, shuffle globally), stream "
+                "(tokenise ahead of the loop, only what is consumed; a shuffle buffer) or auto (stream hf: corpora, "
+                "cache files)", "choices": ("auto", "cache", "stream")})
+    stream_buffer: int = field(default=2048, metadata={"help": "blocks in the shuffle buffer of corpus_mode=stream",
+                                                       "min": 1})
     checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0: never)", "min": 0})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, masking and data order",
                                             "min": 0, "max": 2**32 - 1})

@@ -84,6 +84,15 @@ class Dist:
         if any(not torch.equal(g, gathered[0]) for g in gathered):
             raise XlpeftError(f"data-parallel ranks disagree on {what}; this is a bug, please report it")
 
+    def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (same shape and dtype everywhere); CPU in, CPU out, also under NCCL."""
+        if not self.active:
+            return tensor
+        nccl = torch.distributed.get_backend() == "nccl"
+        moved = tensor.cuda() if nccl else tensor.clone()
+        torch.distributed.broadcast(moved, src=0)
+        return moved.cpu() if nccl else moved
+
     def barrier(self) -> None:
         if self.active:
             torch.distributed.barrier()

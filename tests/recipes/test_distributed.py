@@ -86,6 +86,18 @@ def test_two_ranks_equal_one_process_language(workdir, nodrop_base, sw_corpus, m
 
 
 @pytest.mark.slow
+def test_two_ranks_stream_equal_one_process(workdir, nodrop_base, sw_corpus):
+    """A streamed corpus under torchrun: rank 0 reads and tokenises, every batch is broadcast."""
+    args = ["train-lang", "--lang", "sw", "--base", str(nodrop_base), "--corpus", str(sw_corpus), "--max-steps", "6",
+            "--batch-size", "4", "--set", "max_seq_len=32", "--set", "lr=3e-3", "--set", "corpus_mode=stream",
+            "--set", "stream_buffer=8"]
+    two = _xlpeft(workdir, 2, *args, "--output", "modules/two")
+    assert two.stderr.count("stream: reading") == 1, "only rank 0 reads the corpus"
+    _xlpeft(workdir, 1, *args, "--output", "modules/one")
+    _assert_same_module(workdir / "modules/one", workdir / "modules/two")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("method", cli_methods())
 def test_two_ranks_equal_one_process_task(workdir, nodrop_base, ner_files, method):
     """Task modules too: sentences of different lengths give ranks different labelled counts."""

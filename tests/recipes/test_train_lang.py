@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from xlpeft import load_module, tracking
+from xlpeft.errors import XlpeftError
 from xlpeft.methods.adapters import AdapterConfig, AdapterModule
 from xlpeft.models import load_base
 from xlpeft.recipes.train_lang import LangRequest, train_language
@@ -104,3 +105,22 @@ def test_the_held_out_evaluation_is_sized_to_the_run(workdir, base_dirs, sw_corp
                       sets={"max_steps": "3", "max_seq_len": "16", "batch_size": "2", "eval_fraction": "0.5"})
     params = tracking.client().get_run(train_language(req).run_id).data.params
     assert int(params["eval_blocks"]) > 8 and params["eval_blocks_used"] == "8", "4 batches of 2: the automatic minimum"
+
+
+def test_an_hf_corpus_is_streamed(workdir, base_dirs, tmp_path, capsys):
+    """``hf:`` corpora stream by default (a local dataset folder stands in for the hub, offline)."""
+    folder = tmp_path / "hfds"
+    folder.mkdir()
+    rows = [{"text": f"watu wote wamezaliwa huru {i} hadhi na haki zao ni sawa"} for i in range(200)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    req = LangRequest(lang="sw", base=str(base_dirs["tiny-xlmr"]), corpus=(f"hf:{folder}",),
+                      sets={"max_steps": "4", "max_seq_len": "32", "lr": "1e-2"})
+    result = train_language(req)
+    err = capsys.readouterr().err
+    assert "stream: reading" in err and "token cache" not in err
+    params = tracking.client().get_run(result.run_id).data.params
+    assert params["train_blocks"] == "stream" and params["eval_blocks_used"] == "32"
+    assert load_module(result.path).manifest.training["steps"] == 4
+    with pytest.raises(XlpeftError, match="full_epochs.*corpus_mode=cache"):
+        train_language(LangRequest(lang="sw", method="sft", base=str(base_dirs["tiny-xlmr"]), corpus=(f"hf:{folder}",),
+                                   sets={"full_epochs": "1", "num_params": "100"}))

@@ -97,7 +97,7 @@ def _scan(path: Path) -> str:
             data = carry + chunk
             if not data:
                 break
-            cut = len(data) if not chunk else _utf8_boundary(data)  # at EOF an incomplete tail is an error
+            cut = len(data) if not chunk else utf8_boundary(data)  # at EOF an incomplete tail is an error
             head = data[:cut]
             nul = head.find(b"\x00")
             if nul >= 0:
@@ -121,7 +121,7 @@ def _scan(path: Path) -> str:
     return h.hexdigest()
 
 
-def _utf8_boundary(data: bytes) -> int:
+def utf8_boundary(data: bytes) -> int:
     """The largest cut <= len(data) that does not split a UTF-8 sequence (at most 3 bytes are held back)."""
     for back in range(1, min(4, len(data)) + 1):
         byte = data[-back]
@@ -245,16 +245,20 @@ def _raw_lines(spec: CorpusSpec) -> Iterator[str]:
         check_text_file(path)
         yield from _read_pieces(path)
         return
+    for row in open_hf(spec):
+        if spec.text_field not in row:
+            raise XlpeftError(f"dataset {spec.describe()} has no field {spec.text_field!r}; fields: {sorted(row)}")
+        yield from str(row[spec.text_field]).splitlines()
+
+
+def open_hf(spec: CorpusSpec):
+    """The ``hf:`` corpus as a streaming ``datasets.IterableDataset`` (nothing is downloaded before it is read)."""
     try:
         from datasets import load_dataset
 
-        ds = load_dataset(spec.hf, spec.config, split=spec.split, streaming=True)
+        return load_dataset(spec.hf, spec.config, split=spec.split, streaming=True)
     except Exception as exc:  # offline, unknown dataset, missing config ...
         raise XlpeftError(
             f"could not open Hugging Face dataset {spec.describe()} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}); pass a local text file with --corpus PATH"
         ) from None
-    for row in ds:
-        if spec.text_field not in row:
-            raise XlpeftError(f"dataset {spec.describe()} has no field {spec.text_field!r}; fields: {sorted(row)}")
-        yield from str(row[spec.text_field]).splitlines()

@@ -17,6 +17,7 @@ from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD
 from xlpeft.data.batches import batches
 from xlpeft.data.corpora import check_text_file, fingerprint_corpora
 from xlpeft.data.mlm import attention_mask_for, mask_tokens, split_blocks
+from xlpeft.data.stream import StreamBatches, check_streamable, corpus_mode
 from xlpeft.data.token_store import open_store
 from xlpeft.distributed import init_from_env
 from xlpeft.io import Manifest, check_module_output
@@ -69,13 +70,14 @@ class LangPlan:
     base: Any
     device: torch.device
     dist: Any
-    train_blocks: list
-    eval_blocks: list
+    train_blocks: Any  # Blocks views, or None when streamed
+    eval_blocks: Any
     registered_name: str
     tags: dict[str, str]
     params: dict[str, Any]
     n_eval: int  # held-out blocks one evaluation reads
     before_key: dict[str, Any]  # what the loss before training depends on (its cache key)
+    mode: str  # "cache" (train_blocks / eval_blocks are views of the token store) or "stream" (both None)
 
 
 def plan_language(req: LangRequest) -> LangPlan:
@@ -95,23 +97,31 @@ def plan_language(req: LangRequest) -> LangPlan:
     cfg = fit_train_config(cfg, base, req.sets)  # max_seq_len within the base's position table
     spec.check(base, method_cfg, cfg)  # what the method checks against this base, before any run opens
     dist = init_from_env(device)
-    store = open_store(corpora, base.tokenizer, cfg.max_corpus_lines, progress=dist.main)  # tokenised once, cached
-    blocks = store.blocks(cfg.max_seq_len, base.tokenizer)  # pack_blocks's blocks, read from disk on demand
-    train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
-    method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_blocks))  # epoch-based phases (LT-SFT) -> steps
-    n_eval = eval_block_count(cfg, len(eval_blocks))  # sized to the run: a 10-step run is not mostly evaluation
+    mode = corpus_mode(cfg, corpora)
+    if mode == "cache":
+        store = open_store(corpora, base.tokenizer, cfg.max_corpus_lines, progress=dist.main)  # tokenised once, cached
+        blocks = store.blocks(cfg.max_seq_len, base.tokenizer)  # pack_blocks's blocks, read from disk on demand
+        train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
+        method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_blocks))  # epoch-based phases -> steps
+        n_eval, data_key, counts = eval_block_count(cfg, len(eval_blocks)), store.meta["key"], (
+            len(train_blocks), len(eval_blocks))
+    else:  # streamed in train_language: nothing is read before the run opens
+        check_streamable(method_cfg)
+        train_blocks = eval_blocks = None
+        n_eval, data_key, counts = eval_block_count(cfg, 10**12), f"stream:{fingerprint_corpora(corpora)}", (
+            "stream", "stream")
     name = req.registered_name
     tags = run_tags("language", req.lang, pack.name, None, req.method, base)
     params = {
         "method": asdict(method_cfg), "train": asdict(cfg), "lang": req.lang, "base": base.name,
         "corpora": ", ".join(c.describe() for c in corpora),
-        "corpus_fingerprint": fingerprint_corpora(corpora), "train_blocks": len(train_blocks),
-        "eval_blocks": len(eval_blocks), "eval_blocks_used": n_eval, "world_size": dist.world,
+        "corpus_fingerprint": fingerprint_corpora(corpora), "train_blocks": counts[0],
+        "eval_blocks": counts[1], "eval_blocks_used": n_eval, "world_size": dist.world,
     }
-    before_key = {"base": base.fingerprint, "tokens": store.meta["key"], "train": asdict(cfg), "n_eval": n_eval,
+    before_key = {"base": base.fingerprint, "tokens": data_key, "train": asdict(cfg), "n_eval": n_eval,
                   "method": req.method, "method_cfg": asdict(method_cfg), "device": device.type}
     return LangPlan(spec, method_cfg, cfg, corpora, out_dir, base, device, dist, train_blocks, eval_blocks, name,
-                    tags, params, n_eval, before_key)
+                    tags, params, n_eval, before_key, mode)
 
 
 def train_language(req: LangRequest) -> LangResult:
@@ -128,7 +138,12 @@ def train_language(req: LangRequest) -> LangResult:
         torch.manual_seed(cfg.seed)
         trainable = spec.prepare(base, method_cfg, cfg)
         mask_gen = torch.Generator().manual_seed(cfg.seed)
-        data = batches(train_blocks, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
+        if p.mode == "stream":  # tokenised ahead of the loop in a thread; held-out blocks from the stream's start
+            data = StreamBatches(corpora, base.tokenizer, cfg.max_seq_len, cfg.batch_size,
+                                 torch.Generator().manual_seed(cfg.seed), p.n_eval, cfg.stream_buffer, dist)
+            eval_blocks = data.eval_blocks
+        else:
+            data = batches(train_blocks, cfg.batch_size, torch.Generator().manual_seed(cfg.seed))
         dist.seed_dropout(cfg.seed)  # after the module is initialised identically on every rank
 
         def loss_fn(batch: torch.Tensor) -> torch.Tensor:
@@ -157,6 +172,7 @@ def train_language(req: LangRequest) -> LangResult:
             tensors, extra = trainable.export()
         finally:
             trainable.close()  # the in-memory base is restored exactly whatever happened
+            getattr(data, "close", lambda: None)()  # a stream's reader thread
         # ---- save, verify, log, register (rank 0 only)
         manifest = Manifest(
             kind="language", method=req.method, lang=req.lang, base=base_ref(base), config=asdict(method_cfg),

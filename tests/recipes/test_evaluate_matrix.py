@@ -29,7 +29,7 @@ from xlpeft.metrics import METRICS
 from xlpeft.models import load_base
 from xlpeft.packs import load_task_pack
 from xlpeft.recipes.common import resolve_configs, resolve_epochs
-from xlpeft.registry import get_method
+from xlpeft.registry import get_method, method_names
 from xlpeft.seeds import SeedGroup, seed_matrix
 from xlpeft.training import mlm_loss, train_loop
 
@@ -37,7 +37,7 @@ LANG_METHODS = ("adapter", "sft", "lora")
 TASK_METHODS = ("adapter", "lora")
 TARGETS = ("sw", "yo")
 TRAIN = {"max_steps": 3, "lr": 1e-2, "warmup_ratio": 0.0, "batch_size": 4, "max_seq_len": 16, "log_every": 1}
-SMALL = {"sft": {"num_params": 300}}
+SMALL = {"sft": {"num_params": 300}, "compacter": {"reduction_factor": 4}}  # as tests/methods/test_contract.py
 
 
 def train_module(base, pack, method: str, kind: str, name: str, out, seed: int, extra: dict | None = None):
@@ -208,3 +208,35 @@ def test_seed_matrix_in_place_equals_composing_every_cell(matrix, tmp_path):
     expected["in-language+adapter"] = evaluate_model(compose(base, [lang_mods["sw"]["adapter"], own]), pack,
                                                      base.tokenizer, examples["sw"])[METRICS[pack.metric]]
     assert got.rows["sw"] == expected
+
+
+@pytest.fixture(scope="module")
+def every_method(base_dirs, tmp_path_factory):
+    """``get(method, kind)``: a module of every registered method on tiny-bert, trained once (cached)."""
+    root = tmp_path_factory.mktemp("every-method")
+    base, pack, cache = load_base(str(base_dirs["tiny-bert"])), load_task_pack("ner"), {}
+
+    def get(method: str, kind: str):
+        if (method, kind) not in cache:
+            name = "sw" if kind == "language" else "ner"
+            cache[method, kind] = train_module(base, pack, method, kind, name, root / f"{kind}-{method}", len(cache))
+        return cache[method, kind]
+
+    return base, pack, get
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_in_place_gives_composes_logits(every_method, method):
+    """A method's module as the language module and as the task module: bit-equal logits to compose(), after a swap."""
+    base, pack, get = every_method
+    batch = Scorer(base).prepare(pack, sentences(12, 3)).batches[-1][1]
+    in_place = InPlace(base)
+    cells = [[get(method, "language"), get("adapter", "task")], [get("adapter", "language"), get(method, "task")],
+             [get(method, "language"), get(method, "task")], [get(method, "language"), get("adapter", "task")]]
+    for modules in cells:
+        with torch.no_grad():
+            expected = compose(base, modules)(**batch).logits
+            with in_place.composed(modules) as model:
+                got = model(**batch).logits
+        assert torch.equal(got, expected), [m.manifest.method for m in modules]
+    in_place.close()

@@ -3,6 +3,8 @@
 A cell ``lang_method+task_method`` scores the target language's module under the task module;
 a ``baseline+task_method`` column scores the task module over its own source-language module
 (no target-language module), the reference each cell should beat (MAD-X, Pfeiffer et al., 2020).
+Cells are scored by a :class:`Scorer`: one model per task head for the whole command, modules
+swapped in place, each language's examples encoded once; the scores are ``compose``'s.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 With ``--modules-dir``, the modules saved under a folder instead, one matrix per seed, reported as
 mean ± std over seeds (:mod:`xlpeft.seeds`).
 
-Each language's and each task's modules are resolved once; the matrix, its baseline column and
-the heat-map come from :mod:`xlpeft.matrix`; the table and the figure go to one MLflow run.
+Each language's and each task's modules are resolved once, each language's examples are encoded
+once, and every cell is scored in place on the one base (:class:`xlpeft.matrix.Scorer`); the
+matrix, its baseline column and the heat-map come from :mod:`xlpeft.matrix`; the table and the
+figure go to one MLflow run.
 """
 
 from __future__ import annotations

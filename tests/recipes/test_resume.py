@@ -68,7 +68,7 @@ def _kill_after_checkpoint(cmd, env, cwd, min_step: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [*cli_methods(), pytest.param("sft:dynamic", marks=pytest.mark.exhaustive),
-                                    "adapter:stream"])
+                                    pytest.param("adapter:stream", marks=pytest.mark.exhaustive)])
 def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, method):
     base_dir, extra = base_dirs["tiny-bert"], SMALL.get(method, ())
     method = method.split(":")[0]  # a row may be a method with a variant's settings

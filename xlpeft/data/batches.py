@@ -46,6 +46,9 @@ class BlockBatches:
         self.offset = int(state["data.offset"])
         self.generator.set_state(state["rng.data"])
 
+    def close(self) -> None:
+        """Nothing to release (a stream's :meth:`~xlpeft.data.stream.StreamBatches.close` stops its reader)."""
+
 
 def batches(blocks: torch.Tensor, batch_size: int, generator: torch.Generator) -> BlockBatches:
     """Endless shuffled batches (B, T) over the blocks; each epoch a fresh permutation from ``generator``."""

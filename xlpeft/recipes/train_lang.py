@@ -172,7 +172,7 @@ def train_language(req: LangRequest) -> LangResult:
             tensors, extra = trainable.export()
         finally:
             trainable.close()  # the in-memory base is restored exactly whatever happened
-            getattr(data, "close", lambda: None)()  # a stream's reader thread
+            data.close()  # a stream's reader thread
         # ---- save, verify, log, register (rank 0 only)
         manifest = Manifest(
             kind="language", method=req.method, lang=req.lang, base=base_ref(base), config=asdict(method_cfg),

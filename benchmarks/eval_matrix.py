@@ -32,7 +32,6 @@ Not part of ``make test``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import random
@@ -44,30 +43,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tests.recipes.test_evaluate_matrix import train_module  # noqa: E402
 from xlpeft.compose import compose  # noqa: E402
-from xlpeft.data.mlm import mask_tokens  # noqa: E402
 from xlpeft.data.tasks import NO_SUBWORD, TokenExample, collate  # noqa: E402
 from xlpeft.evaluation import default_label, encode, score  # noqa: E402
-from xlpeft.io import Manifest, load_module, save_module  # noqa: E402
 from xlpeft.matrix import BASELINE, Scorer, matrix_row  # noqa: E402
-from xlpeft.methods.heads import build_head  # noqa: E402
 from xlpeft.metrics import METRICS  # noqa: E402
 from xlpeft.models import build_tiny_base, fit_seq_len, load_base  # noqa: E402
 from xlpeft.packs import load_task_pack  # noqa: E402
-from xlpeft.recipes.common import resolve_configs, resolve_epochs  # noqa: E402
-from xlpeft.registry import get_method  # noqa: E402
-from xlpeft.training import mlm_loss, train_loop  # noqa: E402
 
 LANGS = ("sw", "yo", "ha", "ig", "am", "wo")
 SOURCE = "en"
 LANG_METHODS = ("adapter", "sft")
 TASK_METHODS = ("adapter", "lora")
-SMALL = {"sft": {"num_params": 300}}  # LT-SFT's default K is larger than the tiny base
-TRAIN = {"max_steps": 3, "lr": 1e-2, "warmup_ratio": 0.0, "batch_size": 4, "max_seq_len": 16, "log_every": 1}
 # the tests' tiny base and NER sentences (tests/conftest.py): a tokenizer trained on Swahili and English lines
 SW_WORDS = ("watu wote wamezaliwa huru hadhi na haki zao ni sawa wana akili na dhamiri hivyo yapasa watendeane "
             "kindugu kila mtu anastahili haki zote uhuru bila ubaguzi wa aina yoyote").split()
@@ -116,45 +107,7 @@ def per_cell_row(base, pack, examples, task_mods, lang_mods, references) -> dict
     return row
 
 
-# ---- the matrix: a tiny base, modules trained a few steps on random ids, NER-shaped examples
-def train_module(base, pack, method: str, kind: str, name: str, out: Path, seed: int):
-    """A module of ``method`` trained ``TRAIN['max_steps']`` steps per phase through the method protocol, saved, loaded."""
-    cfg, train_cfg = resolve_configs(method, kind, {**TRAIN, **SMALL.get(method, {})})
-    cfg = resolve_epochs(method, cfg, train_cfg, 64)
-    torch.manual_seed(seed)
-    trainable = get_method(method).prepare(base, cfg, train_cfg)
-    head = build_head(pack.head, base.hidden_size, len(pack.labels), dropout=0.0) if kind == "task" else None
-    gen = torch.Generator().manual_seed(seed)
-    batches = iter(lambda: torch.randint(5, len(base.tokenizer), (4, 16), generator=gen), None)
-
-    def loss(ids):
-        if kind == "language":
-            return mlm_loss(base, *mask_tokens(ids, base.tokenizer, 0.3, gen))
-        logits = head(base.encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), (ids % len(pack.labels)).reshape(-1))
-
-    base.model.train()
-    try:
-        for phase in trainable.phases:
-            params = trainable.begin_phase(phase) + (list(head.parameters()) if head is not None else [])
-            train_loop(params, batches, loss, train_cfg, phase.steps, lambda *a: None,
-                       after_step=lambda step, p=phase: trainable.after_step(p, step), progress=False)
-            trainable.end_phase(phase)
-        tensors, extra = trainable.export()
-    finally:
-        trainable.close()
-        base.model.eval()
-    extra = {k: v for k, v in extra.items() if k != "trainable_parameters"}
-    if head is not None:
-        tensors["head"] = head.state_dict()
-        extra.update(labels=list(pack.labels), head=pack.head)
-    manifest = Manifest(kind=kind, method=method, config=dataclasses.asdict(cfg), extra=extra,
-                        base={"name": base.name, "fingerprint": base.fingerprint,
-                              "model_type": base.model.config.model_type},
-                        lang=name if kind == "language" else None, task=name if kind == "task" else None)
-    return load_module(save_module(out, manifest, tensors))
-
-
+# ---- the matrix: a tiny base, modules trained a few steps on random ids (the tests' helper), NER-shaped examples
 def sentences(n: int, seed: int, words: tuple[int, int]) -> list[TokenExample]:
     """``n`` NER sentences of ``words`` (min, max) words: filler words with an entity (B-PER/ORG/LOC) one in five."""
     rng = random.Random(seed)

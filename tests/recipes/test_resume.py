@@ -1,6 +1,7 @@
 """Crash and resume: kill -9 mid-run, --resume continues the same MLflow run and ends with the same module."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,5 +120,5 @@ def test_finished_run_is_never_resumed_and_changed_config_is_refused(workdir, ba
     c.set_tag(runs[0].info.run_id, "xlpeft.checkpoint_dir", str(workdir / "nowhere"))
     with pytest.raises(SystemExit):
         main(args[:-2] + ["--set", "max_seq_len=64", "--resume"])
-    error = [line for line in capsys.readouterr().err.split("\r") if line.startswith("Error:")]
+    error = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.startswith("Error:")]
     assert len(error) == 1 and error[0].startswith("Error: the unfinished run") and "train.max_seq_len" in error[0]

@@ -120,4 +120,6 @@ def test_mode_choice_and_epoch_phases():
     check_streamable(SFTConfig())
     with pytest.raises(XlpeftError, match="full_epochs.*full_steps=N"):
         check_streamable(SFTConfig(full_epochs=3))
+    with pytest.raises(XlpeftError, match="max_corpus_lines=5 limits a cached corpus"):
+        check_streamable(SFTConfig(), TrainConfig(max_corpus_lines=5))
     assert Position.of(Position(1, 2, 3).tensor()) == Position(1, 2, 3)

@@ -125,8 +125,12 @@ def corpus_mode(cfg, corpora: list[CorpusSpec]) -> str:
     return "stream" if any(c.hf for c in corpora) else "cache"
 
 
-def check_streamable(method_cfg) -> None:
-    """Epoch-based phases need the corpus size, which a stream does not know: refuse them, with the fix."""
+def check_streamable(method_cfg, cfg=None) -> None:
+    """Epoch-based phases need the corpus size, which a stream does not know, and a line limit is the cache's:
+    refuse them, with the fix."""
+    if cfg is not None and cfg.max_corpus_lines:
+        raise XlpeftError(f"max_corpus_lines={cfg.max_corpus_lines} limits a cached corpus; a streamed one is read only "
+                          "as far as the run needs. Drop it, or pass --set corpus_mode=cache")
     epochs = [f.name for f in fields(method_cfg) if f.name.endswith("_epochs") and getattr(method_cfg, f.name)]
     if epochs:
         raise XlpeftError(f"{', '.join(epochs)} count epochs of the corpus, and a streamed corpus has no known size; "

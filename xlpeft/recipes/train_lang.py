@@ -106,7 +106,7 @@ def plan_language(req: LangRequest) -> LangPlan:
         n_eval, data_key, counts = eval_block_count(cfg, len(eval_blocks)), store.meta["key"], (
             len(train_blocks), len(eval_blocks))
     else:  # streamed in train_language: nothing is read before the run opens
-        check_streamable(method_cfg)
+        check_streamable(method_cfg, cfg)
         train_blocks = eval_blocks = None
         n_eval, data_key, counts = eval_block_count(cfg, 10**12), f"stream:{fingerprint_corpora(corpora)}", (
             "stream", "stream")

@@ -40,7 +40,7 @@ def test_store_blocks_equal_pack_blocks(base, tmp_path, monkeypatch, workers):
     monkeypatch.setattr(token_build, "RANGE_BYTES", 2048)  # many ranges, cut inside the long line too
     corpus = _awkward_corpus(tmp_path / "c.txt")
     store = _store(corpus, base.tokenizer, tmp_path / "tokens", workers=workers)
-    assert isinstance(store.tokens, np.memmap) and store.meta["workers"] == workers
+    assert store.meta["workers"] == workers
     for length in (8, 32, 130):
         ref = pack_blocks(base.tokenizer, iter_lines(CorpusSpec(path=str(corpus))), length, progress=False)
         assert torch.equal(_all(store.blocks(length, base.tokenizer)), ref), length

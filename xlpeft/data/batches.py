@@ -31,7 +31,7 @@ class BlockBatches:
         n = self.blocks.shape[0]
         size = min(self.batch_size, n)
         if self.order is None or self.offset + size > n:
-            self.order = torch.randperm(n, generator=self.generator)
+            self.order = torch.randperm(n, generator=self.generator, dtype=torch.int32)  # the int64 permutation's values
             self.offset = 0
         idx = self.order[self.offset:self.offset + size]
         self.offset += size

@@ -87,11 +87,12 @@ def split_blocks(blocks, eval_fraction: float, seed: int):
             f"the corpus packs into {n} block(s) of tokens; at least 2 are needed (one held out for eval). "
             "Use more text or a smaller --set max_seq_len"
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_eval = max(1, int(round(n * eval_fraction)))
     from xlpeft.data.token_store import Blocks
 
-    if isinstance(blocks, Blocks):
+    view = isinstance(blocks, Blocks)  # int32 rows: a 10^9-token corpus is millions of blocks
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed), dtype=torch.int32 if view else torch.int64)
+    n_eval = max(1, int(round(n * eval_fraction)))
+    if view:
         return blocks.select(order[n_eval:]), blocks.select(order[:n_eval])
     return blocks[order[n_eval:]], blocks[order[:n_eval]]
 

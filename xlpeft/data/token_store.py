@@ -39,8 +39,8 @@ from xlpeft.errors import XlpeftError
 
 FORMAT = 1
 """Bumped whenever what a store holds changes, so old stores are rebuilt rather than misread."""
-CHECK_CHUNK = 1 << 22
-"""Tokens per checksum chunk."""
+CHECK_WORDS = 1 << 19
+"""64-bit words per checksum chunk (4 MiB)."""
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -64,16 +64,57 @@ def store_key(corpora: list[CorpusSpec], tokenizer, limit: int) -> str:
 
 @dataclass
 class TokenStore:
-    """A finished store: the memory-mapped stream and what built it."""
+    """A finished store: where its stream is and what built it."""
 
     path: Path
-    tokens: np.ndarray  # (n_tokens,) uint16/uint32 memmap, read-only
     meta: dict
     hit: bool  # True when it was already built (by an earlier run, a resume or another rank)
 
+    @property
+    def tokens(self) -> np.ndarray:
+        """The whole stream, memory-mapped (n_tokens,): for inspection; training reads blocks with ``pread``."""
+        n, dtype = int(self.meta["n_tokens"]), np.dtype(self.meta["dtype"])
+        return np.memmap(self.path / "tokens.bin", dtype=dtype, mode="r") if n else np.zeros(0, dtype)
+
     def blocks(self, max_seq_len: int, tokenizer) -> Blocks:
         """The ``[CLS] body [SEP]`` blocks of ``max_seq_len`` tokens that :func:`pack_blocks` would pack."""
-        return Blocks(self.tokens, max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+        reader = TokenReader(self.path / "tokens.bin", int(self.meta["n_tokens"]), self.meta["dtype"])
+        return Blocks(reader, max_seq_len, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+
+
+class TokenReader:
+    """Reads token ranges of a store with ``os.pread``: only the bytes asked for, never mapped into the process,
+    so resident memory stays flat however much of a 10^9-token store a run walks through."""
+
+    def __init__(self, path: Path, n_tokens: int, dtype: str) -> None:
+        self.path, self.n, self.dtype = path, n_tokens, np.dtype(dtype)
+        self.fd = os.open(path, os.O_RDONLY) if n_tokens else -1
+
+    def __len__(self) -> int:
+        return self.n
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` (fewer at the end of the stream)."""
+        length = max(0, min(length, self.n - start))
+        raw = os.pread(self.fd, length * self.dtype.itemsize, start * self.dtype.itemsize) if length else b""
+        return np.frombuffer(raw, dtype=self.dtype)
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+
+
+class ArrayReader:
+    """:class:`TokenReader`'s interface over an in-memory array (tests, small streams)."""
+
+    def __init__(self, tokens: np.ndarray) -> None:
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        return self.tokens[start:start + length]
 
 
 class Blocks:
@@ -83,8 +124,9 @@ class Blocks:
     over a subset of rows (the train / held-out split), without reading any tokens.
     """
 
-    def __init__(self, tokens: np.ndarray, max_seq_len: int, cls: int, sep: int, pad: int,
+    def __init__(self, tokens: TokenReader | ArrayReader | np.ndarray, max_seq_len: int, cls: int, sep: int, pad: int,
                  rows: torch.Tensor | None = None) -> None:
+        tokens = ArrayReader(tokens) if isinstance(tokens, np.ndarray) else tokens
         self.tokens, self.length, self.cls, self.sep, self.pad = tokens, max_seq_len, cls, sep, pad
         self.body = max_seq_len - 2
         if self.body < 1:
@@ -93,7 +135,7 @@ class Blocks:
         self.n_source = n_full or (1 if len(tokens) else 0)  # a lone partial block is padded, as pack_blocks does
         if self.n_source == 0:
             raise XlpeftError("the corpus produced no tokens; it needs at least one non-empty line of text")
-        self.rows = rows  # (N,) source-block indices of this view, or None for all of them
+        self.rows = rows  # (N,) int32 source-block indices of this view, or None for all of them
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else self.n_source
@@ -105,7 +147,7 @@ class Blocks:
     def select(self, idx: torch.Tensor) -> Blocks:
         """A view over rows ``idx`` of this one (no tokens are read)."""
         rows = self.rows[idx] if self.rows is not None else idx
-        return Blocks(self.tokens, self.length, self.cls, self.sep, self.pad, rows.clone())
+        return Blocks(self.tokens, self.length, self.cls, self.sep, self.pad, rows.to(torch.int32))  # a copy
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, slice):
@@ -117,7 +159,7 @@ class Blocks:
         out = torch.full((len(source), self.length), self.pad, dtype=torch.long)  # (B, L)
         out[:, 0], out[:, -1] = self.cls, self.sep
         for row, b in enumerate(source.tolist()):
-            piece = self.tokens[b * self.body:(b + 1) * self.body]  # (<= L-2,) only the lone block is short
+            piece = self.tokens.read(b * self.body, self.body)  # (<= L-2,) only the lone block is short
             out[row, 1:1 + len(piece)] = torch.from_numpy(piece.astype(np.int64))
         return out
 
@@ -139,12 +181,12 @@ def open_store(corpora: list[CorpusSpec], tokenizer, limit: int = 0, *, root: Pa
     path = root / key
     found = _verified(path, key)
     if found is not None:
-        return _report(TokenStore(path, *found, hit=True))
+        return _report(TokenStore(path, found, hit=True))
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f"{key}.lock"):
         found = _verified(path, key)  # another builder may have finished while this one waited
         if found is not None:
-            return _report(TokenStore(path, *found, hit=True))
+            return _report(TokenStore(path, found, hit=True))
         if path.exists():
             print(f"token cache {path} is incomplete or corrupted; rebuilding it", file=sys.stderr, flush=True)
             shutil.rmtree(path)
@@ -155,8 +197,7 @@ def open_store(corpora: list[CorpusSpec], tokenizer, limit: int = 0, *, root: Pa
         meta = token_build.build(tmp, corpora, tokenizer, limit, _dtype(tokenizer), workers, progress)
         meta.update(key=key, format=FORMAT, build_seconds=round(time.perf_counter() - start, 3),
                     corpora=[c.describe() for c in corpora], tokenizer=tokenizer_fingerprint(tokenizer), limit=limit)
-        meta["checksum"] = checksum(np.memmap(tmp / "tokens.bin", dtype=meta["dtype"], mode="r")
-                                    if meta["n_tokens"] else np.zeros(0, meta["dtype"]))
+        meta["checksum"] = checksum(tmp / "tokens.bin")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         _fsync_dir(tmp)
         os.replace(tmp, path)  # published atomically: readers see all of it or none
@@ -164,7 +205,7 @@ def open_store(corpora: list[CorpusSpec], tokenizer, limit: int = 0, *, root: Pa
         if found is None:
             raise XlpeftError(f"the token cache {path} failed its own check right after it was built; "
                               "the disk may be full or failing (set XLPEFT_CACHE to another folder)")
-        return _report(TokenStore(path, *found, hit=False))
+        return _report(TokenStore(path, found, hit=False))
 
 
 def default_root() -> Path:
@@ -173,17 +214,26 @@ def default_root() -> Path:
     return cache_dir() / "tokens"
 
 
-def checksum(tokens: np.ndarray) -> str:
-    """A position-weighted sum per chunk, hashed in order: catches truncation, flipped and swapped tokens at ~GB/s.
+def checksum(path: Path) -> str:
+    """A position-weighted sum of the file's 64-bit words per 4 MiB chunk, the chunks' sums hashed in order.
 
+    Catches truncation, flipped and swapped tokens at several GB/s (verifying a 10^9-token store costs
+    about a second), reading with ``readinto`` so the pages are never mapped into this process.
     Not cryptographic: it guards against crashes and bad disks, not against an adversary.
     """
-    h = hashlib.sha256(str(tokens.dtype).encode())
-    weights = np.arange(1, CHECK_CHUNK + 1, dtype=np.uint64)
-    for start in range(0, len(tokens), CHECK_CHUNK):
-        chunk = np.asarray(tokens[start:start + CHECK_CHUNK]).astype(np.uint64)  # (<= CHECK_CHUNK,)
-        h.update(np.array([chunk.sum(), (chunk * weights[:len(chunk)]).sum()], dtype=np.uint64).tobytes())
-    h.update(str(len(tokens)).encode())
+    h = hashlib.sha256(b"xlpeft-token-store-checksum-2")
+    words = np.zeros(CHECK_WORDS, dtype=np.uint64)
+    weights = np.arange(1, CHECK_WORDS + 1, dtype=np.uint64)
+    view = memoryview(words).cast("B")
+    size = 0
+    with path.open("rb", buffering=0) as fh:
+        while got := fh.readinto(view):
+            size += got
+            n = (got + 7) // 8
+            view[got:n * 8] = bytes(n * 8 - got)  # a last partial word is zero-padded
+            chunk = words[:n]
+            h.update(np.array([chunk.sum(), (chunk * weights[:n]).sum()], dtype=np.uint64).tobytes())
+    h.update(str(size).encode())
     return h.hexdigest()[:32]
 
 
@@ -191,8 +241,8 @@ def _dtype(tokenizer) -> str:
     return "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "uint32"
 
 
-def _verified(path: Path, key: str) -> tuple[np.ndarray, dict] | None:
-    """The stream and meta of the store at ``path`` when it is complete and intact, else None."""
+def _verified(path: Path, key: str) -> dict | None:
+    """The meta of the store at ``path`` when it is complete and intact, else None."""
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT or meta.get("key") != key:
@@ -201,10 +251,9 @@ def _verified(path: Path, key: str) -> tuple[np.ndarray, dict] | None:
         n, dtype = int(meta["n_tokens"]), np.dtype(meta["dtype"])
         if file.stat().st_size != n * dtype.itemsize:
             return None
-        tokens = np.memmap(file, dtype=dtype, mode="r") if n else np.zeros(0, dtype)
-        if checksum(tokens) != meta.get("checksum"):
+        if checksum(file) != meta.get("checksum"):
             return None
-        return tokens, meta
+        return meta
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -106,12 +106,13 @@ def train_lang(base: str, corpus: Path, work: Path, tag: str) -> dict:
 
 def throughput(base: str, corpus: Path, work: Path, processes: int) -> dict:
     """MB/s of the token store and of datasets.map on ``corpus``, each from an empty cache."""
-    from datasets import load_dataset
+    from datasets import disable_progress_bars, load_dataset
 
     from xlpeft.data.corpora import CorpusSpec
     from xlpeft.data.token_store import open_store
     from xlpeft.models import load_base
 
+    disable_progress_bars()
     tokenizer = load_base(base).tokenizer
     mb = corpus.stat().st_size / 1e6
     start = time.perf_counter()

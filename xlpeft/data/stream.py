@@ -153,17 +153,21 @@ class _Producer:
     def _run(self, corpora, tokenizer, max_seq_len, start) -> None:
         try:
             for item in stream_blocks(corpora, tokenizer, max_seq_len, start):
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
+                if not self._put(item):
                     return
-            self.queue.put(self.DONE)
+            self._put(self.DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
-            self.queue.put(exc)
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        """Queue ``item``, waiting while the queue is full; False once the consumer has closed the stream."""
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def next(self) -> tuple[torch.Tensor, Position] | None:
         item = self.queue.get()
@@ -193,7 +197,7 @@ class StreamBatches:
         self.batch_size, self.generator, self.buffer_size, self.dist = batch_size, generator, buffer, dist
         self.producer: _Producer | None = None
         self.buffer: list[torch.Tensor] = []
-        self.epoch, self.exhausted, self.pos = 0, False, Position()
+        self.epoch, self.exhausted, self.pos, self.train_start = 0, False, Position(), Position()
         held: list[torch.Tensor] = []
         if dist.main:
             print(f"stream: reading {', '.join(c.describe() for c in corpora)} ahead of training ({n_eval} blocks held "
@@ -261,7 +265,7 @@ class StreamBatches:
         buffer = torch.stack(self.buffer) if self.buffer else torch.zeros((0, self.length), dtype=torch.long)
         flags = [int(self.exhausted), self.epoch]
         return {"data.stream.buffer": buffer.to(torch.int32), "data.stream.pos": self.pos.tensor(),
-                "data.stream.train_start": getattr(self, "train_start", Position()).tensor(),
+                "data.stream.train_start": self.train_start.tensor(),
                 "data.stream.flags": torch.tensor(flags), "rng.data": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -245,10 +245,17 @@ def _raw_lines(spec: CorpusSpec) -> Iterator[str]:
         check_text_file(path)
         yield from _read_pieces(path)
         return
-    for row in open_hf(spec):
+    for text in hf_texts(spec):
+        yield from text.splitlines()
+
+
+def hf_texts(spec: CorpusSpec, skip: int = 0) -> Iterator[str]:
+    """The ``text_field`` of each row of an ``hf:`` corpus, from row ``skip`` on (rows before it are read, not kept)."""
+    ds = open_hf(spec)
+    for row in ds.skip(skip) if skip else ds:
         if spec.text_field not in row:
             raise XlpeftError(f"dataset {spec.describe()} has no field {spec.text_field!r}; fields: {sorted(row)}")
-        yield from str(row[spec.text_field]).splitlines()
+        yield str(row[spec.text_field])
 
 
 def open_hf(spec: CorpusSpec):

@@ -67,8 +67,16 @@ def _chain(lines: Iterable[str]) -> Iterator[str]:
 
 
 def _encode(tokenizer, batch: list[str], sep: int) -> list[int]:
+    return line_ids(tokenizer(batch, add_special_tokens=False)["input_ids"], sep)
+
+
+def line_ids(encoded: Iterable[list[int]], sep: int) -> list[int]:
+    """The MLM token stream of encoded lines: each non-empty line's ids, then ``sep`` (empty lines add nothing).
+
+    One rule for every reader (:func:`pack_blocks`, the token store, the stream), so they pack the same blocks.
+    """
     out: list[int] = []
-    for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
+    for ids in encoded:
         if ids:
             out.extend(ids)
             out.append(sep)

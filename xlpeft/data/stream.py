@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from xlpeft.data.corpora import CorpusSpec, clean_lines, open_hf, utf8_boundary
-from xlpeft.data.token_build import _encoder
+from xlpeft.data.corpora import CorpusSpec, clean_lines, hf_texts, utf8_boundary
+from xlpeft.data.mlm import line_ids
+from xlpeft.data.token_build import encoder
 from xlpeft.errors import XlpeftError
 
 QUEUE_BLOCKS = 4096
@@ -76,11 +77,8 @@ def _units(spec: CorpusSpec, start: int) -> Iterator[tuple[int, list[str], int]]
         for offset, text, after in _file_units(Path(spec.path), start):
             yield offset, text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), after  # universal newlines
         return
-    ds = open_hf(spec)
-    for i, row in enumerate(ds.skip(start) if start else ds, start):  # skipped rows are read, never tokenised
-        if spec.text_field not in row:
-            raise XlpeftError(f"dataset {spec.describe()} has no field {spec.text_field!r}; fields: {sorted(row)}")
-        yield i, str(row[spec.text_field]).splitlines(), i + 1
+    for i, text in enumerate(hf_texts(spec, start), start):  # skipped rows are read, never tokenised
+        yield i, text.splitlines(), i + 1
 
 
 def stream_blocks(corpora: list[CorpusSpec], tokenizer, max_seq_len: int,
@@ -90,32 +88,26 @@ def stream_blocks(corpora: list[CorpusSpec], tokenizer, max_seq_len: int,
     The token stream is :func:`xlpeft.data.mlm.pack_blocks`'s (each non-empty line's ids, then the
     separator), so from the start it gives pack_blocks's blocks in order (its trailing partial block dropped).
     """
-    body, sep, encode = max_seq_len - 2, int(tokenizer.sep_token_id), _encoder(tokenizer)
+    body, sep, encode = max_seq_len - 2, int(tokenizer.sep_token_id), encoder(tokenizer)
     head, tail = torch.tensor([tokenizer.cls_token_id]), torch.tensor([sep])
     carry: list[int] = []
+    skip = start.skip  # a resumed unit's first tokens went into earlier blocks
     for c in range(start.corpus, len(corpora)):
         units = _units(corpora[c], start.unit if c == start.corpus else 0)
-        first = c == start.corpus
         while batch := [u for _, u in zip(range(UNITS_PER_CALL), units, strict=False)]:
             pieces = [list(clean_lines(lines)) for _, lines, _ in batch]
             flat = encode([p for ps in pieces for p in ps]) if any(pieces) else []
             k = 0
             for (unit, _, next_unit), ps in zip(batch, pieces, strict=True):
-                tokens: list[int] = []
-                for ids in flat[k:k + len(ps)]:
-                    if ids:
-                        tokens.extend(ids)
-                        tokens.append(sep)
+                tokens = line_ids(flat[k:k + len(ps)], sep)
                 k += len(ps)
-                i = start.skip if first else 0  # a resumed unit: its first tokens went into earlier blocks
-                first = False
+                i, skip = skip, 0
                 while len(carry) + len(tokens) - i >= body:
                     take = body - len(carry)
                     block = torch.cat([head, torch.tensor(carry + tokens[i:i + take], dtype=torch.long), tail])  # (L,)
                     carry, i = [], i + take
                     yield block, Position(c, unit, i) if i < len(tokens) else Position(c, next_unit, 0)
                 carry += tokens[i:]
-        start = Position(c + 1, 0, 0) if c + 1 < len(corpora) else start
 
 
 def corpus_mode(cfg, corpora: list[CorpusSpec]) -> str:

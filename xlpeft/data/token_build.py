@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from xlpeft.data.corpora import CorpusSpec, check_text_file, clean_lines, iter_lines, read_pieces
+from xlpeft.data.mlm import line_ids
 from xlpeft.errors import XlpeftError
 from xlpeft.progress import progress as progress_bar
 
@@ -132,14 +133,10 @@ def _write_lines(tokenizer, lines: Iterable[str], sep: int, dtype: str, target: 
     n_tokens = n_lines = 0
     bar = progress_bar(desc="tokenising", unit=" lines", enabled=progress, leave=False)
     it = iter(lines)
-    encode = _encoder(tokenizer)
+    encode = encoder(tokenizer)
     with target.open("wb") as sink:
         while batch := list(itertools.islice(it, BATCH_LINES)):
-            stream: list[int] = []
-            for ids in encode(batch):
-                if ids:
-                    stream.extend(ids)
-                    stream.append(sep)
+            stream = line_ids(encode(batch), sep)
             sink.write(np.asarray(stream, dtype=dtype).tobytes())
             n_tokens += len(stream)
             n_lines += len(batch)
@@ -148,7 +145,7 @@ def _write_lines(tokenizer, lines: Iterable[str], sep: int, dtype: str, target: 
     return n_tokens, n_lines
 
 
-def _encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
+def encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
     """Lines -> ids without special tokens: the fast tokenizer's own batch call when there is one.
 
     ``encode_batch_fast`` skips the offsets, attention masks and type ids ``tokenizer(...)`` builds and

@@ -199,7 +199,7 @@ def open_store(corpora: list[CorpusSpec], tokenizer, limit: int = 0, *, root: Pa
                     corpora=[c.describe() for c in corpora], tokenizer=tokenizer_fingerprint(tokenizer), limit=limit)
         meta["checksum"] = checksum(tmp / "tokens.bin")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _fsync_dir(tmp)
+        _fsync_files(tmp)
         os.replace(tmp, path)  # published atomically: readers see all of it or none
         found = _verified(path, key)
         if found is None:
@@ -277,7 +277,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_files(path: Path) -> None:
     for file in path.iterdir():
         with file.open("rb") as fh:
             os.fsync(fh.fileno())

@@ -12,6 +12,7 @@ import zlib
 import torch
 
 from xlpeft.data.corpora import CorpusSpec, iter_lines
+from xlpeft.data.mlm import line_ids
 from xlpeft.errors import XlpeftError
 
 
@@ -63,10 +64,9 @@ def pack_labelled(tokenizer, groups: list[list[str]], max_seq_len: int,
     owner: list[int] = []
     for g, lines in enumerate(groups):
         for start in range(0, len(lines), 1000):
-            for ids in tokenizer(lines[start:start + 1000], add_special_tokens=False)["input_ids"]:
-                if ids:
-                    stream += [*ids, sep]
-                    owner += [g] * (len(ids) + 1)
+            chunk = line_ids(tokenizer(lines[start:start + 1000], add_special_tokens=False)["input_ids"], sep)
+            stream += chunk
+            owner += [g] * len(chunk)
     if not stream:
         raise XlpeftError("the corpus produced no tokens; it needs at least one non-empty line of text")
     n = len(stream) // body

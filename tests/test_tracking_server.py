@@ -27,6 +27,9 @@ from xlpeft import load_module, tracking
 from xlpeft.models import load_base
 from xlpeft.recipes.train_lang import LangRequest, train_language
 from xlpeft.tracking import RETRY_ENV, Tracker, spool_path
+from xlpeft.tracking.flavor import MODEL_FILES
+
+MODEL_ARTIFACTS = [f"module/{name}" for name in MODEL_FILES]  # a module folder is an MLflow Model
 
 pytestmark = pytest.mark.slow
 
@@ -140,7 +143,7 @@ def test_run_on_a_live_server(on_server, base_dirs, sw_corpus):
     assert run.data.tags["xlpeft.base_fingerprint"] == fingerprint
     assert [m.step for m in c.get_metric_history(result.run_id, "loss")] == [1, 2, 3, 4]
     assert {a.path for a in c.list_artifacts(result.run_id, "module")} == {"module/xlpeft.json",
-                                                                           "module/adapter.safetensors"}
+                                                                           "module/adapter.safetensors", *MODEL_ARTIFACTS}
     versions = [v for v in tracking.list_versions(NAME) if v.run_id == result.run_id]
     assert [v.version for v in versions] == [result.version]
     path, _ = tracking.find_reference(NAME, fingerprint)
@@ -169,7 +172,7 @@ def test_server_dies_mid_run_and_returns_within_the_retry_window(on_server, serv
     assert run.info.status == "FINISHED"
     assert [m.step for m in c.get_metric_history(result.run_id, "loss")] == list(range(1, 11))  # none lost
     assert {a.path for a in c.list_artifacts(result.run_id, "module")} == {"module/xlpeft.json",
-                                                                           "module/adapter.safetensors"}
+                                                                           "module/adapter.safetensors", *MODEL_ARTIFACTS}
     assert [v.run_id for v in tracking.list_versions(NAME) if v.version == result.version] == [result.run_id]
     assert load_module(result.path).manifest.training["steps"] == 10
     assert not spool_path(result.run_id).exists()
@@ -206,7 +209,7 @@ def test_server_stays_down_module_is_safe_and_the_spool_replays(on_server, serve
     assert run.info.status == "FINISHED"
     assert [m.step for m in c.get_metric_history(run_id, "loss")] == list(range(1, 11))
     assert {a.path for a in c.list_artifacts(run_id, "module")} == {"module/xlpeft.json",
-                                                                    "module/adapter.safetensors"}
+                                                                    "module/adapter.safetensors", *MODEL_ARTIFACTS}
     path, version = tracking.find_reference(NAME, module.manifest.base["fingerprint"])
     assert version.run_id == run_id
     downloaded = load_module(path).tensors["adapter"]

@@ -136,7 +136,10 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
 @click.option("--output", help="write the composed model here (a new or empty directory, or an earlier composed model)")
 @click.option("--adapter-drop", type=click.IntRange(min=0), default=0, metavar="N", help="AdapterDrop (Rücklé et al. "
               "2021): adapter-like modules skip the lowest N layers (recorded; the baseline runs without) [default: 0]")
-def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, modules, output, adapter_drop) -> None:
+@click.option("--register", is_flag=True, help="log the composition as an MLflow Model and register it as "
+              "xlpeft-<task>-<lang> (serve it with `mlflow models serve -m models:/xlpeft-<task>-<lang>@latest`)")
+def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, modules, output, adapter_drop,
+                register) -> None:
     """Compose a language module (and any --module) with a task module; score it against the source-language baseline."""
     from xlpeft.composed import COMPOSITION_FILE
     from xlpeft.io import check_output_dir
@@ -146,7 +149,7 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, mo
         output = str(check_output_dir(output, COMPOSITION_FILE, "an earlier composed model"))
     r = compose_task(ComposeRequest(lang=lang, task=task, base=base, lang_method=lang_method,
                                     task_method=task_method, eval_data=eval_data, output=output, split=split,
-                                    modules=tuple(modules), adapter_drop=adapter_drop))
+                                    modules=tuple(modules), adapter_drop=adapter_drop, register=register))
     if r.overlap:
         click.echo(f"delta overlap (shared indices): total {sum(r.overlap.values())}; "
                    + ", ".join(f"{k} {v}" for k, v in r.overlap.items()))
@@ -160,6 +163,9 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, mo
         click.echo(f"composed; no {task} evaluation data for {lang} (pass --eval-data to score it)")
     if r.output:
         click.echo(f"  composed model written to {r.output}")
+    if r.registered_name:
+        click.echo(f"  registered as {r.registered_name} version {r.version} "
+                   f"(serve: mlflow models serve -m models:/{r.registered_name}/{r.version} --env-manager local)")
     click.echo(f"  MLflow run {r.run_id}")
 
 

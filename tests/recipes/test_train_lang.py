@@ -11,6 +11,9 @@ from xlpeft.errors import XlpeftError
 from xlpeft.methods.adapters import AdapterConfig, AdapterModule
 from xlpeft.models import load_base
 from xlpeft.recipes.train_lang import LangRequest, train_language
+from xlpeft.tracking.flavor import MODEL_FILES
+
+MODEL_ARTIFACTS = [f"module/{name}" for name in MODEL_FILES]  # a module folder is an MLflow Model
 
 
 @pytest.fixture(params=["tiny-bert", "tiny-xlmr"])
@@ -72,7 +75,7 @@ def test_mlflow_run_tags_params_metrics_artifacts_and_registry(trained):
     assert {"eval_loss", "eval_perplexity", "eval_loss_before", "lr"} <= set(run.data.metrics)
     assert len(client.get_metric_history(result.run_id, "eval_loss")) == 2  # step 6 and the end
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "module")}
-    assert artifacts == {"module/xlpeft.json", "module/adapter.safetensors"}
+    assert artifacts == {"module/xlpeft.json", "module/adapter.safetensors", *MODEL_ARTIFACTS}
     assert result.registered_name == "xlpeft-lang-sw-adapter"
     path, version = tracking.find_reference("xlpeft-lang-sw-adapter", load_base(str(base_dir)).fingerprint)
     assert version.run_id == result.run_id

@@ -13,6 +13,9 @@ from xlpeft.methods.sft import SparseDelta
 from xlpeft.models import load_base
 from xlpeft.recipes.train_lang import LangRequest, train_language
 from xlpeft.registry import get_method
+from xlpeft.tracking.flavor import MODEL_FILES
+
+MODEL_ARTIFACTS = [f"module/{name}" for name in MODEL_FILES]  # a module folder is an MLflow Model
 
 SETS = {"max_seq_len": "32", "lr": "1e-2", "log_every": "5", "num_params": "800"}
 
@@ -78,7 +81,7 @@ def test_manifest_and_mlflow_run(trained):
     assert metrics["full_peak_memory_mb"] > 0 and metrics["selected_params"] == 800
     assert [m.step for m in client.get_metric_history(result.run_id, "loss")] == [5, 10, 15, 20]
     assert {a.path for a in client.list_artifacts(result.run_id, "module")} == {
-        "module/xlpeft.json", "module/delta.safetensors"}
+        "module/xlpeft.json", "module/delta.safetensors", *MODEL_ARTIFACTS}
     assert result.registered_name == "xlpeft-lang-sw-sft"
     path, version = tracking.find_reference("xlpeft-lang-sw-sft", load_base(str(base_dir)).fingerprint)
     assert version.run_id == result.run_id

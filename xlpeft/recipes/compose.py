@@ -39,6 +39,7 @@ class ComposeRequest:
     split: str | None = None  # a split of the task pack for --lang (default: test, else validation)
     modules: tuple[str, ...] = ()  # --module: directories or NAME[@VERSION], stacked between language and task, bottom first
     adapter_drop: int = 0  # --adapter-drop: adapter-like modules skip the lowest N layers (AdapterDrop, Rücklé et al. 2021)
+    register: bool = False  # --register: log the composition as an MLflow Model, registered as xlpeft-<task>-<lang>
 
 
 @dataclass
@@ -51,6 +52,8 @@ class ComposeResult:
     output: Path | None
     overlap: dict[str, int] = field(default_factory=dict)
     evaluated_on: str | None = None
+    registered_name: str | None = None
+    version: str | None = None
 
 
 def check_task_module(task: ModuleRef, pack: TaskPack, hidden_size: int) -> None:
@@ -124,5 +127,24 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
             tracker.log_artifacts(target, "composed")
             if out is not None:
                 out = install_dir(target, out, COMPOSITION_FILE, "an earlier composed model")
+            registered = register_composition(tracker, composition, base, tags, Path(tmp)) if req.register else None
     return ComposeResult(tracker.run_id, METRICS[pack.metric], metrics, baseline, baseline_lang, out, overlap,
-                         evaluated_on)
+                         evaluated_on, *(registered or (None, None)))
+
+
+def register_composition(tracker, composition: Composition, base, tags: dict[str, str],
+                         tmp: Path) -> tuple[str, str]:
+    """Log the composition as an MLflow Model (artifact ``model``) and register it as ``xlpeft-<task>-<lang>``.
+
+    The model holds every leaf's module folder, so loading or serving it never needs the parents'
+    registry entries; the version's tags name both parents (``xlpeft.parent.*``).
+    """
+    from xlpeft.tracking.flavor import write_composition_model
+
+    parents = {k: v for k, v in tags.items() if k.startswith("xlpeft.parent.")}
+    write_composition_model(tmp / "model", composition, base, parents)
+    tracker.log_artifacts(tmp / "model", "model")
+    name = f"xlpeft-{tags['xlpeft.task']}-{tags['xlpeft.lang']}"
+    version_tags = {k: v for k, v in tags.items() if k.startswith(("xlpeft.parent.", "xlpeft.kind", "xlpeft.base",
+                                                                    "xlpeft.method", "xlpeft.lang", "xlpeft.task"))}
+    return name, tracker.register(name, "model", version_tags)

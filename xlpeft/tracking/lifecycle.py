@@ -156,10 +156,13 @@ def publish(tracker, dist: Dist, out_dir: Path, manifest: Manifest, tensors: dic
     Registration comes last so the registry never points at a half-written module; the other
     ranks wait at the barrier and get an empty version.
     """
+    from xlpeft.tracking.flavor import write_module_mlmodel
+
     version = ""
     if dist.main:
         save_module(out_dir, manifest, tensors)
         load_module(out_dir)
+        write_module_mlmodel(out_dir, manifest)  # the module folder is an MLflow Model too (before the upload check)
         tracker.log_artifacts(out_dir, "module")
         tracker.log_metrics({"trainable_parameters": manifest.trainable_parameters}, step)
         version = tracker.register(registered_name, "module", tags)

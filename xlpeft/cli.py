@@ -369,6 +369,10 @@ def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safe
                   safetensors=safetensors, layout=layout)
     click.echo(f"converted {src} ({from_format}) -> {out} ({to_format})")
 
+from xlpeft.cli_merge import merge_cmd  # noqa: E402
+
+cli.add_command(merge_cmd)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the CLI and turn user errors into one ``Error:`` line."""

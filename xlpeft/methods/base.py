@@ -203,6 +203,14 @@ class MethodSpec:
             that matches no layer, a PHM dimension that does not divide the hidden size, more dropped
             layers than the base has): :meth:`check` then runs it dry before any run opens. Leave it
             False for methods whose module is costly to build (LT-SFT copies θ0).
+        weight_delta: ``(base, LoadedModule) -> {param: (flat indices, values)}``: the module's change to
+            the base's weights, for ``xlpeft merge``; None for modules that run beside the weights
+            (adapters, prefixes, (IA)³), which compose but do not merge.
+        merge_own: ``(modules, weights, scale) -> (config, tensors) | None``: a weighted sum of modules of
+            this method as one module of the same method, exactly (LoRA: ranks concatenated), or None
+            when these modules cannot (then they merge as sparse deltas).
+        delta_carrier: ``(entries, parent modules) -> (config, tensors)``: a module of this method that
+            holds any merged weight delta (sft: a sparse delta).
     """
 
     name: str
@@ -219,6 +227,9 @@ class MethodSpec:
     files: tuple[str, ...] = ()
     identity_at_init: bool = True
     prepare_checks_base: bool = False
+    weight_delta: Callable[[Any, LoadedModule], dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
+    merge_own: Callable[[list[LoadedModule], list[float], float], tuple[dict, dict] | None] | None = None
+    delta_carrier: Callable[[dict, list[LoadedModule]], tuple[dict, dict]] | None = None
 
     def __post_init__(self) -> None:
         problems = []

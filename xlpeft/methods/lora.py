@@ -42,6 +42,7 @@ from torch import nn
 from xlpeft.config import build, check_fields
 from xlpeft.errors import ConfigError, XlpeftError
 from xlpeft.methods.base import MethodSpec, ModuleTrainable, Phase
+from xlpeft.methods.deltas import lora_merge_own, lora_weight_delta
 from xlpeft.models import ArchSpec, get_submodule
 
 SITES = ("query", "key", "value", "attn_output", "intermediate", "ffn_output")
@@ -357,4 +358,6 @@ SPEC = MethodSpec(
     overlap=lora_overlap,
     files=(STEM,),
     prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
+    weight_delta=lora_weight_delta,
+    merge_own=lora_merge_own,  # LoRAs of the same targets merge into one LoRA of the summed rank
 )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 
 from xlpeft.methods.base import MethodSpec
+from xlpeft.methods.deltas import sft_carrier, sft_weight_delta
 from xlpeft.methods.sft.applied import AppliedSFT, apply_sft, retie_decoder, untie_decoder
 from xlpeft.methods.sft.config import SELECTIONS, SFTConfig, default_num_params, split_steps
 from xlpeft.methods.sft.delta import SparseDelta
@@ -66,6 +67,8 @@ SPEC = MethodSpec(
     plan=plan_sft,
     overlap=delta_overlap,
     files=("delta",),
+    weight_delta=sft_weight_delta,
+    delta_carrier=sft_carrier,  # a merge of any weight deltas is a sparse delta (xlpeft merge)
 )
 
 __all__ = [

@@ -386,3 +386,24 @@ def test_the_spec_is_complete(trained, method):
         counts = spec.overlap(lang, task)
         assert all(isinstance(v, int) and v >= 0 for v in counts.values()), counts
         assert sum(spec.overlap(lang, lang).values()) > 0, "a module overlaps itself"
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if get_method(m).weight_delta is not None])
+def test_weight_delta_is_what_applying_the_module_adds_to_the_weights(trained, fresh, method):
+    """``MethodSpec.weight_delta`` (what ``xlpeft merge`` merges) equals the applied module's change to θ0."""
+    base = fresh()
+    module = load_module(trained("tiny-bert", method, "language")[0])
+    entries = get_method(method).weight_delta(base, module)
+    before = snapshot(base.model)
+    handle = get_method(method).apply(base, module)
+    after = snapshot(base.model)
+    handle.remove()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= {f"p:{name}" for name in entries}, "every weight the module changes is in its delta"
+    for name, (idx, vals) in entries.items():
+        w0 = before[f"p:{name}"]
+        expected = w0.clone().view(-1).index_add_(0, idx, vals.to(w0.dtype)).view_as(w0)
+        torch.testing.assert_close(after[f"p:{name}"], expected, rtol=0, atol=1e-6)
+    if get_method(method).merge_own is not None:
+        merged = get_method(method).merge_own([module, module], [0.5, 0.5], 1.0)
+        assert merged is not None, "a module merges with itself"

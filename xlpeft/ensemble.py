@@ -1,0 +1,121 @@
+"""Test-time ensembles for a target language without a module of its own.
+
+The task module runs once over each of several existing language modules and their predictive
+distributions are averaged (the ``Average`` of the composition blocks, at the output): p = Σ_i α_i p_i.
+With EMEA (Wang et al. 2021, "Efficient Test Time Adapter Ensembling for Low-resource Language
+Varieties") the weights α = softmax(w) are adapted per batch by a few gradient steps that minimise
+the entropy of p on that (unlabelled) batch, starting from the uniform average. Wang et al. weight
+the language adapters' outputs inside every layer; xlpeft weights the members' output
+distributions, which works for every module family (adapters, deltas, prompts) and needs no
+gradient through the encoder. The ensemble's ``logits`` are log p, so argmax and softmax are the
+ensemble's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from xlpeft.compose import Composition, ModuleRef, activate
+from xlpeft.config import check_fields
+from xlpeft.errors import XlpeftError
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """EMEA's settings: entropy-minimisation steps per batch (0: the plain average) and their learning rate."""
+
+    emea_steps: int = field(default=0, metadata={
+        "help": "gradient steps on the ensemble weights per batch, minimising the prediction entropy (0: the plain "
+                "average; EMEA, Wang et al. 2021)", "min": 0})
+    emea_lr: float = field(default=10.0, metadata={
+        "help": "learning rate of those steps on the pre-softmax weights (plain gradient descent, as Wang et al.'s "
+                "script; xlpeft's default, not tuned on any test set)", "gt": 0.0})
+
+    def __post_init__(self) -> None:
+        extra = [] if math.isfinite(self.emea_lr) else [f"`emea_lr` should be a finite number; got {self.emea_lr}"]
+        check_fields(self, extra=extra)
+
+
+def ensemble_weights(log_probs: torch.Tensor, mask: torch.Tensor | None, config: EnsembleConfig) -> torch.Tensor:
+    """α (n,): uniform, then ``emea_steps`` steps of gradient descent on the entropy of Σ α_i p_i.
+
+    Args:
+        log_probs: (n, B, ..., C) each member's log-probabilities.
+        mask: (B, T) positions that count (token tasks: the attention mask), or None (every row).
+    """
+    n = log_probs.shape[0]
+    w = torch.zeros(n, dtype=torch.float32, device=log_probs.device)  # (n,) softmax(0) = the plain average
+    lp = log_probs.detach().float()
+    for _ in range(config.emea_steps):
+        with torch.enable_grad():  # evaluation runs under no_grad; only w needs a gradient
+            w.requires_grad_(True)
+            mixed = torch.logsumexp(lp + torch.log_softmax(w, 0).view(n, *[1] * (lp.dim() - 1)), dim=0)  # (B, ..., C)
+            entropy = -(mixed.exp() * mixed).sum(-1)  # (B, ...) per position
+            if mask is not None and entropy.dim() == mask.dim():
+                m = mask.to(entropy.dtype)
+                loss = (entropy * m).sum() / m.sum().clamp(min=1)
+            else:
+                loss = entropy.mean()
+            (grad,) = torch.autograd.grad(loss, w)
+        w = (w - config.emea_lr * grad).detach()
+    return torch.softmax(w.detach(), 0)  # (n,)
+
+
+class Ensemble(nn.Module):
+    """The task module over each language module in turn; outputs mixed per batch (log Σ α_i p_i).
+
+    One Hugging Face model holds the task head; each member's composition is activated on it for its
+    forward pass and removed after, so members never see each other's modules.
+    """
+
+    def __init__(self, base, model: nn.Module, members: list[ModuleRef], task: ModuleRef,
+                 config: EnsembleConfig = EnsembleConfig()) -> None:
+        super().__init__()
+        if not members:
+            raise XlpeftError("an ensemble needs at least one language module")
+        self.base, self.model, self.settings = base, model, config
+        self.config = model.config  # what evaluation reads (position limits)
+        self.members = [Composition.of([lang, task], base.fingerprint) for lang in members]
+        self.last_weights: torch.Tensor | None = None  # α of the latest batch, for reports and tests
+
+    def member_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n, B, ..., C) the task module's logits over each member's language module."""
+        out = []
+        for composition in self.members:
+            active = activate(dataclasses.replace(self.base, model=self.model), composition, force=True)
+            try:
+                with torch.no_grad():
+                    out.append(self.model(**batch).logits)
+            finally:
+                active.remove()
+        return torch.stack(out)
+
+    def forward(self, **batch: torch.Tensor) -> SimpleNamespace:
+        log_probs = torch.log_softmax(self.member_logits(batch).float(), dim=-1)  # (n, B, ..., C)
+        alpha = ensemble_weights(log_probs, batch.get("attention_mask"), self.settings)  # (n,)
+        self.last_weights = alpha
+        shape = (len(alpha), *[1] * (log_probs.dim() - 1))
+        return SimpleNamespace(logits=torch.logsumexp(log_probs + alpha.log().view(shape), dim=0))  # (B, ..., C)
+
+
+def build_ensemble(base, members: list[ModuleRef], task: ModuleRef,
+                   config: EnsembleConfig = EnsembleConfig()) -> Ensemble:
+    """An :class:`Ensemble` of ``task`` over ``members`` (language modules), in eval mode.
+
+    Raises:
+        XlpeftError: a member that is not a language module, or one trained on another base.
+    """
+    from xlpeft.compose import check_same_base
+    from xlpeft.composed import target_model
+
+    for m in members:
+        m.module.expect_kind("language", f"ensemble member {m.source}")
+    check_same_base(base, [m.module for m in members] + [task.module])
+    model = target_model(base, task.module)
+    return Ensemble(base, model, members, task, config).eval()

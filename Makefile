@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.xlpeft-installed
 
-.PHONY: install demo test test-all test-fast lint clean ui
+.PHONY: install demo test test-all test-fast lint clean ui ui-check
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check xlpeft tests
 
 ui: $(STAMP)
+	@MLFLOW_TRACKING_URI=sqlite:///mlflow.db $(BIN)/python -m xlpeft.tracking ui-url
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db
+
+# the MLflow UI on a copy of the demo store (`make demo` first) in headless Chromium: PASS/FAIL per page, screenshots
+# under $XLPEFT_CACHE/ui-check/ (tools/ui_check.py)
+ui-check: $(STAMP)
+	$(BIN)/python tools/ui_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -101,7 +101,7 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
 @click.option("--batch-size", type=int, help=f"examples per step {_train_default('batch_size')}")
 @click.option("--seed", type=int, help=f"random seed {_train_default('seed')}")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help=SET_HELP + "; also lang_module=auto|none|PATH, head_dropout")
+              help=SET_HELP + "; also lang_module=auto|none|PATH|NAME[@ALIAS]|hf:ORG/REPO, head_dropout")
 @click.option("--output", help="module directory [default: modules/task-<task>-<method>]")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--resume", is_flag=True, help="continue the newest unfinished run of this same command from its checkpoint")
@@ -144,13 +144,28 @@ def train_task(task, lang, method, base, train_data, eval_data, max_steps, batch
               "Wang et al. 2021)")
 @click.option("--emea-steps", type=click.IntRange(min=1), default=1, show_default=True, help="EMEA steps a batch")
 @click.option("--emea-lr", type=float, default=10.0, show_default=True, help="EMEA learning rate on the weights")
+@click.option("--fallback", type=click.Choice(["none", "related"]), default="none", show_default=True,
+              help="related: if --lang has no language module, use the closest languages' (same genus, family, "
+              "script in the language packs; several tied are ensembled) and say which and why")
 def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, modules, output, adapter_drop,
-                register, ensemble, emea, emea_steps, emea_lr) -> None:
+                register, ensemble, emea, emea_steps, emea_lr, fallback) -> None:
     """Compose a language module (and any --module) with a task module; score it against the source-language baseline."""
     from xlpeft.composed import COMPOSITION_FILE
     from xlpeft.io import check_output_dir
     from xlpeft.recipes.compose import ComposeRequest, compose_task
 
+    module_lang, why = None, ""
+    if fallback == "related" and ensemble is None:
+        from xlpeft.recipes.fallback import plan_fallback
+
+        plan = plan_fallback(lang, base, lang_method)
+        if plan is not None:
+            why = plan.describe()
+            click.echo(f"--fallback related: {why}", err=True)
+            if len(plan.chosen) > 1:
+                ensemble = ",".join(r.lang for r in plan.chosen)
+            else:
+                module_lang = plan.chosen[0].lang
     if ensemble is not None:
         from xlpeft.cli_ensemble import run_ensemble
 
@@ -163,14 +178,15 @@ def compose_cmd(lang, task, base, lang_method, task_method, eval_data, split, mo
         output = str(check_output_dir(output, COMPOSITION_FILE, "an earlier composed model"))
     r = compose_task(ComposeRequest(lang=lang, task=task, base=base, lang_method=lang_method,
                                     task_method=task_method, eval_data=eval_data, output=output, split=split,
-                                    modules=tuple(modules), adapter_drop=adapter_drop, register=register))
+                                    modules=tuple(modules), adapter_drop=adapter_drop, register=register,
+                                    module_lang=module_lang, fallback=why))
     if r.overlap:
         click.echo(f"delta overlap (shared indices): total {sum(r.overlap.values())}; "
                    + ", ".join(f"{k} {v}" for k, v in r.overlap.items()))
     if r.metrics:
         click.echo(f"zero-shot {task} on {lang} ({r.evaluated_on}):")
         extra = "".join(f" + {m}" for m in modules)
-        click.echo(f"  {lang} language module{extra} + task module{f' (adapter drop {adapter_drop})' * bool(adapter_drop)}: "
+        click.echo(f"  {module_lang or lang} language module{extra} + task module{f' (adapter drop {adapter_drop})' * bool(adapter_drop)}: "
                    f"{r.metric} {r.metrics[r.metric]:.4f}")
         click.echo(f"  baseline ({r.baseline_lang or 'no'} language module): {r.metric} {r.baseline[r.metric]:.4f}")
     else:
@@ -263,7 +279,7 @@ def methods() -> None:
 
 @cli.command("modules")
 def modules() -> None:
-    """List modules in the MLflow Model Registry."""
+    """List modules in the MLflow Model Registry, with their aliases and descriptions."""
     from xlpeft import tracking
 
     names = tracking.list_registered()
@@ -274,9 +290,10 @@ def modules() -> None:
         if not versions:  # a process was killed between creating the name and registering its version
             click.echo(f"{name}  (no version: an interrupted registration; the next run that trains it "
                        "registers version 1)")
-        for v in versions:
-            click.echo(f"{name} v{v.version}  base={v.tags.get('xlpeft.base')} "
-                       f"({v.tags.get('xlpeft.base_fingerprint')})  run={v.run_id}")
+        for v in versions:  # aliases after the version; the description's summary line below it
+            click.echo(f"{name} v{v.version}{''.join(f' @{a}' for a in v.aliases)}  base={v.tags.get('xlpeft.base')} "
+                       f"({v.tags.get('xlpeft.base_fingerprint')})  run={v.run_id}"
+                       + (f"\n    {v.description.splitlines()[0][:160]}" if v.description else ""))
 
 
 @cli.command("run")
@@ -303,7 +320,7 @@ def run(pipeline: str, variables: tuple[str, ...], dry_run: bool, force: bool) -
 
 
 @cli.command("convert")
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src")  # a directory or hf:ORG/REPO[@REVISION][:SUBDIR] (checked by interop.convert)
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--from", "from_format", required=True, type=click.Choice(["adapterhub", "composable-sft", "peft", "xlpeft"]),
               help="format of SRC")
@@ -317,19 +334,26 @@ def run(pipeline: str, variables: tuple[str, ...], dry_run: bool, force: bool) -
 @click.option("--layout", default="diffs", show_default=True, type=click.Choice(["diffs", "body"]),
               help="composable-sft export: current {diffs, abs} or earlier {body, head} layout")
 def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safetensors, layout) -> None:
-    """Convert AdapterHub adapters, composable-sft SFTs and peft LoRA/(IA)³ adapters to xlpeft modules and back."""
+    """Convert AdapterHub adapters, composable-sft SFTs and peft LoRA/(IA)³ adapters to xlpeft modules and back.
+
+    SRC is a directory or a hub id hf:ORG/REPO[@REVISION][:SUBDIR] (through the Hugging Face cache).
+    """
     from xlpeft.interop import convert
 
     out = convert(src, dst, from_format, to_format, base=base, name=name, without_head=without_head,
                   safetensors=safetensors, layout=layout)
     click.echo(f"converted {src} ({from_format}) -> {out} ({to_format})")
 
+from xlpeft.cli_hub import push_cmd  # noqa: E402
 from xlpeft.cli_merge import merge_cmd  # noqa: E402
 from xlpeft.cli_prepare import prepare_base, prepare_data_cmd, warm_head  # noqa: E402
+from xlpeft.cli_registry import promote_cmd  # noqa: E402
 
 cli.add_command(merge_cmd)
 for _command in (prepare_base, prepare_data_cmd, warm_head):
     cli.add_command(_command)
+cli.add_command(promote_cmd)
+cli.add_command(push_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

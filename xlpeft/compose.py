@@ -257,24 +257,33 @@ class Active:
             self.entries.pop()[2].remove()
 
 
-def resolve_module(ref: str | Path | LoadedModule, fingerprint: str | None = None) -> ModuleRef:
-    """A module from a directory, or from the registry as ``NAME`` or ``NAME@VERSION``, as a resolved reference."""
+def resolve_module(ref: str | Path | LoadedModule, fingerprint: str | None = None, base: Any = None) -> ModuleRef:
+    """A module from a directory, the registry (``NAME``, ``NAME@VERSION``) or the hub (``hf:ORG/REPO[@REV]``).
+
+    ``base`` converts a hub AdapterHub / peft / composable-sft module against it (see :mod:`xlpeft.hub`).
+    """
     from xlpeft import tracking
 
     if isinstance(ref, LoadedModule):
         return ModuleRef.of(ref)
     text = str(ref)
+    if text.startswith("hf:") and not Path(text).is_dir():
+        from xlpeft.hub import hub_module
+
+        hub = hub_module(text, base, fingerprint)
+        return ModuleRef.of(load_module(hub.path), hub.source)  # the source pinned to the snapshot's commit
     if Path(text).is_dir():
         return ModuleRef.of(load_module(text), text)
     if not text.startswith("xlpeft-"):
-        raise XlpeftError(f"module {text!r} is neither a directory nor a registered name (xlpeft-lang-..., xlpeft-task-...)")
+        raise XlpeftError(f"module {text!r} is neither a directory nor a registered name (xlpeft-lang-..., "
+                          "xlpeft-task-...) nor a hub id (hf:ORG/REPO)")
     path, reg = tracking.find_reference(text, fingerprint)
     return ModuleRef.of(load_module(path), f"{reg.name}@{reg.version}")
 
 
-def bind(composition: Composition, fingerprint: str | None = None) -> Composition:
+def bind(composition: Composition, fingerprint: str | None = None, base: Any = None) -> Composition:
     """The composition with every reference resolved (loaded once; references already loaded are kept)."""
-    loaded = {id(leaf): leaf if leaf.module is not None else resolve_module(leaf.source, fingerprint)
+    loaded = {id(leaf): leaf if leaf.module is not None else resolve_module(leaf.source, fingerprint, base)
               for leaf in composition.leaves()}
 
     def rebuild(node: Node) -> Node:
@@ -360,9 +369,9 @@ def compose(base, modules: Composition | Sequence[str | Path | LoadedModule], fo
     if isinstance(base, str | Path):
         base = load_base(str(base))
     if isinstance(modules, Composition):
-        composition = bind(modules, base.fingerprint)
+        composition = bind(modules, base.fingerprint, base)
     else:
-        composition = Composition.of([resolve_module(m, base.fingerprint) for m in modules], base.fingerprint)
+        composition = Composition.of([resolve_module(m, base.fingerprint, base) for m in modules], base.fingerprint)
     if adapter_drop is not None:
         composition = dataclasses.replace(composition, adapter_drop=adapter_drop)
     loaded = [leaf.module for leaf in composition.leaves()]

@@ -1,7 +1,7 @@
 """Which registered modules a command uses, all found through :func:`xlpeft.tracking.find_module`.
 
 * a language or task module by name (newest, of one method or of any), as a composition leaf;
-* the language module a task module trains over (``--set lang_module=auto|none|PATH``);
+* the language module a task module trains over (``--set lang_module=auto|none|PATH|NAME[@ALIAS]``);
 * the zero-shot baseline's source-language module: the task module's *recorded* parent, never a
   fresh lookup (which could return a module registered later, or one of another method);
 * the newest module of every method for a language or task (the transfer matrix's rows and columns).
@@ -59,7 +59,8 @@ def language_module_for_task(setting: str, lang: str, base, method: str) -> tupl
 
     Args:
         setting: ``auto`` (the newest registered for ``lang`` on this base, see :func:`newest_language_module`),
-            ``none``, or a module directory.
+            ``none``, a module directory, a registered name (``NAME``, ``NAME@VERSION``, ``NAME@ALIAS``) or a
+            hub id (``hf:ORG/REPO[@REVISION][:SUBDIR]``, :mod:`xlpeft.hub`; converted against ``base`` if foreign).
 
     With ``auto``, says on stderr which registered module it picked and why.
 
@@ -68,6 +69,19 @@ def language_module_for_task(setting: str, lang: str, base, method: str) -> tupl
     """
     if setting == "none":
         return None, {}
+    if setting.startswith("xlpeft-") and not Path(setting).is_dir():  # NAME, NAME@VERSION or NAME@ALIAS
+        path, reg = tracking.find_reference(setting, base.fingerprint)
+        module = load_module(path).expect_kind("language", "--set lang_module")
+        return module, {"registered_name": reg.name, "version": reg.version, "run_id": reg.run_id,
+                        "lang": module.manifest.lang, "method": module.manifest.method, "picked": setting}
+    if setting.startswith("hf:") and not Path(setting).is_dir():  # hf:ORG/REPO[@REVISION][:SUBDIR]
+        from xlpeft.hub import hub_module
+
+        hub = hub_module(setting, base)
+        module = load_module(hub.path).expect_kind("language", "--set lang_module")
+        # "path" names it in tags and messages: the reference pinned to its commit, which the baseline resolves again
+        return module, {"hub": hub.source, "path": hub.source, "layout": hub.layout, "lang": module.manifest.lang,
+                        "method": module.manifest.method, "picked": setting}
     if setting != "auto":
         module = load_module(setting).expect_kind("language", "--set lang_module")
         # the manifest's hash names which save of the directory it was (it holds the save time), so a
@@ -114,6 +128,13 @@ def baseline_language_module(task: LoadedModule, fingerprint: str) -> LoadedModu
             pass
     if lineage.get("path") and Path(lineage["path"]).is_dir():
         return load_module(lineage["path"])
+    if lineage.get("hub"):  # a hub module: its pinned commit, from the cache (converted there for this base)
+        from xlpeft.hub import resolve_hub
+
+        try:
+            return load_module(resolve_hub(lineage["hub"], fingerprint=fingerprint))
+        except XlpeftError:  # the hub is off and the cache lacks it: no baseline, as for a deleted parent
+            return None
     return None
 
 

@@ -50,6 +50,11 @@ class Matrix:
         lines += [f"{lang}: skipped ({why})" for lang, why in self.skipped.items()]
         return "\n".join(lines)
 
+    def table(self) -> tuple[list[str], list[list[float | str | None]]]:
+        """(columns, rows) for an MLflow table: ``lang`` then :meth:`columns`; a missing cell is None."""
+        cols = self.columns()
+        return ["lang", *cols], [[lang, *(row.get(c) for c in cols)] for lang, row in self.rows.items()]
+
     def save(self, directory: Path, title: str) -> None:
         """``matrix.json``, ``matrix.txt`` and (with rows) the heat-map ``matrix.png`` into ``directory``."""
         summary = {"metric": self.metric, "rows": self.rows, "skipped": self.skipped,

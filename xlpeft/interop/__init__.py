@@ -136,7 +136,8 @@ def convert(src: str | Path, dst: str | Path, from_format: str, to_format: str =
     """Convert a module between xlpeft and a home library's format; returns ``dst``.
 
     Args:
-        src: the source directory.
+        src: the source directory, or a hub id ``hf:ORG/REPO[@REVISION][:SUBDIR]`` (its snapshot in the
+            Hugging Face cache, fetched unless ``HF_HUB_OFFLINE`` is set; see :mod:`xlpeft.hub`).
         dst: the directory to write (replaced if it exists).
         from_format: ``adapterhub``, ``composable-sft``, ``peft`` or ``xlpeft``.
         to_format: ``xlpeft`` (default), ``adapterhub``, ``composable-sft`` or ``peft``; one side must be xlpeft.
@@ -167,6 +168,16 @@ def convert(src: str | Path, dst: str | Path, from_format: str, to_format: str =
         )
     if to_format == "xlpeft" and base is None:
         raise XlpeftError("importing needs --base: xlpeft modules record the base they belong to and are checked against it")
+    if str(src).startswith("hf:") and not Path(src).is_dir():  # hf:ORG/REPO[@REVISION][:SUBDIR]: its cached snapshot
+        from xlpeft.hub import hub_module, snapshot_dir
+
+        ref, (src, _, _, layout) = str(src), snapshot_dir(str(src))
+        if layout != from_format:
+            raise XlpeftError(f"--from {from_format}: {ref} holds a {layout} module; pass --from {layout}")
+        if layout == "xlpeft":  # a plain copy: the hub cache's files are symlinks into its blob store
+            src = hub_module(ref).path
+    elif not Path(src).is_dir():
+        raise XlpeftError(f"SRC {src} is not a directory; give a module directory or a hub id hf:ORG/REPO[@REVISION]")
     if from_format == "adapterhub":
         return import_adapterhub(src, dst, base, name=name, without_head=without_head)
     if from_format == "composable-sft":

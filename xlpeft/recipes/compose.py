@@ -40,6 +40,8 @@ class ComposeRequest:
     modules: tuple[str, ...] = ()  # --module: directories or NAME[@VERSION], stacked between language and task, bottom first
     adapter_drop: int = 0  # --adapter-drop: adapter-like modules skip the lowest N layers (AdapterDrop, Rücklé et al. 2021)
     register: bool = False  # --register: log the composition as an MLflow Model, registered as xlpeft-<task>-<lang>
+    module_lang: str | None = None  # --fallback related: the language whose module stands in for --lang (it has none)
+    fallback: str = ""  # why module_lang was chosen (xlpeft.recipes.fallback), logged as the run's xlpeft.fallback tag
 
 
 @dataclass
@@ -84,9 +86,9 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
     pack = load_task_pack(req.task)
     lang_name = language_name(req.lang)  # any ISO 639 code, with or without a language pack
     base = load_base(req.base)
-    lang, lang_reg = registered_ref("language", req.lang, req.lang_method, base.fingerprint)
+    lang, lang_reg = registered_ref("language", req.module_lang or req.lang, req.lang_method, base.fingerprint)
     task, task_reg = registered_ref("task", req.task, req.task_method, base.fingerprint)
-    extra = [resolve_module(ref, base.fingerprint) for ref in req.modules]
+    extra = [resolve_module(ref, base.fingerprint, base) for ref in req.modules]
     composition = dataclasses.replace(Composition.of([lang, *extra, task], base.fingerprint),
                                       adapter_drop=req.adapter_drop)  # the baseline below runs without it
     check_task_module(task, pack, base.hidden_size)
@@ -100,6 +102,8 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
         "xlpeft.parent.lang_module": lang.source, "xlpeft.parent.task_module": task.source,
         "xlpeft.composition": composition.describe(), "xlpeft.lang_name": lang_name,
     }
+    if req.module_lang:
+        tags |= {"xlpeft.lang_module_lang": req.module_lang, "xlpeft.fallback": req.fallback[:5000]}
     if extra:
         tags["xlpeft.parent.modules"] = ", ".join(m.source for m in extra)
     params = {"lang": req.lang, "task": req.task, "base": base.name, "lang_module": lang.source,
@@ -147,4 +151,4 @@ def register_composition(tracker, composition: Composition, base, tags: dict[str
     name = f"xlpeft-{tags['xlpeft.task']}-{tags['xlpeft.lang']}"
     version_tags = {k: v for k, v in tags.items() if k.startswith(("xlpeft.parent.", "xlpeft.kind", "xlpeft.base",
                                                                     "xlpeft.method", "xlpeft.lang", "xlpeft.task"))}
-    return name, tracker.register(name, "model", version_tags)
+    return name, tracker.register(name, "model", version_tags, description=tracking.composition_description(tags, name))

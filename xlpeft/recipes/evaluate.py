@@ -24,6 +24,18 @@ from xlpeft.models import load_base
 from xlpeft.packs import load_task_pack
 from xlpeft.seeds import SeedTable, group_by_seed, seed_matrix
 
+TABLE_FILE = "evaluation/matrix_table.json"  # the matrix in MLflow's table format (mlflow.log_table's JSON)
+
+
+def seed_table_rows(table: SeedTable) -> tuple[list[str], list[list[float | str | None]]]:
+    """(columns, rows) of an MLflow table for a seed table: ``lang``, then each cell's mean and std over seeds."""
+    cols = table.columns()
+    header = ["lang", *(f"{c} {stat}" for c in cols for stat in ("mean", "std"))]
+    rows = []
+    for lang, row in table.values.items():
+        rows.append([lang, *(x for c in cols for x in (table.stats(lang, c)[:2] if c in row else (None, None)))])
+    return header, rows
+
 
 def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str | None = None,
                     split: str | None = None) -> tuple[Matrix, str]:
@@ -70,6 +82,7 @@ def evaluate_matrix(task: str, langs: list[str], base_name: str, eval_dir: str |
         with tempfile.TemporaryDirectory() as tmp:
             matrix.save(Path(tmp), f"zero-shot {task} ({key})")
             tracker.log_artifacts(Path(tmp), "evaluation")
+        tracker.log_table(*matrix.table(), TABLE_FILE)  # rendered on the run page, next to the heat-map
         for lang, row in matrix.rows.items():
             tracker.log_metrics({f"{key}_{lang}_{c.replace('+', '_')}": v for c, v in row.items()}, 0)
     return matrix, tracker.run_id
@@ -138,6 +151,7 @@ def evaluate_seeds(task: str, langs: list[str], base_name: str, modules_dir: str
         with tempfile.TemporaryDirectory() as tmp:
             table.save(Path(tmp), title)
             tracker.log_artifacts(Path(tmp), "evaluation")
+        tracker.log_table(*seed_table_rows(table), TABLE_FILE)
         if report:
             Path(report).mkdir(parents=True, exist_ok=True)
             table.save(Path(report), title)

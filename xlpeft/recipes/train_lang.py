@@ -26,6 +26,7 @@ from xlpeft.recipes import common
 from xlpeft.recipes.common import base_ref, count_parameters, resolve_configs, resolve_epochs, run_tags, start_training
 from xlpeft.registry import get_method
 from xlpeft.tracking.lifecycle import publish, training_run
+from xlpeft.tracking.registration import corpus_datasets
 from xlpeft.training import PhaseRun, eval_block_count, evaluate_mlm, fit_train_config, mlm_loss, run_phases
 
 
@@ -135,6 +136,7 @@ def train_language(req: LangRequest) -> LangResult:
     with training_run(f"lang-{req.lang}-{req.method}", tags, params, dist, req.resume, out_dir) as (
         tracker, ckpt_dir, checkpoint,
     ):
+        tracker.log_inputs(corpus_datasets(corpora, check_text_file))  # the UI's Dataset column (train)
         torch.manual_seed(cfg.seed)
         trainable = spec.prepare(base, method_cfg, cfg)
         mask_gen = torch.Generator().manual_seed(cfg.seed)

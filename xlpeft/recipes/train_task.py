@@ -29,6 +29,7 @@ from xlpeft.packs import language_name, load_task_pack
 from xlpeft.recipes.common import base_ref, count_parameters, resolve_configs, resolve_epochs, run_tags, start_training
 from xlpeft.registry import get_method
 from xlpeft.tracking.lifecycle import publish, training_run
+from xlpeft.tracking.registration import task_datasets
 from xlpeft.training import PhaseRun, fit_train_config, labelled_count, run_phases, task_loss
 
 
@@ -36,7 +37,7 @@ from xlpeft.training import PhaseRun, fit_train_config, labelled_count, run_phas
 class TaskConfig:
     """Task-module settings that are neither the method's nor the optimiser's."""
 
-    lang_module: str = field(default="auto", metadata={"help": "auto (newest registered for --lang on this base, of the task's method if any), none, or a module directory"})
+    lang_module: str = field(default="auto", metadata={"help": "auto (newest registered for --lang on this base, of the task's method if any), none, a module directory, a registered NAME[@VERSION|@ALIAS], or a hub id hf:ORG/REPO[@REV]"})
     head_dropout: float = field(default=0.1, metadata={"help": "dropout before the task head", "min": 0.0, "max": 1.0})
 
     def __post_init__(self) -> None:
@@ -105,6 +106,7 @@ class TaskPlan:
     registered_name: str
     tags: dict[str, str]
     params: dict[str, Any]
+    sources: list = field(default_factory=list)  # the TaskSources read: training data first, then eval data
 
 
 def plan_task(req: TaskRequest) -> TaskPlan:
@@ -146,7 +148,7 @@ def plan_task(req: TaskRequest) -> TaskPlan:
 
     dist = init_from_env(device)
     return TaskPlan(pack, spec, method_cfg, cfg, task_cfg, train_ex, eval_ex, train_desc, out_dir, base, device, dist,
-                    lang_module, lineage, train_enc, name, tags, params)
+                    lang_module, lineage, train_enc, name, tags, params, sources)
 
 
 def train_task(req: TaskRequest) -> TaskResult:
@@ -162,6 +164,7 @@ def train_task(req: TaskRequest) -> TaskResult:
     with training_run(f"task-{req.task}-{req.method}", tags, params, dist, req.resume, out_dir) as (
         tracker, ckpt_dir, checkpoint,
     ):
+        tracker.log_inputs(task_datasets(p.sources, len(train_ex), len(eval_ex)))  # the UI's Dataset column
         active = activate(base, [lang_module]) if lang_module is not None else None
         torch.manual_seed(cfg.seed)
         head = build_head(pack.head, base.hidden_size, len(pack.labels), task_cfg.head_dropout).to(device)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xlpeft.errors import XlpeftError
+from xlpeft.tracking.registration import composition_description, module_description
 from xlpeft.tracking.run import RETRY_ENV, Tracker, TrackingUnfinished, retry_seconds, tracked_run
 from xlpeft.tracking.spool import replay_spool, spool_path
 from xlpeft.tracking.store import (
@@ -47,9 +48,10 @@ from xlpeft.tracking.store import (
 )
 
 __all__ = ["EXPERIMENT", "NotRegistered", "RETRY_ENV", "TAG_KEYS", "RegisteredModule", "Tracker", "TrackingUnfinished",
-           "check_reachable", "client", "download", "filter_value", "find_module", "find_reference", "list_empty", "list_registered",
-           "list_versions", "parse_registered_name", "registered_name", "replay_spool", "retry_seconds", "spool_path", "tracked_run",
-           "tracking_uri"]
+           "alias_version", "check_reachable", "client", "composition_description", "download", "filter_value",
+           "find_module", "find_reference", "list_empty", "list_registered", "list_versions", "module_description",
+           "parse_registered_name", "promote", "refuse_composition", "registered_name", "replay_spool",
+           "retry_seconds", "spool_path", "tracked_run", "tracking_uri"]
 
 PREFIXES = {"language": "lang", "task": "task"}  # module kind -> the word in registered names
 TAG_KEYS = ("xlpeft.kind", "xlpeft.lang", "xlpeft.task", "xlpeft.method", "xlpeft.base", "xlpeft.base_fingerprint")
@@ -81,19 +83,24 @@ class RegisteredModule:
     run_id: str
     tags: dict[str, str]
     created: int = 0  # creation timestamp (ms)
+    aliases: tuple[str, ...] = ()  # registry aliases pointing at this version (``production``)
+    description: str = ""  # Markdown: a one-line summary first (registration.module_description)
 
 
 def list_versions(name: str) -> list[RegisteredModule]:
     """All versions of a registered module, newest first (empty if the name is unknown)."""
     c = client()
+    aliases: dict[str, list[str]] = {}  # version -> aliases (a version search does not return them from SQLite)
     try:
         versions = c.search_model_versions(f"name={filter_value(name)}")
+        for alias, number in (c.get_registered_model(name).aliases or {}).items() if versions else ():
+            aliases.setdefault(str(number), []).append(alias)
     except Exception as exc:
         if _transient(exc):
             raise XlpeftError(_unreachable(tracking_uri(), _reason(exc))) from None
         return []
-    out = [RegisteredModule(v.name, str(v.version), v.run_id, dict(v.tags or {}), int(v.creation_timestamp or 0))
-           for v in versions]
+    out = [RegisteredModule(v.name, str(v.version), v.run_id, dict(v.tags or {}), int(v.creation_timestamp or 0),
+                            tuple(sorted(aliases.get(str(v.version), []))), v.description or "") for v in versions]
     return sorted(out, key=lambda v: int(v.version), reverse=True)
 
 
@@ -173,11 +180,85 @@ def find_module(kind: str, name: str, method: str | None = None, version: str | 
 
 
 def find_reference(ref: str, fingerprint: str | None = None) -> tuple[Path, RegisteredModule]:
-    """A registry reference ``NAME`` or ``NAME@VERSION`` (``xlpeft-lang-sw-adapter@3``), through :func:`find_module`."""
-    text, _, version = ref.partition("@")
-    kind, name, method = parse_registered_name(text)
-    return find_module(kind, name, method, version or None, fingerprint)
+    """A registry reference ``NAME``, ``NAME@VERSION`` or ``NAME@ALIAS`` (``xlpeft-lang-sw-adapter@production``).
 
+    Digits are a version, ``latest`` (or nothing) the newest version, anything else an alias set with
+    ``xlpeft promote``; resolved through :func:`find_module`.
+
+    Raises:
+        XlpeftError: a composition's name (``xlpeft-ner-sw``) where a module is expected, or an alias the
+            name does not hold (the message lists those it holds).
+        NotRegistered: nothing matches.
+    """
+    text, _, pointer = ref.partition("@")
+    try:
+        kind, name, method = parse_registered_name(text)
+    except XlpeftError:
+        refuse_composition(text)
+        raise
+    if pointer and pointer != "latest" and not pointer.isdigit():
+        pointer = alias_version(text, pointer)
+    return find_module(kind, name, method, pointer if pointer.isdigit() else None, fingerprint)
+
+
+def refuse_composition(name: str) -> None:
+    """Raise a clear error if ``name`` is a registered composition (MLflow Model), not a language or task module."""
+    if not name.startswith("xlpeft-") or name.startswith(("xlpeft-lang-", "xlpeft-task-")):
+        return
+    versions = list_versions(name)
+    if any(v.tags.get("xlpeft.kind") == "composition" for v in versions):
+        raise XlpeftError(
+            f"{name} is a registered composition (a whole composed model), not a language or task module; load it "
+            f"with mlflow.pyfunc.load_model('models:/{name}@latest') or xlpeft.mlflow.load_model('models:/{name}@latest'),"
+            " or pass a module name here (xlpeft-lang-<lang>-<method> or xlpeft-task-<task>-<method>)")
+
+
+def alias_version(name: str, alias: str) -> str:
+    """The version ``alias`` of registered model ``name`` points at.
+
+    Raises:
+        NotRegistered: the name is unknown; XlpeftError: the name has no such alias (its aliases are listed).
+    """
+    versions = list_versions(name)
+    if not versions:
+        raise NotRegistered(f"no registered model {name} in {tracking_uri()}; the registry holds: "
+                            f"{', '.join(list_registered()) or 'nothing'}")
+    for v in versions:
+        if alias in v.aliases:
+            return v.version
+    held = ", ".join(f"@{a} (v{v.version})" for v in versions for a in v.aliases) or "none"
+    raise XlpeftError(f"{name} has no alias {alias!r}; its aliases: {held}. Set one with "
+                      f"`xlpeft promote {name} VERSION --alias {alias}`, or use {name}@VERSION or {name}@latest")
+
+
+def promote(name: str, version: str, alias: str) -> RegisteredModule | None:
+    """Point ``alias`` of registered model ``name`` (a module or a composition) at ``version``.
+
+    Returns:
+        The version the alias pointed at before, or None.
+
+    Raises:
+        XlpeftError: ``latest`` or another reserved or malformed alias, an unknown name (the registry's names
+            are listed) or an unknown version (the name's versions are listed).
+    """
+    import re
+
+    if alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+        raise XlpeftError(f"the alias {alias!r} is reserved by MLflow ({name}@latest is always the newest version, "
+                          f"{name}@N version N); pick another name such as production or staging")
+    if not re.fullmatch(r"[\w-]{1,255}", alias):
+        raise XlpeftError(f"an alias may hold only letters, digits, _ and -; got {alias!r} (e.g. production)")
+    versions = list_versions(name)
+    if not versions:
+        raise NotRegistered(f"no registered model {name} in {tracking_uri()}; the registry holds: "
+                            f"{', '.join(list_registered()) or 'nothing'} (see xlpeft modules)")
+    target = next((v for v in versions if v.version == str(version)), None)
+    if target is None:
+        raise XlpeftError(f"{name} has no version {version!r}; its versions: "
+                          f"{', '.join(v.version for v in reversed(versions))}")
+    before = next((v for v in versions if alias in v.aliases), None)
+    client().set_registered_model_alias(name, alias, target.version)
+    return before
 
 def download(chosen: RegisteredModule) -> tuple[Path, RegisteredModule]:
     """Fetch a registered module's artifacts into the local cache (once per run id).

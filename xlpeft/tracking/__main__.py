@@ -1,4 +1,7 @@
-"""``python -m xlpeft.tracking replay [RUN_ID ...]``: log spooled tracking calls once the server is back."""
+"""``python -m xlpeft.tracking replay [RUN_ID ...]``: log spooled tracking calls once the server is back.
+
+``python -m xlpeft.tracking ui-url [HOST:PORT]``: the MLflow UI address of xlpeft's runs table (``make ui`` prints it).
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,25 @@ from xlpeft.errors import XlpeftError
 from xlpeft.tracking.spool import REPLAY_HINT, replay_spool, spool_path
 
 
+def ui_url(address: str = "127.0.0.1:5000") -> str:
+    """The UI page of the experiment's runs table.
+
+    MLflow 3.x tags the experiment ``mlflow.experimentKind`` (xlpeft sets custom_model_development), but its
+    UI picks the first page from ``?workflowType=`` or the sidebar switch remembered in the browser (default
+    genai: the GenAI overview), so the link carries ``workflowType=machine_learning``.
+    """
+    from xlpeft.tracking.store import _experiment_id, client
+
+    return f"http://{address}/#/experiments/{_experiment_id(client())}?workflowType=machine_learning"
+
+
 def _main(argv: list[str]) -> int:
     """Replay the given runs' spools, or every spooled run if none is given; 0 if all were logged."""
+    if argv and argv[0] == "ui-url":
+        print(f"xlpeft runs: {ui_url(*argv[1:2])}")
+        return 0
     if not argv or argv[0] != "replay":
-        print(f"usage: {REPLAY_HINT} [RUN_ID ...]", file=sys.stderr)
+        print(f"usage: {REPLAY_HINT} [RUN_ID ...], or python -m xlpeft.tracking ui-url [HOST:PORT]", file=sys.stderr)
         return 2
     spool = spool_path("-").parent
     run_ids = argv[1:] or sorted(p.stem for p in spool.glob("*.jsonl"))

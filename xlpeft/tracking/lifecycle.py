@@ -154,9 +154,11 @@ def publish(tracker, dist: Dist, out_dir: Path, manifest: Manifest, tensors: dic
     """On rank 0: save the module atomically, verify it reads back, log it, register it, drop checkpoints.
 
     Registration comes last so the registry never points at a half-written module; the other
-    ranks wait at the barrier and get an empty version.
+    ranks wait at the barrier and get an empty version. The version's description (what it was
+    trained on, steps, headline metrics, parent modules) comes from the manifest.
     """
     from xlpeft.tracking.flavor import write_module_mlmodel
+    from xlpeft.tracking.registration import module_description
 
     version = ""
     if dist.main:
@@ -165,7 +167,8 @@ def publish(tracker, dist: Dist, out_dir: Path, manifest: Manifest, tensors: dic
         write_module_mlmodel(out_dir, manifest)  # the module folder is an MLflow Model too (before the upload check)
         tracker.log_artifacts(out_dir, "module")
         tracker.log_metrics({"trainable_parameters": manifest.trainable_parameters}, step)
-        version = tracker.register(registered_name, "module", tags)
+        version = tracker.register(registered_name, "module", tags,
+                                   description=module_description(manifest, registered_name))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     dist.barrier()
     return version

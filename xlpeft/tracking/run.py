@@ -12,7 +12,9 @@ listed back and match the module directory. The spool file itself and its replay
 
 from __future__ import annotations
 
+import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -23,6 +25,7 @@ from typing import Any
 
 from xlpeft.errors import XlpeftError
 from xlpeft.interrupts import deferred
+from xlpeft.tracking.registration import apply_inputs, apply_table, register_version
 from xlpeft.tracking.spool import REPLAY_HINT, append_spool, read_spool, spool_path, write_spool
 from xlpeft.tracking.store import (
     _experiment_id,
@@ -55,6 +58,18 @@ def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 # ---- the run
+
+
+def source_tags(argv: list[str] | None = None) -> dict[str, str]:
+    """MLflow's source tags for a run: the xlpeft command line (``sys.argv``, shell-quoted) as a LOCAL source.
+
+    The program is named ``xlpeft`` (not the path of the console script or of ``xlpeft/__main__.py``),
+    so the UI's Source column, which shows the text after the last ``/``, starts with the command.
+    """
+    args = list(sys.argv if argv is None else argv)
+    if args and (Path(args[0]).name in ("xlpeft", "__main__.py", "-m")):
+        args[0] = "xlpeft"
+    return {"mlflow.source.name": shlex.join(args)[:5000] or "xlpeft", "mlflow.source.type": "LOCAL"}
 
 
 def retry_seconds() -> float:
@@ -112,16 +127,30 @@ class Tracker:
     def log_file(self, local_file: Path, artifact_path: str | None = None) -> None:
         self._finish({"op": "file", "local_file": str(Path(local_file).resolve()), "artifact_path": artifact_path})
 
-    def register(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
+    def log_inputs(self, datasets: list[dict[str, Any]]) -> None:
+        """Log MLflow dataset inputs (records of :func:`~xlpeft.tracking.registration.dataset_record`)."""
+        if datasets:
+            self._submit({"op": "inputs", "datasets": list(datasets)})
+
+    def log_table(self, columns: list[str], data: list[list[Any]], artifact_file: str) -> None:
+        """Log a table the run page renders (MLflow's table format: ``artifact_file`` ends in ``.json``)."""
+        if not artifact_file.endswith(".json"):
+            raise XlpeftError(f"an MLflow table is a .json artifact; got {artifact_file!r}")
+        rows = [[None if isinstance(x, float) and not math.isfinite(x) else x for x in row] for row in data]  # JSON
+        self._finish({"op": "table", "artifact_file": artifact_file, "columns": list(columns), "data": rows})
+
+    def register(self, name: str, artifact_path: str, tags: dict[str, str], description: str = "") -> str:
         """Create a model version of ``name`` pointing at this run's ``artifact_path``; returns the version.
 
-        The uploaded files are listed back and compared with the local directory first.
+        The uploaded files are listed back and compared with the local directory first. The version gets
+        ``description``; the registered name gets the identity tags of ``tags`` (kind, language or task,
+        method, base), set again on every registration.
 
         Raises:
             TrackingUnfinished: the store did not answer within the retry window (nothing registered).
         """
         op = {"op": "register", "name": name, "artifact_path": artifact_path, "tags": dict(tags),
-              "local_dir": self._outputs.get(artifact_path)}
+              "local_dir": self._outputs.get(artifact_path), "description": description}
         if not self._finish(op):
             raise self.unfinished()
         return str(self._version)
@@ -225,61 +254,16 @@ class Tracker:
         elif kind == "file":
             c.log_artifact(self.run_id, op["local_file"], op["artifact_path"])
         elif kind == "register":
-            self._version = self._register(op["name"], op["artifact_path"], op["tags"], op.get("local_dir"))
+            self._version = register_version(c, self.run_id, op["name"], op["artifact_path"], op["tags"],
+                                             op.get("local_dir"), op.get("description", ""))
+        elif kind == "inputs":
+            apply_inputs(c, self.run_id, op["datasets"])
+        elif kind == "table":
+            apply_table(c, self.run_id, op["artifact_file"], op["columns"], op["data"])
         elif kind == "terminate":
             c.set_terminated(self.run_id, status=op["status"])
         else:
             raise XlpeftError(f"unknown spooled tracking call {kind!r} in {spool_path(self.run_id)}")
-
-    def _register(self, name: str, artifact_path: str, tags: dict[str, str], local_dir: str | None) -> str:
-        from mlflow.exceptions import MlflowException
-
-        c = self._client
-        run = c.get_run(self.run_id)
-        source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
-        self._check_uploaded(artifact_path, local_dir)
-        # A retry after a lost answer must not register the same files twice.
-        for v in c.search_model_versions(f"name='{name}' and run_id='{self.run_id}'"):
-            if v.source == source:
-                return str(v.version)
-        created = False
-        try:
-            c.create_registered_model(name, description="xlpeft module (see xlpeft.json in the artifacts)")
-            created = True
-        except MlflowException as exc:
-            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
-                raise
-        try:
-            version = c.create_model_version(name, source=source, run_id=self.run_id, tags=tags)
-        except BaseException:  # Ctrl-C included
-            if created:  # leave no empty registered name behind (best effort: the store may be gone)
-                try:
-                    if not c.search_model_versions(f"name='{name}'"):
-                        c.delete_registered_model(name)
-                except Exception:
-                    pass
-            raise
-        return str(version.version)
-
-    def _check_uploaded(self, artifact_path: str, local_dir: str | None) -> None:
-        """Every file of ``local_dir`` is in the run's ``artifact_path`` with the same size."""
-        remote: dict[str, int | None] = {}
-        todo = [artifact_path]
-        while todo:
-            for info in self._client.list_artifacts(self.run_id, todo.pop()):
-                if info.is_dir:
-                    todo.append(info.path)
-                else:
-                    remote[info.path[len(artifact_path):].lstrip("/")] = info.file_size
-        if local_dir and Path(local_dir).is_dir():
-            local = {p.relative_to(local_dir).as_posix(): p.stat().st_size
-                     for p in Path(local_dir).rglob("*") if p.is_file()}
-            bad = sorted(k for k, size in local.items() if remote.get(k, -1) != size)
-        else:
-            bad = [] if remote else ["(nothing uploaded)"]
-        if bad:
-            raise XlpeftError(f"not registering run {self.run_id}: its artifacts under {artifact_path}/ are "
-                              f"incomplete ({', '.join(bad[:5])} missing or of another size than in {local_dir})")
 
     # -- the spool file
 
@@ -297,7 +281,7 @@ class Tracker:
         failed run registers nothing.
         """
         if status in ("FAILED", "KILLED"):
-            self._pending = [op for op in self._pending if op["op"] not in ("artifacts", "file", "register")]
+            self._pending = [op for op in self._pending if op["op"] not in ("artifacts", "file", "table", "register")]
             if self._down:
                 self._write_spool()
         self._enqueue({"op": "terminate", "status": status})
@@ -339,8 +323,8 @@ def tracked_run(run_name: str, tags: dict[str, Any], params: dict[str, Any],
     resuming = run_id is not None
     try:
         if not resuming:
-            run_id = c.create_run(_experiment_id(c), run_name=run_name,
-                                  tags={k: str(v) for k, v in tags.items() if v is not None}).info.run_id
+            run_tags = {**source_tags(), **{k: str(v) for k, v in tags.items() if v is not None}}
+            run_id = c.create_run(_experiment_id(c), run_name=run_name, tags=run_tags).info.run_id
         else:
             c.update_run(run_id, status="RUNNING")
     except Exception as exc:
@@ -350,7 +334,7 @@ def tracked_run(run_name: str, tags: dict[str, Any], params: dict[str, Any],
     tracker = Tracker(run_id, c, uri)
     try:
         if resuming and spool_path(run_id).is_file():  # left by a killed process
-            tracker._pending = [op for op in read_spool(run_id)[1] if op["op"] in ("params", "metrics", "tags")]
+            tracker._pending = [op for op in read_spool(run_id)[1] if op["op"] in ("params", "metrics", "tags", "inputs")]
             tracker._down = True
             tracker._drain(force=True)
         if not resuming:

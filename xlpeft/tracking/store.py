@@ -271,16 +271,27 @@ def client(uri: str | None = None):
     return _Client(inner, lock)
 
 
+# The experiment tag MLflow 3.x's UI reads to choose an experiment's first page (the JS enum in
+# mlflow/server/js/build/static/js/main.*.js: "genai_development" opens the GenAI Overview,
+# "custom_model_development" the runs table). Set when xlpeft creates the experiment or finds it
+# untagged; a kind chosen in the UI since is kept.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def _experiment_id(c) -> str:
+    """The id of xlpeft's experiment (``$XLPEFT_EXPERIMENT``, default ``xlpeft``), created if missing."""
     from mlflow.exceptions import MlflowException
 
     name = os.environ.get("XLPEFT_EXPERIMENT", EXPERIMENT)
     with c.locked():
         exp = c.get_experiment_by_name(name)
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+                c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
         try:
-            return c.create_experiment(name)
+            return c.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as exc:  # another process created it since we looked (a server store)
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise

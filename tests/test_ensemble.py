@@ -132,3 +132,40 @@ def test_compose_ensemble_command_prints_the_comparison_and_refuses_what_it_cann
     assert_one_error_line(code, err, "cannot be combined with --output")
     code, _, err = run_cli(capsys, "compose", "--lang", "sw", "--task", "ner", "--base", env["base"], "--emea")
     assert_one_error_line(code, err, "give the languages with --ensemble")
+
+
+# ---- compose --fallback related: the closest registered languages stand in for a target without a module
+
+
+def test_fallback_related_uses_the_closest_languages_module_and_says_why(env, capsys):
+    from xlpeft.cli import main
+
+    rw = env["root"] / "rw.conll"
+    write_conll(rw, make_ner(20, seed=9))
+    main(["compose", "--lang", "rw", "--task", "ner", "--base", env["base"], "--fallback", "related",
+          "--eval-data", str(rw)])
+    captured = capsys.readouterr()
+    assert ("rw has no language module on this base; using the closest language's module: sw (same genus Bantoid, "
+            "same family Atlantic-Congo, same script Latn) (also considered: en (same script Latn))") in captured.err
+    assert "sw language module + task module: f1" in captured.out
+    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name(tracking.EXPERIMENT).experiment_id],
+                                         "tags.`xlpeft.lang` = 'rw'", max_results=1, order_by=["start_time DESC"])
+    tags, metrics = runs[0].data.tags, runs[0].data.metrics
+    assert tags["xlpeft.lang_module_lang"] == "sw" and tags["xlpeft.parent.lang_module"].startswith("xlpeft-lang-sw-")
+    # the same score as composing sw's module by hand on rw's data
+    by_hand = compose_ensemble(EnsembleRequest(lang="rw", task="ner", members=("sw",), base=env["base"],
+                                               eval_data=str(rw)))
+    assert metrics["eval_f1"] == pytest.approx(by_hand.members["sw"]["f1"], abs=1e-9)
+    main(["compose", "--lang", "sw", "--task", "ner", "--base", env["base"], "--fallback", "related",
+          "--eval-data", str(rw)])  # a target with its own module: no fallback, nothing said about one
+    captured = capsys.readouterr()
+    assert "--fallback" not in captured.err and "sw language module + task module" in captured.out
+
+
+def test_fallback_related_refuses_a_target_nothing_is_related_to(env, capsys):
+    from tests.test_cli import assert_one_error_line, run_cli
+
+    code, _, err = run_cli(capsys, "compose", "--lang", "km", "--task", "ner", "--base", env["base"],
+                           "--fallback", "related")
+    assert_one_error_line(code, err, "no language with a registered module shares a genus, family or script with km",
+                          "modules exist for: en, sw")

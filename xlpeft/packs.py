@@ -112,7 +112,7 @@ def _check_keys(path: Path, data: dict, required: set[str], optional: set[str]) 
 
 @dataclass(frozen=True)
 class LanguagePack:
-    """A language: its name and script, and named corpora (``default`` lists the ones used without --corpus)."""
+    """A language: its name, script, family and genus, and named corpora (``default``: used without --corpus)."""
 
     code: str
     name: str
@@ -123,6 +123,8 @@ class LanguagePack:
     extra: dict[str, Any] = field(default_factory=dict)
     bible: dict[str, str] = field(default_factory=dict)  # corpus name -> translation written by prepare-data bible
     offline: tuple[str, ...] = ()  # ``--corpus offline``: the largest text this pack has without a hub (else default)
+    family: str = ""  # Glottolog top-level family (Atlantic-Congo); "" if the pack does not say
+    genus: str = ""  # WALS genus (Bantoid): with family and script, what compose --fallback related ranks by
 
     def resolve(self, specs: list[str] | None) -> list[CorpusSpec]:
         """Corpora for ``--corpus`` values: pack corpus names, paths, or ``hf:`` specs; none -> the defaults."""
@@ -181,7 +183,8 @@ def load_language_pack(code: str) -> LanguagePack:
     pack_dir = find_pack_dir("language_packs", code)
     path = pack_dir / "pack.yaml"
     data = load_yaml(path)
-    _check_keys(path, data, {"code", "name", "script", "corpora", "default"}, {"notes", "iso639_3", "udhr_id", "offline"})
+    _check_keys(path, data, {"code", "name", "script", "corpora", "default"},
+                {"notes", "iso639_3", "udhr_id", "offline", "family", "genus"})
     if data["code"] != code:
         raise XlpeftError(f"{path} declares code {data['code']!r} but lives in folder {code!r}; make them agree")
     corpora, bible = {}, {}
@@ -207,7 +210,8 @@ def load_language_pack(code: str) -> LanguagePack:
             raise XlpeftError(f"{path}: {key} corpora {unknown} are not among the declared ones "
                               f"{sorted([*corpora, *bible])}")
     extra = {k: data[k] for k in ("notes", "iso639_3", "udhr_id") if k in data}
-    return LanguagePack(code, data["name"], data["script"], corpora, default, pack_dir, extra, bible, offline)
+    return LanguagePack(code, data["name"], data["script"], corpora, default, pack_dir, extra, bible, offline,
+                        str(data.get("family") or ""), str(data.get("genus") or ""))
 
 
 @dataclass(frozen=True)

@@ -346,10 +346,12 @@ def convert_cmd(src, dst, from_format, to_format, base, name, without_head, safe
 
 from xlpeft.cli_hub import push_cmd  # noqa: E402
 from xlpeft.cli_merge import merge_cmd  # noqa: E402
+from xlpeft.cli_packs import coverage_cmd  # noqa: E402
 from xlpeft.cli_prepare import prepare_base, prepare_data_cmd, warm_head  # noqa: E402
 from xlpeft.cli_registry import promote_cmd  # noqa: E402
 
 cli.add_command(merge_cmd)
+cli.add_command(coverage_cmd)
 for _command in (prepare_base, prepare_data_cmd, warm_head):
     cli.add_command(_command)
 cli.add_command(promote_cmd)

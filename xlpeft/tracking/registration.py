@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from xlpeft.data.registry_packages import sha256_file
 from xlpeft.errors import XlpeftError
 
 CONTEXT_TAG = "mlflow.data.context"  # what the UI shows next to a run's dataset: train / eval
@@ -133,15 +134,6 @@ def apply_table(c: Any, run_id: str, artifact_file: str, columns: list[str], dat
         c.set_tag(run_id, LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
 
-def file_sha256(path: Path) -> str:
-    """The sha256 hex digest of a file's bytes, read in 4 MiB pieces."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def dataset_record(context: str, spec: str, path: Path | None = None, sha256: str | None = None,
                    hf: str | None = None, revision: str | None = None, rows: int | None = None) -> dict[str, Any]:
     """One dataset input of a run, as a JSON-able record the spool can hold.
@@ -154,7 +146,7 @@ def dataset_record(context: str, spec: str, path: Path | None = None, sha256: st
         rows: examples or lines read, if known (shown in the dataset's profile).
     """
     if path is not None:
-        full = sha256 or file_sha256(path)
+        full = sha256 or sha256_file(path)
         name, source_type, source = path.name, "local", {"uri": str(path.resolve())}
     else:
         full = hashlib.sha256(f"{spec}\0{revision or ''}".encode()).hexdigest()

@@ -268,7 +268,7 @@ def install(target: Path, write) -> Path:
 
     A concurrent writer that wins the rename leaves its copy, which is as good as ours.
     """
-    from xlpeft.io import MANIFEST
+    from xlpeft.io import MANIFEST, disk_error
 
     if (target / MANIFEST).is_file():
         return target
@@ -284,8 +284,7 @@ def install(target: Path, write) -> Path:
             if not (target / MANIFEST).is_file():
                 raise
     except OSError as exc:
-        raise XlpeftError(f"could not write {target}: {exc}; check free space and permissions of the xlpeft cache "
-                          "($XLPEFT_CACHE)") from None
+        raise XlpeftError(disk_error(exc, f"could not write {target} in the xlpeft cache ($XLPEFT_CACHE)")) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

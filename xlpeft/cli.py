@@ -350,12 +350,8 @@ from xlpeft.cli_packs import coverage_cmd  # noqa: E402
 from xlpeft.cli_prepare import prepare_base, prepare_data_cmd, warm_head  # noqa: E402
 from xlpeft.cli_registry import promote_cmd  # noqa: E402
 
-cli.add_command(merge_cmd)
-cli.add_command(coverage_cmd)
-for _command in (prepare_base, prepare_data_cmd, warm_head):
-    cli.add_command(_command)
-cli.add_command(promote_cmd)
-cli.add_command(push_cmd)
+for _command in (merge_cmd, coverage_cmd, prepare_base, prepare_data_cmd, warm_head, promote_cmd, push_cmd):
+    cli.add_command(_command)  # the commands kept in their own modules, so this one stays thin
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,7 @@ from xlpeft.config import build, check_fields
 from xlpeft.errors import XlpeftError
 from xlpeft.methods.base import AppliedModule, MethodSpec, ModuleTrainable, Phase
 from xlpeft.methods.bottleneck import ACTIVATIONS, Bottleneck
+from xlpeft.methods.gates import gate_hook
 from xlpeft.methods.invertible import InvertibleAdapter
 from xlpeft.models import ArchSpec, get_submodule
 
@@ -181,18 +182,18 @@ def attach_adapters(model: nn.Module, arch: ArchSpec, stack: Sequence[HookedAdap
                 continue
             sub = get_submodule(layer, path)
             hooks = _Site(stack, i, site, get_submodule(sub, arch.layer_norm))
-            handles.append(sub.register_forward_pre_hook(hooks.capture, with_kwargs=True))
-            handles.append(get_submodule(sub, arch.dropout).register_forward_hook(hooks.transform))
+            handles.append(sub.register_forward_pre_hook(gate_hook(hooks.capture), with_kwargs=True))
+            handles.append(get_submodule(sub, arch.dropout).register_forward_hook(gate_hook(hooks.transform)))
     inv = next((m.invertible_adapter() for m in stack if m.invertible_adapter() is not None), None)
     if inv is not None:
         # on the embedding layer's output (word + position + type, LayerNorm, dropout), as MAD-X and AdapterHub do
         embeddings = get_submodule(model, arch.embeddings)
-        handles.append(embeddings.register_forward_hook(lambda mod, args, out: inv(out)))
+        handles.append(embeddings.register_forward_hook(gate_hook(lambda mod, args, out: inv(out))))
         decoder = model.get_output_embeddings()  # None for task models: the inverse only precedes the MLM decoder
         if decoder is not None:  # prepend: with two language modules (f2 after f1 on the embeddings) the decoder
             # must see f1^-1(f2^-1(h)), so the inverse of the module applied last runs first
-            handles.append(decoder.register_forward_pre_hook(lambda mod, args: (inv.inverse(args[0]),) + args[1:],
-                                                             prepend=True))
+            handles.append(decoder.register_forward_pre_hook(
+                gate_hook(lambda mod, args: (inv.inverse(args[0]),) + args[1:]), prepend=True))
     return Hooks(handles)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from xlpeft.config import build, check_fields
 from xlpeft.errors import ConfigError, XlpeftError
 from xlpeft.methods.base import AppliedModule, MethodSpec, ModuleTrainable, Phase
+from xlpeft.methods.gates import gate_hook
 from xlpeft.models import get_submodule
 
 IA3_SITES = ("key", "value", "intermediate")
@@ -99,8 +100,8 @@ def attach_ia3(module: IA3Module, targets: list[dict[str, nn.Module]]):
     handles = []
     for vectors, sites in zip(module.layers, targets, strict=True):
         for site, target in sites.items():
-            handles.append(target.register_forward_hook(
-                lambda mod, args, out, v=vectors, s=site: out * v[s].to(out.dtype)))  # (B, T, D) ⊙ (D,)
+            handles.append(target.register_forward_hook(gate_hook(
+                lambda mod, args, out, v=vectors, s=site: out * v[s].to(out.dtype))))  # (B, T, D) ⊙ (D,)
 
     def detach() -> None:
         for h in handles:

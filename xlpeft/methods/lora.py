@@ -43,6 +43,7 @@ from xlpeft.config import build, check_fields
 from xlpeft.errors import ConfigError, XlpeftError
 from xlpeft.methods.base import MethodSpec, ModuleTrainable, Phase
 from xlpeft.methods.deltas import lora_merge_own, lora_weight_delta
+from xlpeft.methods.gates import gate_hook
 from xlpeft.models import ArchSpec, get_submodule
 
 SITES = ("query", "key", "value", "attn_output", "intermediate", "ffn_output")
@@ -238,7 +239,7 @@ def attach_lora(base, module: LoraModule, paths: dict[int, dict[str, tuple[str, 
     handles = []
     for i, site, pair in module.pairs():
         linear = paths[i][site][1]
-        handles.append(linear.register_forward_hook(lambda mod, args, out, p=pair: p(args[0], out, mod)))
+        handles.append(linear.register_forward_hook(gate_hook(lambda mod, args, out, p=pair: p(args[0], out, mod))))
 
     def detach() -> None:
         for h in handles:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from xlpeft.errors import XlpeftError
+from xlpeft.methods.gates import Gate, current_gate, is_open
 from xlpeft.models import ArchSpec, get_submodule, usable_positions
 
 # ---- attention masks and the cache object
@@ -61,10 +62,18 @@ class PrefixCache:
 # ---- sites: one per hooked module, holding the sources applied there, bottom first
 
 class _Site:
-    """The hooks on one module and the sources applied there in attach order."""
+    """The hooks on one module and the sources applied there in attach order.
+
+    Sources applied under a gate (:mod:`xlpeft.methods.gates`) count only while it is open (:attr:`live`).
+    """
 
     def __init__(self, handles: list) -> None:
         self.handles, self.sources = handles, []
+        self.gates: dict[int, Gate] = {}  # id(source) -> the gate it was attached under
+
+    @property
+    def live(self) -> list:
+        return [s for s in self.sources if is_open(self.gates.get(id(s)))]
 
     def close(self) -> None:
         for h in self.handles:
@@ -83,13 +92,14 @@ def _split_heads(x: torch.Tensor, heads: int, batch: int, like: torch.Tensor) ->
 
 def _attention_hook(site: _Site, layer_idx: int) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not site.sources:
+        sources = site.live
+        if not sources:
             return None
         if kwargs.get("cache") is not None:
             raise XlpeftError("prefix tuning cannot run with a key/value cache passed to the model (decoding); "
                               "call the encoder without cache/past_key_values")
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
-        pairs = [s.layer(layer_idx) for s in site.sources]
+        pairs = [s.layer(layer_idx) for s in sources]
         key = torch.cat([k for k, _ in pairs])  # (P_total, H), bottom module first
         value = torch.cat([v for _, v in pairs])  # (P_total, H)
         heads, batch = module.num_attention_heads, hidden.shape[0]
@@ -114,7 +124,8 @@ class _PromptSite(_Site):
 
     def prepend(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         self.inserted = 0
-        if not self.sources:
+        sources = self.live
+        if not sources:
             return None
         kwargs = dict(kwargs)
         input_ids = args[0] if args else kwargs.get("input_ids")
@@ -124,7 +135,7 @@ class _PromptSite(_Site):
         if kwargs.get("position_ids") is not None:
             raise XlpeftError("prompt tuning (layers=input) numbers positions itself; call the model without "
                               "position_ids")
-        prompts = torch.cat([s.prompts() for s in self.sources]).to(embeds.dtype)  # (P, H), bottom module first
+        prompts = torch.cat([s.prompts() for s in sources]).to(embeds.dtype)  # (P, H), bottom module first
         batch, p = embeds.shape[0], prompts.shape[0]
         if p + embeds.shape[1] > self.limit:
             raise XlpeftError(f"prompt tuning puts {p} prompt vectors before {embeds.shape[1]} tokens, longer than "
@@ -156,7 +167,7 @@ class _ShiftSite(_Site):
         self.handles.append(embeddings.register_forward_pre_hook(self.shift, with_kwargs=True))
 
     def shift(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        p = sum(s.config.prefix_length for s in self.sources)
+        p = sum(s.config.prefix_length for s in self.live)
         if not p:
             return None
         ids = args[0] if args else kwargs.get("input_ids")
@@ -179,6 +190,7 @@ class Attachment:
         for owner, site in self._sites:
             if any(s is self.source for s in site.sources):
                 site.sources = [s for s in site.sources if s is not self.source]
+                site.gates.pop(id(self.source), None)
             if not site.sources:
                 site.close()
                 if _SITES.get(owner) is site:
@@ -213,6 +225,9 @@ def attach_prefix(model: nn.Module, arch: ArchSpec, source: nn.Module) -> Attach
             if site is None:
                 site = _SITES[embeddings] = _ShiftSite(embeddings, usable_positions(model))
             sites.append((embeddings, site))
+    gate = current_gate()
     for _, site in sites:
         site.sources.append(source)
+        if gate is not None:
+            site.gates[id(source)] = gate
     return Attachment(sites, source)

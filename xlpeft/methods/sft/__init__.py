@@ -69,6 +69,7 @@ SPEC = MethodSpec(
     files=("delta",),
     weight_delta=sft_weight_delta,
     delta_carrier=sft_carrier,  # a merge of any weight deltas is a sparse delta (xlpeft merge)
+    trains_in_place=True,  # both phases write the base's weights (trainable.py)
 )
 
 __all__ = [

@@ -73,3 +73,39 @@ class ExampleBatches:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.indices.load_state_dict(state)
+
+
+class SourceBatches:
+    """Batches of several source languages, each batch from one source drawn with ``probs``; resumable.
+
+    Multi-source task training (:mod:`xlpeft.multisource`): :attr:`current` is the language of the
+    batch just returned, so the loss swaps that language's module in. The draw has its own
+    generator, checkpointed with every source's position, so a resumed run (and every data-parallel
+    rank, seeded alike) sees the same language at every step.
+    """
+
+    def __init__(self, sources: dict[str, ExampleBatches], probs: list[float], generator: torch.Generator) -> None:
+        self.sources, self.generator = sources, generator
+        self.langs = list(sources)
+        self.probs = torch.tensor(probs, dtype=torch.float64)  # (S,)
+        self.current: str | None = None
+
+    def __iter__(self) -> SourceBatches:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        i = int(torch.multinomial(self.probs, 1, generator=self.generator))
+        self.current = self.langs[i]
+        return next(self.sources[self.current])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"rng.sources": self.generator.get_state()}
+        for lang, batches in self.sources.items():
+            state.update({f"source.{lang}.{k}": v for k, v in batches.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["rng.sources"])
+        for lang, batches in self.sources.items():
+            prefix = f"source.{lang}."
+            batches.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

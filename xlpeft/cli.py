@@ -14,7 +14,7 @@ import click
 
 from xlpeft import __version__
 from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD, merge_flags, parse_sets
-from xlpeft.console import OVERWRITE_HELP, check_name, dispatch, on_sigterm, read_stdin_lines
+from xlpeft.console import OVERWRITE_HELP, check_name, check_names, dispatch, on_sigterm, read_stdin_lines
 from xlpeft.errors import XlpeftError
 
 SET_HELP = "method or training hyper-parameter, repeatable (e.g. --set reduction_factor=2 --set lr=1e-4)"
@@ -92,16 +92,21 @@ def train_lang(lang, method, base, corpus, max_steps, batch_size, seed, sets, ou
 
 @cli.command("train-task")
 @click.option("--task", required=True, callback=check_name, help="task pack: a folder of task_packs/ (ner, pos, nli)")
-@click.option("--lang", default="en", show_default=True, callback=check_name, help="source language of the labelled data")
+@click.option("--lang", default="en", show_default=True, callback=check_names,
+              help="source language of the labelled data; several (en,tr,id): multi-source, each batch from one "
+                   "source under its own language module")
 @click.option("--method", default=DEFAULT_METHOD, show_default=True, help=METHOD_HELP)
 @click.option("--base", default=DEFAULT_BASE, show_default=True, help=BASE_HELP)
-@click.option("--train-data", help="CoNLL / CoNLL-U / JSONL file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's]")
-@click.option("--eval-data", help="evaluation file or hf: spec [default: the pack's validation split or a held-out slice]")
+@click.option("--train-data", help="CoNLL / CoNLL-U / JSONL file or hf:NAME[:CONFIG][:SPLIT] [default: the pack's]; "
+                                   "multi-source: one per source, comma-separated in --lang order")
+@click.option("--eval-data", help="evaluation file or hf: spec [default: the pack's validation split or a held-out "
+                                  "slice]; multi-source: one per source, comma-separated")
 @click.option("--max-steps", type=int, help=f"optimizer steps {_train_default('max_steps')}")
 @click.option("--batch-size", type=int, help=f"examples per step {_train_default('batch_size')}")
 @click.option("--seed", type=int, help=f"random seed {_train_default('seed')}")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help=SET_HELP + "; also lang_module=auto|none|PATH|NAME[@ALIAS]|hf:ORG/REPO, head_dropout")
+              help=SET_HELP + "; also lang_module=auto|none|PATH|NAME[@ALIAS]|hf:ORG/REPO (multi-source: one per "
+                   "source, comma-separated), head_dropout, sampling=proportional|uniform, temperature")
 @click.option("--output", help="module directory [default: modules/task-<task>-<method>]")
 @click.option("--overwrite", is_flag=True, help=OVERWRITE_HELP)
 @click.option("--resume", is_flag=True, help="continue the newest unfinished run of this same command from its checkpoint")

@@ -23,6 +23,14 @@ def check_name(ctx: click.Context, param: click.Parameter, value: str | None) ->
     return value
 
 
+def check_names(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--lang en`` or ``--lang en,tr,id`` (several sources): each comma-separated part a name as :func:`check_name`."""
+    if value is not None:
+        for part in value.split(","):
+            check_name(ctx, param, part.strip())
+    return value
+
+
 def read_stdin_lines() -> list[str]:
     """Standard input as UTF-8 lines; invalid UTF-8 is one error naming the byte offset."""
     stream = getattr(sys.stdin, "buffer", None)

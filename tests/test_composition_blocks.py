@@ -179,7 +179,7 @@ def test_fuse_and_average_validate_but_are_refused_before_anything_is_applied(mo
                                "average")):
         with pytest.raises(XlpeftError) as err:
             activate(base, composition)
-        assert f"{name} blocks are validated but cannot be executed yet" in str(err.value)
+        assert f"{name} blocks are validated but not executed" in str(err.value)
         assert_restored(base.model, before, tied)
         with pytest.raises(XlpeftError, match=name):
             compose(base, composition)

@@ -6,8 +6,10 @@ is applied (as AdapterHub's ``composition.py``, Pfeiffer et al. 2020):
 * :class:`Stack` — children act in turn on the hidden states, bottom first (MAD-X: a language
   adapter under a task adapter; any number of modules, e.g. language + domain + task);
 * :class:`Sum` — deltas added into the weights, θ0 + δ_lang + δ_task (LT-SFT, Ansell et al. 2022);
-* :class:`Fuse`, :class:`Average` — declared and validated, not executable yet (AdapterFusion,
-  Pfeiffer et al. 2021; output/weight averaging): :func:`activate` refuses them by name.
+* :class:`Fuse`, :class:`Average` — declared and validated; :func:`activate` refuses them by name.
+  AdapterFusion (Pfeiffer et al. 2021) has learned weights, so it runs as a module of its own, a
+  ``fusion`` module that carries the adapters it fuses (:mod:`xlpeft.methods.fusion`); averaging runs
+  as a test-time ensemble (:mod:`xlpeft.ensemble`).
 
 Which block a module may sit in follows its method's ``combine`` (``stack`` or ``sum``, see
 :mod:`xlpeft.methods.base`), so a new method needs no edit here. A composition is written to
@@ -308,10 +310,11 @@ def activate(base, composition: Composition | Sequence[LoadedModule], force: boo
     """
     if not isinstance(composition, Composition):
         composition = Composition.of([ModuleRef.of(m) for m in composition], base.fingerprint)
-    waiting = [b.BLOCK for b in composition.root.blocks() if b.BLOCK not in EXECUTABLE]
+    waiting = sorted({b.BLOCK for b in composition.root.blocks() if b.BLOCK not in EXECUTABLE})
     if waiting:
-        raise XlpeftError(f"{composition.describe()}: {', '.join(sorted(set(waiting)))} blocks are validated but cannot "
-                          f"be executed yet; use {' or '.join(EXECUTABLE)} blocks")
+        raise XlpeftError(f"{composition.describe()}: {', '.join(waiting)} blocks are validated but not executed; use "
+                          f"{' or '.join(EXECUTABLE)} blocks (a Fuse block's learned weights live in a fusion module: "
+                          "train one with --method fusion --set fuse=A,B and compose it; Average: xlpeft compose --ensemble)")
     composition = bind(composition, base.fingerprint)
     active = Active(composition)
     try:

@@ -26,6 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.methods.fused_inputs import needed_settings
 from xlpeft.compose import Stack, Sum, activate, compose
 from xlpeft.composed import load_composed, save_composed
 from xlpeft.config import TrainConfig
@@ -48,9 +49,13 @@ SMALL: dict[str, dict] = {"sft": {"num_params": 300}, "compacter": {"reduction_f
 TRAIN = {"max_steps": STEPS, "lr": 1e-2, "warmup_ratio": 0.0, "batch_size": 4, "max_seq_len": 16, "log_every": 1}
 
 
-def configs(method: str, kind: str, **train) -> tuple[object, TrainConfig]:
-    """The method and training configs exactly as the recipes resolve them (explicit keys: ``TRAIN``), for 64 examples."""
-    cfg, train_cfg = resolve_configs(method, kind, {**TRAIN, **train, **SMALL.get(method, {})})
+def configs(method: str, kind: str, base=None, **train) -> tuple[object, TrainConfig]:
+    """The method and training configs exactly as the recipes resolve them (explicit keys: ``TRAIN``), for 64 examples.
+
+    ``base``: the base in use, for settings made on it (the modules a fusion fuses, :mod:`.fused_inputs`).
+    """
+    made = needed_settings(method, base) if base is not None else {}
+    cfg, train_cfg = resolve_configs(method, kind, {**TRAIN, **train, **SMALL.get(method, {}), **made})
     return resolve_epochs(method, cfg, train_cfg, 64), train_cfg
 
 
@@ -143,7 +148,7 @@ def run_phases(base, trainable, train_cfg: TrainConfig, kind: str, head, seed: i
 
 
 def prepare(base, method: str, kind: str, seed: int = 0):
-    cfg, train_cfg = configs(method, kind)
+    cfg, train_cfg = configs(method, kind, base)
     torch.manual_seed(seed)
     trainable = get_method(method).prepare(base, cfg, train_cfg)
     head = build_head("token_classification", base.hidden_size, len(LABELS), dropout=0.0) if kind == "task" else None
@@ -272,8 +277,8 @@ def test_save_load_round_trip_gives_the_trained_outputs(trained, fresh, tmp_path
     module = load_module(path)
     spec = get_method(method)
     assert (module.manifest.kind, module.manifest.method) == (kind, method)
-    assert build(spec.config_cls, module.manifest.config) == configs(method, kind)[0], "the config round-trips"
     base = fresh()
+    assert build(spec.config_cls, module.manifest.config) == configs(method, kind, base)[0], "the config round-trips"
     handle = spec.apply(base, module)
     torch.testing.assert_close(outputs(base, probe(base)), when_trained, rtol=0, atol=1e-6)
     handle.remove()
@@ -349,7 +354,7 @@ def test_check_leaves_the_base_and_the_random_stream_alone(fresh, method):
     base = fresh()
     before, tied = snapshot(base.model), is_tied(base.model)
     for kind in MODULE_KINDS:
-        cfg, train_cfg = configs(method, kind)
+        cfg, train_cfg = configs(method, kind, base)
         torch.manual_seed(3)
         get_method(method).check(base, cfg, train_cfg)
         drawn = torch.rand(4)

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from tests.methods.fused_inputs import cli_settings
 from tests.tiers import cli_methods
 from xlpeft import load_module, tracking
 
@@ -68,7 +69,7 @@ def test_two_ranks_equal_one_process_language(workdir, nodrop_base, sw_corpus, m
     """
     args = ["train-lang", "--lang", "sw", "--method", method, "--base", str(nodrop_base), "--corpus", str(sw_corpus),
             "--max-steps", "8", "--batch-size", "4", "--set", "max_seq_len=32", "--set", "grad_accum=2",
-            "--set", "lr=3e-3", *SMALL.get(method, [])]
+            "--set", "lr=3e-3", *SMALL.get(method, []), *cli_settings(method, nodrop_base)]
     proc = _xlpeft(workdir, 2, *args, "--output", "modules/two")
     # the corpus is tokenised once: one rank builds the store, the other waits for it and reads it
     assert (proc.stderr.count("token cache built"), proc.stderr.count("token cache hit")) == (1, 1), proc.stderr[-2000:]
@@ -104,7 +105,7 @@ def test_two_ranks_equal_one_process_task(workdir, nodrop_base, ner_files, metho
     args = ["train-task", "--task", "ner", "--lang", "en", "--method", method, "--base", str(nodrop_base),
             "--train-data", str(ner_files["train"]), "--eval-data", str(ner_files["eval"]), "--max-steps", "8",
             "--batch-size", "4", "--set", "lang_module=none", "--set", "head_dropout=0", "--set", "grad_accum=2",
-            "--set", "lr=3e-3", *SMALL.get(method, [])]
+            "--set", "lr=3e-3", *SMALL.get(method, []), *cli_settings(method, nodrop_base)]
     _xlpeft(workdir, 1, *args, "--output", "modules/one")
     _xlpeft(workdir, 2, *args, "--output", "modules/two")
     _assert_same_module(workdir / "modules/one", workdir / "modules/two")

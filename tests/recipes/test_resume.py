@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from tests.methods.fused_inputs import cli_settings
 from tests.tiers import cli_methods
 from xlpeft import load_module, tracking
 from xlpeft.checkpoint import CHECKPOINT
@@ -73,6 +74,7 @@ def _kill_after_checkpoint(cmd, env, cwd, min_step: int) -> None:
 def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, method):
     base_dir, extra = base_dirs["tiny-bert"], SMALL.get(method, ())
     method = method.split(":")[0]  # a row may be a method with a variant's settings
+    extra = (*extra, *cli_settings(method, base_dir))  # a fusion's modules to fuse, made on the base
     # the reference: one uninterrupted run
     ref = workdir / "ref"
     subprocess.run(_cmd(base_dir, sw_corpus, ref, method, extra), env=_env(workdir, MLFLOW_TRACKING_URI=

@@ -5,8 +5,9 @@ and its :class:`~xlpeft.methods.base.MethodSpec` (``SPEC``); adding a method is 
 line below and one row in the method-contract tests (which iterate over ``method_names()``).
 """
 
-from xlpeft.methods import adapters, compacter, ia3, lora, mam, parallel, prefix, sft
+from xlpeft.methods import adapters, compacter, fusion, ia3, lora, mam, parallel, prefix, sft
 from xlpeft.registry import register_method
 
-for _spec in (adapters.SPEC, sft.SPEC, prefix.SPEC, lora.SPEC, ia3.SPEC, compacter.SPEC, parallel.SPEC, mam.SPEC):
+for _spec in (adapters.SPEC, sft.SPEC, prefix.SPEC, lora.SPEC, ia3.SPEC, compacter.SPEC, parallel.SPEC, mam.SPEC,
+              fusion.SPEC):
     register_method(_spec)

@@ -68,17 +68,31 @@ class HookedAdapter(nn.Module):
         """The NICE block this module applies on the embeddings (and inverts before the MLM decoder), if any."""
         return None
 
+    def fusion_placement(self) -> str | None:
+        """``pfeiffer``/``houlsby`` for a sequential bottleneck AdapterFusion can fuse (:meth:`up_at`); None otherwise."""
+        return None
+
+    def up_at(self, layer: int, site: str, h: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module) -> torch.Tensor:
+        """What this module adds to ``h`` (B, T, H) at the site: AdapterFusion's value for it (:mod:`.fusion`)."""
+        raise XlpeftError(f"{type(self).__name__} is not a sequential bottleneck adapter; AdapterFusion cannot fuse it")
+
     def skips(self, layer: int, training: bool) -> bool:
         """Whether AdapterDrop leaves ``layer`` without this module (``training``: the base is in training mode)."""
         return layer < self.drop_below or (training and layer < self.step_drop)
 
 
+def bottleneck_up(placement: str, bottleneck: nn.Module, h: torch.Tensor, x: torch.Tensor,
+                  layer_norm: nn.Module) -> torch.Tensor:
+    """What a sequential bottleneck adds to ``h`` at one site: ``pfeiffer`` A(LN(h + x)), ``houlsby`` A(h). (B, T, H)."""
+    if placement == "pfeiffer":
+        return bottleneck(layer_norm(h + x))
+    return bottleneck(h)
+
+
 def bottleneck_at(placement: str, bottleneck: nn.Module, h: torch.Tensor, x: torch.Tensor,
                   layer_norm: nn.Module) -> torch.Tensor:
     """A sequential bottleneck adapter at one site: ``pfeiffer`` h + A(LN(h + x)), ``houlsby`` h + A(h). (B, T, H)."""
-    if placement == "pfeiffer":
-        return h + bottleneck(layer_norm(h + x))
-    return h + bottleneck(h)
+    return h + bottleneck_up(placement, bottleneck, h, x, layer_norm)
 
 
 @dataclass(frozen=True)
@@ -134,6 +148,12 @@ class AdapterModule(HookedAdapter):
         if site not in block:
             return h
         return bottleneck_at(self.config.placement, block[site], h, x, layer_norm)
+
+    def fusion_placement(self) -> str:
+        return self.config.placement
+
+    def up_at(self, layer: int, site: str, h: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module) -> torch.Tensor:
+        return bottleneck_up(self.config.placement, self.layers[layer][site], h, x, layer_norm)  # (B, T, H)
 
 
 class _Site:
@@ -223,6 +243,12 @@ def apply_hooked(base, loaded, module: HookedAdapter, stem: str, method: str) ->
     Frozen (``requires_grad=False``) as in MAD-X and AdapterHub's ``train_adapter``: while a task module
     trains over it, backward neither computes nor stores its gradients.
     """
+    module = load_hooked(base, loaded, module, stem, method)
+    return AppliedModule(module, attach_adapters(base.model, base.arch, [module]).remove, stem)
+
+
+def load_hooked(base, loaded, module: HookedAdapter, stem: str, method: str) -> HookedAdapter:
+    """``module`` with a saved module's weights loaded strictly, on the base's device, frozen, not hooked."""
     state = loaded.tensors.get(stem)
     if state is None:
         raise XlpeftError(f"{method} module {loaded.path} has no {stem}.safetensors; it is incomplete: retrain or "
@@ -233,7 +259,7 @@ def apply_hooked(base, loaded, module: HookedAdapter, stem: str, method: str) ->
         raise XlpeftError(f"{method} weights in {loaded.path} do not fit this base: {str(exc).splitlines()[0]}") from None
     module.to(device_of(base.model)).eval()
     module.requires_grad_(False)  # frozen: a task module trained above it computes and stores no gradient for it
-    return AppliedModule(module, attach_adapters(base.model, base.arch, [module]).remove, stem)
+    return module
 
 
 def prepare_adapter(base, config: AdapterConfig, train_cfg) -> ModuleTrainable:
@@ -249,6 +275,12 @@ def apply_adapter(base, loaded) -> AppliedModule:
     return apply_hooked(base, loaded, module, "adapter", "adapter")
 
 
+def build_adapter(base, loaded) -> AdapterModule:
+    """A saved adapter module rebuilt, frozen and not hooked: what AdapterFusion fuses (:mod:`.fusion`)."""
+    config = build(AdapterConfig, loaded.manifest.config)
+    return load_hooked(base, loaded, AdapterModule(config, base.hidden_size, len(base.layers)), "adapter", "adapter")
+
+
 SPEC = MethodSpec(
     name="adapter",
     config_cls=AdapterConfig,
@@ -258,5 +290,6 @@ SPEC = MethodSpec(
     help="MAD-X bottleneck adapters (+ invertible embedding adapter for language modules)",
     defaults=AdapterConfig.defaults_for,
     files=("adapter",),
+    build=build_adapter,
     prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
 )

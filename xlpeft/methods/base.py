@@ -211,6 +211,8 @@ class MethodSpec:
             when these modules cannot (then they merge as sparse deltas).
         delta_carrier: ``(entries, parent modules) -> (config, tensors)``: a module of this method that
             holds any merged weight delta (sft: a sparse delta).
+        build: ``(base, LoadedModule) -> nn.Module``: the saved module rebuilt, frozen and not hooked, for
+            methods AdapterFusion can fuse (sequential bottlenecks: adapter, compacter); None for the others.
         trains_in_place: True when ``prepare``'s trainable writes the base's own weights (LT-SFT's phases)
             rather than modules beside them; multi-source task training then refuses language modules
             merged into those weights (:mod:`xlpeft.multisource`), whose exact revert would undo the task's updates.
@@ -234,6 +236,7 @@ class MethodSpec:
     merge_own: Callable[[list[LoadedModule], list[float], float], tuple[dict, dict] | None] | None = None
     delta_carrier: Callable[[dict, list[LoadedModule]], tuple[dict, dict]] | None = None
     trains_in_place: bool = False
+    build: Callable[[Any, LoadedModule], nn.Module] | None = None
 
     def __post_init__(self) -> None:
         problems = []

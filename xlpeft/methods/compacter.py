@@ -57,7 +57,15 @@ from torch import nn
 
 from xlpeft.config import build, check_fields
 from xlpeft.errors import ConfigError
-from xlpeft.methods.adapters import PLACEMENTS, HookedAdapter, apply_hooked, bottleneck_at, prepare_hooked
+from xlpeft.methods.adapters import (
+    PLACEMENTS,
+    HookedAdapter,
+    apply_hooked,
+    bottleneck_at,
+    bottleneck_up,
+    load_hooked,
+    prepare_hooked,
+)
 from xlpeft.methods.base import AppliedModule, MethodSpec, ModuleTrainable
 from xlpeft.methods.bottleneck import ACTIVATIONS
 
@@ -213,6 +221,13 @@ class CompacterModule(HookedAdapter):
         rule = phm_rule_from(self) if self.config.shared_phm_rule else None  # (n, n, n), shared by every projection
         return bottleneck_at(self.config.placement, lambda z: block[site](z, rule), h, x, layer_norm)
 
+    def fusion_placement(self) -> str:
+        return self.config.placement
+
+    def up_at(self, layer: int, site: str, h: torch.Tensor, x: torch.Tensor, layer_norm: nn.Module) -> torch.Tensor:
+        rule = phm_rule_from(self) if self.config.shared_phm_rule else None  # (n, n, n)
+        return bottleneck_up(self.config.placement, lambda z: self.layers[layer][site](z, rule), h, x, layer_norm)
+
 
 def prepare_compacter(base, config: CompacterConfig, train_cfg) -> ModuleTrainable:
     """Start training a fresh Compacter module on ``base``."""
@@ -226,6 +241,12 @@ def apply_compacter(base, loaded) -> AppliedModule:
     return apply_hooked(base, loaded, CompacterModule(config, base.hidden_size, len(base.layers)), STEM, STEM)
 
 
+def build_compacter(base, loaded) -> CompacterModule:
+    """A saved Compacter module rebuilt, frozen and not hooked: what AdapterFusion fuses."""
+    config = build(CompacterConfig, loaded.manifest.config)
+    return load_hooked(base, loaded, CompacterModule(config, base.hidden_size, len(base.layers)), STEM, STEM)
+
+
 SPEC = MethodSpec(
     name="compacter",
     config_cls=CompacterConfig,
@@ -235,5 +256,6 @@ SPEC = MethodSpec(
     help="Compacter (Karimi Mahabadi et al. 2021): adapters with PHM projections, sums of n=4 Kronecker products "
          "with shared slow weights; placement=pfeiffer is Compacter++",
     files=(STEM,),
+    build=build_compacter,
     prepare_checks_base=True,  # what prepare checks against the base (targets, sizes, layers) fails before a run opens
 )

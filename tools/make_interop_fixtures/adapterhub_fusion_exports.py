@@ -26,7 +26,7 @@ from xlpeft.interop import convert
 from xlpeft.io import Manifest, save_module
 from xlpeft.methods.adapters import AdapterConfig, AdapterModule
 from xlpeft.methods.compacter import CompacterConfig, CompacterModule
-from xlpeft.methods.fusion import FusionConfig, FusionModule, fusion_tensors
+from xlpeft.methods.fusion import STEM, FusionConfig, FusionModule
 
 NATIVE = {  # name: (method of the fused modules, their configs, fusion config, task head?)
     "fusion_native_adapters": ("adapter", [AdapterConfig(reduction_factor=4), AdapterConfig(reduction_factor=8,
@@ -51,7 +51,7 @@ def native(name: str, base, out: Path) -> Path:
             noise = 0.2 * torch.randn(p.shape, generator=gen)
             p.copy_(noise + torch.eye(p.shape[0]) if pname.endswith("value.weight") else
                     (noise if not pname.endswith("phm_rule") else noise * 5))
-    tensors, extra = fusion_tensors(module), {"fused": records}
+    tensors, extra = {STEM: module.state_dict()}, {"fused": records}
     if task:
         tensors["head"] = {"classifier.weight": 0.2 * torch.randn(3, base.hidden_size, generator=gen),
                            "classifier.bias": 0.2 * torch.randn(3, generator=gen)}

@@ -161,7 +161,12 @@ def import_adapterhub(src: str | Path, dst: str | Path, base: Any, name: str | N
     Raises:
         XlpeftError: an unsupported config (named), weights that do not fit the config or the base.
     """
-    src, dst = Path(src), check_output_dir(dst, MANIFEST)
+    src = Path(src)
+    if (src / "adapter_setup.json").is_file() and not (src / CONFIG_FILE).is_file():  # save_adapter_setup: a Fuse block
+        from xlpeft.interop.adapterhub.fusion import import_fusion
+
+        return import_fusion(src, dst, base, name=name, without_head=without_head)
+    dst = check_output_dir(dst, MANIFEST)
     if not (src / CONFIG_FILE).is_file():
         raise XlpeftError(f"{src} has no {CONFIG_FILE}; is it an AdapterHub adapter directory?")
     meta = read_json_object(src / CONFIG_FILE)

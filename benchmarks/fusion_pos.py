@@ -1,0 +1,124 @@
+"""AdapterFusion of other languages' adapters on real POS data, against its inputs and the target's own adapter.
+
+    .venv/bin/python benchmarks/fusion_pos.py --modules-dir modules/pos-universal/e5-small-bible
+    .venv/bin/python benchmarks/fusion_pos.py --modules-dir DIR --seeds 1 --readme benchmarks/README.md
+
+Issue 22's question: for a target language, does a fusion of the other languages' adapters (fusion
+layers trained by MLM on the target's text, `pipelines/pos-fusion.yaml`) serve the English POS task
+adapter better than the English adapter it was trained over, and how does it compare with the
+target's own adapter trained on the same text with the same budget? For each seed and target (id, tr,
+km) it scores on the target's real test set, with xlpeft's own code paths, the English task adapter over:
+
+* ``en``: the English language adapter (no target module at all), the baseline;
+* ``best input``: the best single fused adapter (each of the three in turn; the oracle pick, on the test set);
+* ``fusion``: the target's fusion module;
+* ``own``: the target's own language adapter (MAD-X).
+
+Prints the machine, the wall time, and mean ± sample std over seeds with the difference from ``en``;
+``--readme`` writes the table into a marked section. Nothing here is tuned: every setting is the
+pipeline's, fixed before any score was seen; ``best input`` is an oracle shown only to say whether
+fusing beats picking, never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transfer_pos import machine, write_section  # noqa: E402  (the benchmark's shared helpers)
+
+SYSTEMS = ("en", "best input", "fusion", "own")
+LANGS = ("en", "id", "tr", "km")
+
+
+def score_target(base, pack, target: str, seed_dir: Path, limit: int | None) -> dict[str, float]:
+    """Every system's accuracy for ``target`` with one seed's modules (see the module docstring)."""
+    from xlpeft import compose, load_module
+    from xlpeft.evaluation import eval_examples, evaluate_model
+
+    examples, _ = eval_examples(pack, target, None)
+    examples = examples[:limit] if limit else examples
+    task = load_module(seed_dir / "task-pos-en-adapter")
+
+    def accuracy(lang_dir: str) -> float:
+        model = compose(base, [load_module(seed_dir / lang_dir), task])
+        return evaluate_model(model, pack, base.tokenizer, examples)["accuracy"]
+
+    inputs = {lang: accuracy(f"lang-{lang}-adapter") for lang in LANGS if lang != target}
+    best = max(inputs, key=inputs.get)
+    return {"en": inputs["en"], "best input": inputs[best], "best_input_lang": best,
+            "fusion": accuracy(f"lang-{target}-fusion"), "own": accuracy(f"lang-{target}-adapter")}
+
+
+def table(results: dict[int, dict[str, dict]], targets: list[str]) -> str:
+    """Markdown: a row per target, a column per system, mean ± std over seeds, the difference from ``en``.
+
+    ``*`` marks a difference larger than the two cells' standard deviations added, as the other POS tables
+    do (a conservative check, not a significance test; never claimed from one seed).
+    """
+    lines = ["| accuracy | " + " | ".join(SYSTEMS) + " |", "|---" * (len(SYSTEMS) + 1) + "|"]
+    for t in targets:
+        eng = [results[seed][t]["en"] for seed in results]
+        eng_sd = statistics.stdev(eng) if len(eng) > 1 else 0.0
+        cells = []
+        for s in SYSTEMS:
+            vals = [results[seed][t][s] for seed in results]
+            mean, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+            star = "*" if len(vals) > 1 and abs(mean - statistics.mean(eng)) > sd + eng_sd else ""
+            diff = "" if s == "en" else f" ({mean - statistics.mean(eng):+.3f}{star})"
+            picked = "" if s != "best input" else " [" + ",".join(results[seed][t]["best_input_lang"] for seed in results) + "]"
+            cells.append((f"{mean:.3f} ± {sd:.3f}{diff}" if len(vals) > 1 else f"{mean:.3f}{diff}") + picked)
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modules-dir", type=Path, required=True, help="<out>/<base> of pos-multisource.yaml + pos-fusion.yaml")
+    parser.add_argument("--base", default="e5-small-bible")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--targets", default="id,tr,km")
+    parser.add_argument("--limit", type=int, help="score only the first N test sentences of each target")
+    parser.add_argument("--json", type=Path, help="also write the per-seed scores here")
+    parser.add_argument("--readme", type=Path, help="write the table into this Markdown file's marked section")
+    args = parser.parse_args(argv)
+    from xlpeft.models import load_base
+    from xlpeft.packs import load_task_pack
+
+    host = machine()
+    print(f"fusion_pos: {host}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    base, pack = load_base(args.base), load_task_pack("pos")
+    seeds, targets = [int(s) for s in args.seeds.split(",")], args.targets.split(",")
+    results: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        results[seed] = {}
+        for t in targets:
+            t0 = time.perf_counter()
+            results[seed][t] = score_target(base, pack, t, args.modules_dir / f"s{seed}", args.limit)
+            print(f"seed {seed} {t}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                   for k, v in results[seed][t].items())
+                  + f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    seconds = time.perf_counter() - start
+    text = table(results, targets)
+    print(text)
+    print(f"scored in {seconds / 60:.1f} min wall ({len(seeds)} seed(s) x {len(targets)} target(s))")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    if args.readme:
+        body = "\n".join([
+            f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {host}.",
+            f"`benchmarks/fusion_pos.py --modules-dir {args.modules_dir} --seeds {args.seeds} --targets "
+            f"{args.targets}{f' --limit {args.limit}' if args.limit else ''}`: {seconds / 60:.1f} min wall to score.",
+            "", text, ""])
+        write_section(args.readme, f"fusion base={args.base} seeds={args.seeds}", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import make_ner
+from tests.methods.fused_inputs import needed_settings
 from xlpeft import evaluation
 from xlpeft.compose import compose
 from xlpeft.composed import InPlace
@@ -42,7 +43,7 @@ SMALL = {"sft": {"num_params": 300}, "compacter": {"reduction_factor": 4}}  # as
 
 def train_module(base, pack, method: str, kind: str, name: str, out, seed: int, extra: dict | None = None):
     """A module trained a few steps on random ids through the method protocol (values away from the identity)."""
-    cfg, train_cfg = resolve_configs(method, kind, {**TRAIN, **SMALL.get(method, {})})
+    cfg, train_cfg = resolve_configs(method, kind, {**TRAIN, **SMALL.get(method, {}), **needed_settings(method, base)})
     cfg = resolve_epochs(method, cfg, train_cfg, 64)
     torch.manual_seed(seed)
     trainable = get_method(method).prepare(base, cfg, train_cfg)

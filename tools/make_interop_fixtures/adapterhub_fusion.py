@@ -22,9 +22,9 @@ from pathlib import Path
 import adapters
 import torch
 import transformers
+from adapterhub_fixtures import flex_model, logits
 from adapters import AdapterFusionConfig, DoubleSeqBnConfig, SeqBnConfig, SeqBnInvConfig
 from adapters.composition import Fuse, Stack
-from adapterhub_fixtures import flex_model, logits
 from safetensors.torch import load_file, save_file
 from tiny_bases import input_batch
 

@@ -45,7 +45,7 @@ def native(name: str, base, out: Path) -> Path:
     fused = [build(c, base.hidden_size, len(base.layers)) for c in configs]
     records = [{"source": "native", "kind": "language", "method": method, "name": f"n{i}", "config": asdict(c)}
                for i, c in enumerate(configs)]
-    module = FusionModule(config, fused, base.hidden_size, len(base.layers), records)
+    module = FusionModule(config, fused, base.hidden_size, len(base.layers), records)  # eval: dropout unused
     with torch.no_grad():
         for pname, p in module.named_parameters():
             noise = 0.2 * torch.randn(p.shape, generator=gen)

@@ -44,7 +44,7 @@ STEM = "fusion"
 
 @dataclass(frozen=True)
 class FusionConfig:
-    """AdapterFusion; the defaults are AdapterHub's ``dynamic`` fusion (its default), dropout mBERT/XLM-R's attention dropout."""
+    """AdapterFusion; the defaults are AdapterHub's ``dynamic`` fusion (its default)."""
 
     fuse: str = field(default="", metadata={
         "help": "the modules to fuse, comma-separated (directories, registered names or hf: ids), at least two "
@@ -58,7 +58,9 @@ class FusionConfig:
     residual_before: bool = field(default=False, metadata={"help": "add h to each u_i before the attention, not after"})
     regularization: float = field(default=0.01, metadata={
         "help": "weight of ||W_v - I||^2 added to the loss (AdapterHub: 0.01 with regularization on; 0: off)", "min": 0.0})
-    dropout: float = field(default=0.1, metadata={"help": "dropout on the attention scores", "min": 0.0, "max": 1.0})
+    dropout: float | None = field(default=None, metadata={
+        "help": "dropout on the attention scores in training; None: the base's attention dropout, as AdapterHub "
+                "(0.1 for mBERT and XLM-R)", "min": 0.0, "max": 1.0})
 
     def __post_init__(self) -> None:
         problems = []
@@ -98,9 +100,9 @@ def plan_fusion(config: FusionConfig, train_cfg: Any, num_examples: int | None) 
 class FusionLayer(nn.Module):
     """The attention of one site over the N fused adapters' outputs."""
 
-    def __init__(self, config: FusionConfig, hidden: int) -> None:
+    def __init__(self, config: FusionConfig, hidden: int, dropout: float) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.p = config, dropout
         if config.query:
             self.query = _projection(hidden)
         if config.key:
@@ -124,7 +126,7 @@ class FusionLayer(nn.Module):
         if c.value and c.value_before_softmax:
             values = self.value(values)
         scores = torch.matmul(query.unsqueeze(2), keys.transpose(-2, -1)).squeeze(2)  # (B, T, N)
-        probs = torch.softmax(nn.functional.dropout(scores, c.dropout, training), dim=-1)  # (B, T, N)
+        probs = torch.softmax(nn.functional.dropout(scores, self.p, training), dim=-1)  # (B, T, N)
         out = torch.matmul(probs.unsqueeze(2), values).squeeze(2)  # (B, T, H)
         if c.value and not c.value_before_softmax:
             out = self.value(out)
@@ -135,7 +137,7 @@ class FusionModule(HookedAdapter):
     """Fusion layers per layer and site over frozen sequential bottlenecks (``fused``, bottom of the Fuse block first)."""
 
     def __init__(self, config: FusionConfig, fused: list[HookedAdapter], hidden: int, num_layers: int,
-                 records: list[dict[str, Any]]) -> None:
+                 records: list[dict[str, Any]], dropout: float = 0.1) -> None:
         super().__init__()
         self.fused_records = records  # per fused module: source, kind, method, name, config (the manifest's extra.fused)
         placements = {m.fusion_placement() for m in fused}
@@ -145,7 +147,7 @@ class FusionModule(HookedAdapter):
         self.config, self.placement = config, placements.pop()
         self.fused = nn.ModuleList(fused)
         self.layers = nn.ModuleList(
-            nn.ModuleDict({s: FusionLayer(config, hidden) for s in SITES if any(s in m.sites(i) for m in fused)})
+            nn.ModuleDict({s: FusionLayer(config, hidden, dropout) for s in SITES if any(s in m.sites(i) for m in fused)})
             for i in range(num_layers))
 
     def sites(self, layer: int) -> Collection[str]:
@@ -165,12 +167,25 @@ class FusionModule(HookedAdapter):
         return block[site](q, ups, h, layer_norm.training)  # the sub-layer's LayerNorm is in the base's mode
 
 
+def world_size() -> int:
+    """The data-parallel ranks whose gradients :meth:`xlpeft.distributed.Dist.sync_grads` sums (1 alone)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def trained_parameters(module: FusionModule) -> list[nn.Parameter]:
+    """The fusion layers' parameters but the key biases: q.b_k adds the same score to every fused adapter, the softmax
+    cancels it, so its gradient is exactly zero and an optimiser would only move it by float noise (Adam divides that
+    noise by its own square root). Kept (at zero) so the layers keep AdapterHub's shapes."""
+    return [p for name, p in module.layers.named_parameters() if not name.endswith("key.bias")]
+
+
 class FusionTrainable:
     """Trains the fusion layers only (the fused modules stay frozen); adds the value regulariser's gradient."""
 
     def __init__(self, module: FusionModule, detach, phase: Phase, grad_accum: int) -> None:
         self.module, self._detach, self.phases = module, detach, [phase]
         self._scale = 2.0 * module.config.regularization / grad_accum  # d/dW r||W - I||^2, once per optimizer step
+        # (over the ranks too: data parallelism sums the ranks' gradients, so each rank adds 1/world of it)
         self._handles: list = []
 
     def _regularise(self) -> None:
@@ -183,12 +198,13 @@ class FusionTrainable:
             for layer in block.values():
                 w = layer.value.weight
                 eye = torch.eye(w.shape[0], device=w.device, dtype=w.dtype)
-                self._handles.append(w.register_hook(lambda g, w=w, eye=eye: g + self._scale * (w.detach() - eye)))
+                self._handles.append(w.register_hook(
+                    lambda g, w=w, eye=eye: g + self._scale / world_size() * (w.detach() - eye)))
 
     def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
         self.module.layers.train()
         self._regularise()
-        return list(self.module.layers.parameters())
+        return trained_parameters(self.module)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.layers.state_dict()
@@ -208,13 +224,19 @@ class FusionTrainable:
 
     def export(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
         return {STEM: self.module.state_dict()}, {"fused": self.module.fused_records,
-                                             "trainable_parameters": sum(p.numel() for p in self.module.layers.parameters())}
+                                             "trainable_parameters": sum(p.numel() for p in trained_parameters(self.module))}
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
         self._detach()
+
+
+def score_dropout(base, config: FusionConfig) -> float:
+    """The dropout on the attention scores: the config's, else the base's attention dropout (every architecture in
+    :data:`~xlpeft.models.ARCHITECTURES` is a BERT-family config with ``attention_probs_dropout_prob``)."""
+    return float(base.model.config.attention_probs_dropout_prob if config.dropout is None else config.dropout)
 
 
 def fusable_methods() -> list[str]:
@@ -245,7 +267,8 @@ def prepare_fusion(base, config: FusionConfig, train_cfg) -> FusionTrainable:
         fused.append(_fused(base, ref.module, source))
         m = ref.module.manifest
         records.append({"source": ref.source, "kind": m.kind, "method": m.method, "name": ref.name, "config": m.config})
-    module = FusionModule(config, fused, base.hidden_size, len(base.layers), records).to(device_of(base.model))
+    module = FusionModule(config, fused, base.hidden_size, len(base.layers), records, score_dropout(base, config))
+    module = module.to(device_of(base.model))
     hooks = attach_adapters(base.model, base.arch, [module])
     return FusionTrainable(module, hooks.remove, Phase("fusion", train_cfg.max_steps), train_cfg.grad_accum)
 
@@ -284,7 +307,8 @@ def build_fusion(base, loaded: LoadedModule) -> FusionModule:
     config = build(FusionConfig, loaded.manifest.config)
     children = fused_modules(loaded)
     fused = [_fused(base, child, f"{loaded.path} (fused module {i})") for i, child in enumerate(children)]
-    module = FusionModule(config, fused, base.hidden_size, len(base.layers), loaded.manifest.extra["fused"])
+    module = FusionModule(config, fused, base.hidden_size, len(base.layers), loaded.manifest.extra["fused"],
+                          score_dropout(base, config))
     try:
         module.load_state_dict(_state(loaded), strict=True)
     except RuntimeError as exc:

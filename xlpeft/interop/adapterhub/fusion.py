@@ -72,7 +72,7 @@ def fusion_config_from(raw: dict[str, Any], src: Path) -> dict[str, Any]:
         raise XlpeftError(f"{src}: the fusion config lacks {', '.join(missing)}; is it an AdapterHub 1.x fusion?")
     dropout = raw.get("dropout_prob")
     return {**{k: bool(raw[k]) for k in FLAGS}, "value_initialized": bool(raw["value_initialized"]),
-            "regularization": 0.01 if raw["regularization"] else 0.0, "dropout": 0.1 if dropout is None else float(dropout)}
+            "regularization": 0.01 if raw["regularization"] else 0.0, "dropout": None if dropout is None else float(dropout)}
 
 
 def import_fusion(src: str | Path, dst: str | Path, base: Any, name: str | None = None,

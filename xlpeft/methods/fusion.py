@@ -204,7 +204,11 @@ class FusionTrainable:
     def begin_phase(self, phase: Phase) -> list[nn.Parameter]:
         self.module.layers.train()
         self._regularise()
-        return trained_parameters(self.module)
+        trained = trained_parameters(self.module)
+        keep = {id(p) for p in trained}
+        for p in self.module.layers.parameters():
+            p.requires_grad_(id(p) in keep)  # the key biases get no gradient to pile up
+        return trained
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.layers.state_dict()

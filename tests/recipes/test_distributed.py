@@ -175,3 +175,29 @@ def test_each_rank_has_its_own_dropout_stream():
     torch.manual_seed(0)
     Dist(1, 3).seed_dropout(42, step=100)  # after a resume: distinct from the start-of-run stream
     assert not torch.equal(torch.rand(4), draws[1])
+
+
+@pytest.mark.slow
+@pytest.mark.exhaustive  # ~2 min a row on 2 cores: make test-all
+@pytest.mark.parametrize("lang_method", ["adapter", "sft"])  # swapped by gates; applied and reverted in the weights
+def test_two_ranks_equal_one_process_multi_source(workdir, nodrop_base, tmp_path, lang_method):
+    """Multi-source task training (issue 22): each step's source is drawn from the shared seeded stream, so every
+    rank swaps in the same language module for the same step, and 2 ranks train what 1 process trains."""
+    from tests.conftest import EN_WORDS, SW_WORDS, make_lines, make_ner, write_conll
+
+    sets = ["--set", "max_seq_len=32", "--set", "lr=3e-3"] + (["--set", "num_params=1500"] if lang_method == "sft" else [])
+    langs = []
+    for lang, words in (("en", EN_WORDS), ("sw", SW_WORDS)):
+        corpus = tmp_path / f"{lang}.txt"
+        corpus.write_text("\n".join(make_lines(words, 80)), encoding="utf-8")
+        _xlpeft(workdir, 1, "train-lang", "--lang", lang, "--method", lang_method, "--base", str(nodrop_base),
+                "--corpus", str(corpus), "--max-steps", "3", *sets, "--output", f"modules/lang-{lang}")
+        langs.append(str(workdir / f"modules/lang-{lang}"))
+    data = [str(write_conll(tmp_path / f"{lang}.conll", make_ner(32, seed=i))) for i, lang in enumerate(("en", "sw"))]
+    args = ["train-task", "--task", "ner", "--lang", "en,sw", "--base", str(nodrop_base), "--train-data", ",".join(data),
+            "--max-steps", "8", "--batch-size", "4", "--set", "grad_accum=2", "--set", "head_dropout=0",
+            "--set", "lr=3e-3", "--set", "max_seq_len=32", "--set", "lang_module=" + ",".join(langs),
+            "--set", "sampling=uniform"]
+    _xlpeft(workdir, 1, *args, "--output", "modules/one")
+    _xlpeft(workdir, 2, *args, "--output", "modules/two")
+    _assert_same_module(workdir / "modules/one", workdir / "modules/two")

@@ -60,6 +60,13 @@ CITATIONS: dict[str, str] = {
   booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
   year = {2021}
 }""",
+    "AdapterFusion (Pfeiffer et al. 2021)": """@inproceedings{pfeiffer-etal-2021-adapterfusion,
+  title = {{AdapterFusion}: Non-Destructive Task Composition for Transfer Learning},
+  author = {Pfeiffer, Jonas and Kamath, Aishwarya and R{\"u}ckl{\'e}, Andreas and Cho, Kyunghyun and Gurevych, Iryna},
+  booktitle = {Proceedings of the 16th Conference of the European Chapter of the Association for Computational Linguistics: Main Volume (EACL)},
+  year = {2021},
+  pages = {487--503}
+}""",
     "He et al. 2022": """@inproceedings{he2022unified,
   title = {Towards a Unified View of Parameter-Efficient Transfer Learning},
   author = {He, Junxian and Zhou, Chunting and Ma, Xuezhe and Berg-Kirkpatrick, Taylor and Neubig, Graham},

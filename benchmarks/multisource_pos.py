@@ -20,15 +20,12 @@ pipeline's, fixed before any score was seen.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from transfer_pos import machine, write_section  # noqa: E402  (the benchmark's shared helpers)
+from pos_scoring import score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
 
 SYSTEMS = ("en", "en+tr", "en+id", "en+tr+id")
 
@@ -76,45 +73,7 @@ def table(results: dict[int, dict[str, dict]], targets: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modules-dir", type=Path, required=True, help="<out>/<base> of pos-multisource.yaml")
-    parser.add_argument("--base", default="e5-small-bible")
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--targets", default="id,tr,km")
-    parser.add_argument("--limit", type=int, help="score only the first N test sentences of each target")
-    parser.add_argument("--json", type=Path, help="also write the per-seed scores here")
-    parser.add_argument("--readme", type=Path, help="write the table into this Markdown file's marked section")
-    args = parser.parse_args(argv)
-    from xlpeft.models import load_base
-    from xlpeft.packs import load_task_pack
-
-    host = machine()
-    print(f"multisource_pos: {host}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    base, pack = load_base(args.base), load_task_pack("pos")
-    seeds, targets = [int(s) for s in args.seeds.split(",")], args.targets.split(",")
-    results: dict[int, dict[str, dict]] = {}
-    for seed in seeds:
-        results[seed] = {}
-        for t in targets:
-            t0 = time.perf_counter()
-            results[seed][t] = score_target(base, pack, t, args.modules_dir / f"s{seed}", args.limit)
-            print(f"seed {seed} {t}: " + ", ".join(f"{k} {v:.4f}" for k, v in results[seed][t].items())
-                  + f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    seconds = time.perf_counter() - start
-    text = table(results, targets)
-    print(text)
-    print(f"scored in {seconds / 60:.1f} min wall ({len(seeds)} seed(s) x {len(targets)} target(s))")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
-    if args.readme:
-        body = "\n".join([
-            f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {host}.",
-            f"`benchmarks/multisource_pos.py --modules-dir {args.modules_dir} --seeds {args.seeds} --targets "
-            f"{args.targets}{f' --limit {args.limit}' if args.limit else ''}`: {seconds / 60:.1f} min wall to score.",
-            "", text, ""])
-        write_section(args.readme, f"multisource base={args.base} seeds={args.seeds}", body)
-    return 0
+    return score_cli("multisource_pos", __doc__, score_target, table, "multisource", "<out>/<base> of pos-multisource.yaml", argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from adapterhub_method_exports import record
+from safetensors.torch import load_file
 
 import xlpeft
 from xlpeft.interop import convert
@@ -60,12 +61,6 @@ def native(name: str, base, out: Path) -> Path:
                         task="pos" if task else None, config=asdict(config), extra=extra,
                         base={"name": base.name, "fingerprint": base.fingerprint, "model_type": base.model.config.model_type})
     return save_module(out, manifest, tensors)
-
-
-@torch.no_grad()
-def record(model, batch: dict[str, torch.Tensor], out: Path) -> None:
-    logits = model.eval()(**batch).logits
-    save_file({**batch, "logits": logits.contiguous()}, str(out / "xlpeft_logits.safetensors"))
 
 
 def main(fixtures: Path, out: Path) -> None:

@@ -14,8 +14,9 @@ matrix starts at the identity and is pulled back to it by ``regularization * ||W
 fresh fusion starts as a learned average of its adapters' outputs.
 
 The fused modules are frozen and travel inside the fusion module (their weights as ``fused.<i>.*``
-beside the fusion layers' ``layers.*`` in ``fusion.safetensors``, their manifests under ``extra.fused``), so a fusion module is self-contained like
-any other: it composes, registers and converts alone. Only sequential bottlenecks of one placement
+beside the fusion layers' ``layers.*`` in ``fusion.safetensors``, their manifests under
+``extra.fused``), so a fusion module is self-contained like any other: it composes, registers and
+converts alone. The key biases are kept but not trained (the softmax gives them zero gradient). Only sequential bottlenecks of one placement
 can be fused (``adapter``, ``compacter``: methods whose spec has ``build``), as in AdapterHub. The
 first fused module's invertible adapter, if any, acts on the embeddings, as AdapterHub applies the
 first adapter's of a Fuse block. A fusion can be a task module (Stack(language, Fuse(task_en,

@@ -115,7 +115,7 @@ def import_fusion(src: str | Path, dst: str | Path, base: Any, name: str | None 
             raise XlpeftError(f"{fusion_dir}: unexpected fusion weight {key!r}")
         state[f"layers.{found['layer']}.{SITES[found['site']]}.{found['part']}.{found['kind']}"] = tensor
     tensors = {STEM: {**state, **tensors}}
-    head = None
+    head, head_dropout = None, None
     head_name = setup.get("head_setup")
     if head_name and not without_head:
         if not isinstance(head_name, str):
@@ -123,6 +123,7 @@ def import_fusion(src: str | Path, dst: str | Path, base: Any, name: str | None 
         head_meta = read_json_object(src / head_name / HEAD_CONFIG_FILE)
         head = _head_from(head_meta, read_state_dict(src / head_name, HEAD_SAFE, HEAD_BIN, "is the head saved?"),
                           src / head_name)
+        head_dropout = (head_meta.get("config") or {}).get("dropout_prob")
     config = FusionConfig(fuse=",".join(r["source"] for r in records), **fields)
     kind, module_name = ("task", name or head_name) if head is not None else ("language", name or fusion_name)
     extra: dict[str, Any] = {"fused": records, "imported": {"format": "adapterhub", "source": str(src),
@@ -130,7 +131,7 @@ def import_fusion(src: str | Path, dst: str | Path, base: Any, name: str | None 
                                                             "version": meta.get("version")}}
     if head is not None:
         head_kind, labels, tensors["head"] = head
-        extra.update(labels=labels, head=head_kind, head_dropout=0.1)
+        extra.update(labels=labels, head=head_kind, head_dropout=0.1 if head_dropout is None else float(head_dropout))
     manifest = Manifest(kind=kind, method="fusion", base=base_ref, config=asdict(config),
                         lang=module_name if kind == "language" else None, task=module_name if kind == "task" else None,
                         trainable_parameters=sum(t.numel() for t in state.values()), extra=extra)

@@ -22,12 +22,11 @@ fusing beats picking, never used to choose anything.
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pos_scoring import score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
+from pos_scoring import cell, score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
 
 SYSTEMS = ("en", "best input", "fusion", "own")
 LANGS = ("en", "id", "tr", "km")
@@ -61,15 +60,10 @@ def table(results: dict[int, dict[str, dict]], targets: list[str]) -> str:
     lines = ["| accuracy | " + " | ".join(SYSTEMS) + " |", "|---" * (len(SYSTEMS) + 1) + "|"]
     for t in targets:
         eng = [results[seed][t]["en"] for seed in results]
-        eng_sd = statistics.stdev(eng) if len(eng) > 1 else 0.0
         cells = []
         for s in SYSTEMS:
-            vals = [results[seed][t][s] for seed in results]
-            mean, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
-            star = "*" if len(vals) > 1 and abs(mean - statistics.mean(eng)) > sd + eng_sd else ""
-            diff = "" if s == "en" else f" ({mean - statistics.mean(eng):+.3f}{star})"
             picked = "" if s != "best input" else " [" + ",".join(results[seed][t]["best_input_lang"] for seed in results) + "]"
-            cells.append((f"{mean:.3f} ± {sd:.3f}{diff}" if len(vals) > 1 else f"{mean:.3f}{diff}") + picked)
+            cells.append(cell([results[seed][t][s] for seed in results], eng, s == "en") + picked)
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

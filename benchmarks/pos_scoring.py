@@ -59,3 +59,18 @@ def score_cli(name: str, doc: str, score_target: Callable, table: Callable, sect
             "", text, ""])
         write_section(args.readme, f"{section} base={args.base} seeds={args.seeds}", body)
     return 0
+
+
+def cell(vals: list[float], ref: list[float], is_ref: bool) -> str:
+    """``mean ± sd (difference from the reference column)`` over seeds; one seed: no sd.
+
+    ``*`` marks a difference larger than the two cells' standard deviations added (a conservative check, not a
+    significance test; never claimed from one seed).
+    """
+    import statistics
+
+    mean, sd = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+    ref_mean, ref_sd = statistics.mean(ref), statistics.stdev(ref) if len(ref) > 1 else 0.0
+    star = "*" if len(vals) > 1 and abs(mean - ref_mean) > sd + ref_sd else ""
+    diff = "" if is_ref else f" ({mean - ref_mean:+.3f}{star})"
+    return f"{mean:.3f} ± {sd:.3f}{diff}" if len(vals) > 1 else f"{mean:.3f}{diff}"

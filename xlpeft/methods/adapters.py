@@ -243,7 +243,11 @@ def apply_hooked(base, loaded, module: HookedAdapter, stem: str, method: str) ->
     Frozen (``requires_grad=False``) as in MAD-X and AdapterHub's ``train_adapter``: while a task module
     trains over it, backward neither computes nor stores its gradients.
     """
-    module = load_hooked(base, loaded, module, stem, method)
+    return hook_applied(base, load_hooked(base, loaded, module, stem, method), stem)
+
+
+def hook_applied(base, module: HookedAdapter, stem: str) -> AppliedModule:
+    """A built, frozen adapter-like module hooked onto ``base``, as the :class:`Applied` handle ``spec.apply`` returns."""
     return AppliedModule(module, attach_adapters(base.model, base.arch, [module]).remove, stem)
 
 
@@ -270,9 +274,7 @@ def prepare_adapter(base, config: AdapterConfig, train_cfg) -> ModuleTrainable:
 
 def apply_adapter(base, loaded) -> AppliedModule:
     """Rebuild a saved adapter module, load its weights (strictly) and hook it onto ``base``, frozen (invertible adapter included)."""
-    config = build(AdapterConfig, loaded.manifest.config)
-    module = AdapterModule(config, base.hidden_size, len(base.layers))
-    return apply_hooked(base, loaded, module, "adapter", "adapter")
+    return hook_applied(base, build_adapter(base, loaded), "adapter")
 
 
 def build_adapter(base, loaded) -> AdapterModule:

@@ -60,9 +60,9 @@ from xlpeft.errors import ConfigError
 from xlpeft.methods.adapters import (
     PLACEMENTS,
     HookedAdapter,
-    apply_hooked,
     bottleneck_at,
     bottleneck_up,
+    hook_applied,
     load_hooked,
     prepare_hooked,
 )
@@ -237,8 +237,7 @@ def prepare_compacter(base, config: CompacterConfig, train_cfg) -> ModuleTrainab
 
 def apply_compacter(base, loaded) -> AppliedModule:
     """Rebuild a saved Compacter module, load its weights strictly and hook it onto ``base``, frozen."""
-    config = build(CompacterConfig, loaded.manifest.config)
-    return apply_hooked(base, loaded, CompacterModule(config, base.hidden_size, len(base.layers)), STEM, STEM)
+    return hook_applied(base, build_compacter(base, loaded), STEM)
 
 
 def build_compacter(base, loaded) -> CompacterModule:

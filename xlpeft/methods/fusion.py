@@ -36,7 +36,7 @@ from torch import nn
 from xlpeft.config import build, check_fields
 from xlpeft.errors import ConfigError, XlpeftError
 from xlpeft.io import LoadedModule, Manifest
-from xlpeft.methods.adapters import SITES, HookedAdapter, attach_adapters, device_of
+from xlpeft.methods.adapters import SITES, HookedAdapter, attach_adapters, device_of, hook_applied
 from xlpeft.methods.base import AppliedModule, MethodSpec, Phase
 from xlpeft.methods.invertible import InvertibleAdapter
 
@@ -325,8 +325,7 @@ def build_fusion(base, loaded: LoadedModule) -> FusionModule:
 
 def apply_fusion(base, loaded: LoadedModule) -> AppliedModule:
     """Rebuild a saved fusion module (with the modules it fuses) and hook it onto ``base``, frozen."""
-    module = build_fusion(base, loaded)
-    return AppliedModule(module, attach_adapters(base.model, base.arch, [module]).remove, STEM)
+    return hook_applied(base, build_fusion(base, loaded), STEM)
 
 
 def fusion_defaults(kind: str) -> dict[str, Any]:

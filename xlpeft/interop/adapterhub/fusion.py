@@ -37,7 +37,7 @@ from xlpeft.interop.adapterhub.config import (
     SITES,
     WRITES_VERSION,
 )
-from xlpeft.io import MANIFEST, Manifest, load_module, save_module
+from xlpeft.io import MANIFEST, LoadedModule, Manifest, load_module, save_module
 from xlpeft.methods.fusion import STEM, FusionConfig
 
 SETUP_FILE = "adapter_setup.json"
@@ -135,9 +135,7 @@ def import_fusion(src: str | Path, dst: str | Path, base: Any, name: str | None 
     manifest = Manifest(kind=kind, method="fusion", base=base_ref, config=asdict(config),
                         lang=module_name if kind == "language" else None, task=module_name if kind == "task" else None,
                         trainable_parameters=sum(t.numel() for t in state.values()), extra=extra)
-    with tempfile.TemporaryDirectory(prefix="xlpeft-fusion-check-") as tmp:  # the weights must fit, strictly
-        probe = save_module(Path(tmp) / "m", manifest, tensors)
-        _check_fits(probe, base)
+    _check_fits(LoadedModule(manifest, tensors, dst), base)  # the weights must fit, strictly, before anything is written
     out = save_module(dst, manifest, tensors)
     if stacked:
         warnings.warn(f"{src}: the Fuse block sits on {', '.join(stacked)} in this setup; convert "
@@ -145,20 +143,19 @@ def import_fusion(src: str | Path, dst: str | Path, base: Any, name: str | None 
     return out
 
 
-def _check_fits(path: Path, base: Any) -> None:
+def _check_fits(module: LoadedModule, base: Any) -> None:
     """Rebuild the fusion module on the base: weights that do not fit its layers fail here, by name."""
     from xlpeft.methods.fusion import build_fusion
     from xlpeft.models import Base, load_base
 
-    build_fusion(base if isinstance(base, Base) else load_base(str(base)), load_module(path))
+    build_fusion(base if isinstance(base, Base) else load_base(str(base)), module)
 
 
-def export_fusion(src: str | Path, dst: str | Path, safetensors: bool = False) -> Path:
-    """Write an xlpeft fusion module as an AdapterHub adapter setup (``load_adapter_setup`` reads it)."""
+def export_fusion(module: LoadedModule, dst: str | Path, safetensors: bool = False) -> Path:
+    """Write a loaded xlpeft fusion module as an AdapterHub adapter setup (``load_adapter_setup`` reads it)."""
     from xlpeft.interop.adapterhub.writing import _foreign_head, _write_weights, export_adapterhub
 
     dst = check_output_dir(dst, SETUP_FILE)
-    module = load_module(src)
     m = module.manifest
     model_type = m.base.get("model_type", "")
     if model_type not in PREFIXES:
@@ -179,11 +176,8 @@ def export_fusion(src: str | Path, dst: str | Path, safetensors: bool = False) -
             path = save_module(Path(tmp) / child_name, child.manifest, child.tensors)
             export_adapterhub(path, dst / child_name, name=child_name, safetensors=safetensors)
     config = asdict(_config(m))
-    hub = {"key": config["key"], "query": config["query"], "value": config["value"],
-           "query_before_ln": config["query_before_ln"], "regularization": config["regularization"] > 0,
-           "residual_before": config["residual_before"], "temperature": False,
-           "value_before_softmax": config["value_before_softmax"], "value_initialized": config["value_initialized"],
-           "dropout_prob": config["dropout"]}
+    hub = {**{k: config[k] for k in FLAGS}, "value_initialized": config["value_initialized"],
+           "regularization": config["regularization"] > 0, "temperature": False, "dropout_prob": config["dropout"]}
     prefix = PREFIXES[model_type]
     site_path = {v: k for k, v in SITES.items()}
     weights = {}

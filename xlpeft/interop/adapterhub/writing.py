@@ -58,12 +58,12 @@ def export_adapterhub(src: str | Path, dst: str | Path, name: str | None = None,
         XlpeftError: a method or option AdapterHub cannot load as the same function (named), or a base
             architecture with no AdapterHub prefix here.
     """
-    if load_module(src).manifest.method == "fusion":  # AdapterHub's layout for a fusion: an adapter setup
+    module = load_module(src)
+    if module.manifest.method == "fusion":  # AdapterHub's layout for a fusion: an adapter setup
         from xlpeft.interop.adapterhub.fusion import export_fusion
 
-        return export_fusion(src, dst, safetensors=safetensors)
+        return export_fusion(module, dst, safetensors=safetensors)
     dst = check_output_dir(dst, CONFIG_FILE)
-    module = load_module(src)
     m = module.manifest
     if m.method != "adapter" and m.method not in FROM_XLPEFT:
         raise XlpeftError(f"{src} is a {m.method!r} module; AdapterHub takes {', '.join(['adapter', *FROM_XLPEFT])} "

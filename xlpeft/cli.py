@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from xlpeft import __version__
+from xlpeft import __version__, interrupts
 from xlpeft.config import DEFAULT_BASE, DEFAULT_METHOD, merge_flags, parse_sets
 from xlpeft.console import OVERWRITE_HELP, check_name, check_names, dispatch, on_sigterm, read_stdin_lines
 from xlpeft.errors import XlpeftError
@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args or os.environ.get("XLPEFT_DEBUG") == "1"
     training = any(a in ("train-lang", "train-task", "run") for a in args)
     previous = None
+    interrupts.clear()  # a request left by an earlier command in this process is not this one's
     try:
         previous = signal.signal(signal.SIGTERM, on_sigterm)
     except ValueError:  # not the main thread

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from xlpeft.data.tasks import NO_SUBWORD, Encoded, collate, encode_pairs, encode_tokens, parse_task_data, read_source
+from xlpeft.interrupts import poll
 from xlpeft.metrics import accuracy, span_f1
 from xlpeft.models import fit_seq_len
 from xlpeft.packs import TaskPack
@@ -94,6 +95,7 @@ def predict_set(logits_fn: Callable[[dict[str, torch.Tensor]], torch.Tensor], da
     out: list[Any] = [None] * len(data.examples)
     bar = progress(total=len(data.examples), desc="predicting", unit=" examples", leave=False)  # silent if short
     for idx, inputs in data.batches:
+        poll()  # a SIGTERM a finaliser swallowed still ends a long evaluation
         bar.update(len(idx))
         best = logits_fn({k: v.to(device) for k, v in inputs.items()}).argmax(-1).cpu().tolist()  # (B, T) or (B,)
         for row, i in zip(best, idx, strict=True):

@@ -22,6 +22,7 @@ from torch import nn
 from xlpeft.checkpoint import optimizer_state, restore_rng, rng_state, save_checkpoint
 from xlpeft.config import TrainConfig
 from xlpeft.distributed import Dist
+from xlpeft.interrupts import poll
 from xlpeft.progress import progress as progress_bar
 
 
@@ -189,6 +190,7 @@ def train_loop(
     start = time.perf_counter()
     bar = progress_bar(total=steps, initial=start_step, desc=desc, unit="step", enabled=progress)  # lines in a log
     for step in range(start_step + 1, steps + 1):
+        poll()  # a SIGTERM whose exception a garbage-collection callback swallowed stops the run here
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(cfg.grad_accum):

@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # CPU wheel by default; on a GPU machine use e.g. `make TORCH_SPEC=torch install`.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.xlpeft-installed
+# pytest-xdist workers: one per core, at most 4 (`make test WORKERS=0` runs in one process, e.g. to debug)
+WORKERS ?= auto
+XDIST  := -n $(WORKERS) --maxprocesses 4
 
 .PHONY: install demo test test-all test-fast lint clean ui ui-check
 
@@ -20,14 +23,14 @@ demo: $(STAMP)
 	$(BIN)/xlpeft run pipelines/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not exhaustive"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not exhaustive"
 
 # everything, also the CLI-level resume/DDP checks for every method (tests/tiers.py): ~10 more minutes
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not exhaustive"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow and not exhaustive"
 
 lint: $(STAMP)
 	$(BIN)/ruff check xlpeft tests

@@ -27,6 +27,9 @@ def score_cli(name: str, doc: str, score_target: Callable, table: Callable, sect
     parser.add_argument("--limit", type=int, help="score only the first N test sentences of each target")
     parser.add_argument("--json", type=Path, help="also write the per-seed scores here")
     parser.add_argument("--readme", type=Path, help="write the table into this Markdown file's marked section")
+    parser.add_argument("--earlier", type=Path, action="append", default=[],
+                        help="a --json file of seeds scored before (by this script, on the same targets) to put in the "
+                             "table beside these; its seeds must not be among --seeds")
     args = parser.parse_args(argv)
     from xlpeft.models import load_base
     from xlpeft.packs import load_task_pack
@@ -46,6 +49,17 @@ def score_cli(name: str, doc: str, score_target: Callable, table: Callable, sect
                                                   for k, v in results[seed][t].items())
                   + f"  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - start
+    scored = args.seeds
+    for path in args.earlier:  # JSON keys are strings; the same targets, or the table would mix rows
+        earlier = {int(seed): by_target for seed, by_target in json.loads(path.read_text(encoding="utf-8")).items()}
+        clash = sorted(set(earlier) & set(results))
+        missing = sorted({t for by_target in earlier.values() for t in targets if t not in by_target})
+        if clash or missing:
+            raise SystemExit(f"--earlier {path}: seed(s) {clash} are also scored now, target(s) {missing} are not in it; "
+                             "expected other seeds over the same --targets")
+        results.update(earlier)
+    results = dict(sorted(results.items()))
+    seeds_label = ",".join(str(s) for s in results)
     text = table(results, targets)
     print(text)
     print(f"scored in {seconds / 60:.1f} min wall ({len(seeds)} seed(s) x {len(targets)} target(s))")
@@ -55,9 +69,13 @@ def score_cli(name: str, doc: str, score_target: Callable, table: Callable, sect
         body = "\n".join([
             f"Measured {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC on {host}.",
             f"`benchmarks/{name}.py --modules-dir {args.modules_dir} --seeds {args.seeds} --targets "
-            f"{args.targets}{f' --limit {args.limit}' if args.limit else ''}`: {seconds / 60:.1f} min wall to score.",
+            f"{args.targets}{f' --limit {args.limit}' if args.limit else ''}"
+            + "".join(f" --earlier {path}" for path in args.earlier)
+            + f"`: {seconds / 60:.1f} min wall to score seed(s) {scored}"
+            + (f" (seed(s) {','.join(str(s) for s in results if str(s) not in scored.split(','))} read from "
+               f"{', '.join(str(p) for p in args.earlier)}, scored the same way earlier)." if args.earlier else "."),
             "", text, ""])
-        write_section(args.readme, f"{section} base={args.base} seeds={args.seeds}", body)
+        write_section(args.readme, f"{section} base={args.base} seeds={seeds_label}", body)
     return 0
 
 

@@ -180,6 +180,15 @@ def test_train_task_with_method_fusion_through_the_cli(workdir, base_dirs, ner_f
     assert "registered as xlpeft-task-ner-fusion version 1" in out
     model = compose(base_dir, ["xlpeft-task-ner-fusion"])
     assert model.xlpeft_composition.methods() == "fusion"
+    from xlpeft import tracking  # lineage: the fused modules are the fusion's parents, on the run and the version
+
+    c = tracking.client()
+    version = c.get_model_version("xlpeft-task-ner-fusion", "1")
+    parents = [str(tmp_path / "t1"), str(tmp_path / "t2")]
+    run_tags = c.get_run(version.run_id).data.tags
+    assert [run_tags.get(f"xlpeft.parent.{i}") for i in (0, 1)] == parents
+    assert [version.tags.get(f"xlpeft.parent.{i}") for i in (0, 1)] == parents
+    assert f"parent modules: {parents[0]}, {parents[1]}" in version.description
     assert len(m.extra["fused"]) == 2 and m.trainable_parameters < sum(
         t.numel() for t in load_module(tmp_path / "fused").tensors["fusion"].values())
     capsys.readouterr()

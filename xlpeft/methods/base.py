@@ -168,6 +168,11 @@ def no_defaults(kind: str) -> dict[str, Any]:
     return {}
 
 
+def no_parents(extra: dict[str, Any]) -> list[str]:
+    """The default of ``MethodSpec.parents``: a module built from nothing but the base."""
+    return []
+
+
 def plan_as_is(method_cfg: Any, train_cfg: TrainConfig, num_examples: int | None) -> Any:
     """The default of ``MethodSpec.plan``: the method config needs no planning."""
     return method_cfg
@@ -216,6 +221,9 @@ class MethodSpec:
         trains_in_place: True when ``prepare``'s trainable writes the base's own weights (LT-SFT's phases)
             rather than modules beside them; multi-source task training then refuses language modules
             merged into those weights (:mod:`xlpeft.multisource`), whose exact revert would undo the task's updates.
+        parents: ``manifest extra -> [source, ...]``: the modules a trained module is built from and carries
+            (AdapterFusion: the fused adapters), tagged ``xlpeft.parent.<i>`` on its run and registry version
+            and listed in the version's description, as ``xlpeft merge`` tags its parents.
     """
 
     name: str
@@ -237,6 +245,7 @@ class MethodSpec:
     delta_carrier: Callable[[dict, list[LoadedModule]], tuple[dict, dict]] | None = None
     trains_in_place: bool = False
     build: Callable[[Any, LoadedModule], nn.Module] | None = None
+    parents: Callable[[dict[str, Any]], list[str]] = no_parents
 
     def __post_init__(self) -> None:
         problems = []

@@ -333,6 +333,11 @@ def fusion_defaults(kind: str) -> dict[str, Any]:
     return {"lr": 5e-5}
 
 
+def fused_sources(extra: dict[str, Any]) -> list[str]:
+    """The fused modules, bottom of the Fuse block first: a fusion module's parents in MLflow."""
+    return [record["source"] for record in extra.get("fused", [])]
+
+
 SPEC = MethodSpec(
     name="fusion",
     config_cls=FusionConfig,
@@ -346,4 +351,5 @@ SPEC = MethodSpec(
     files=(STEM,),
     identity_at_init=False,  # it starts as a learned average of its adapters' outputs, not as the bare base
     prepare_checks_base=True,  # resolving the modules to fuse and their placements fails before a run opens
+    parents=fused_sources,
 )

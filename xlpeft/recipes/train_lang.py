@@ -184,7 +184,7 @@ def train_language(req: LangRequest) -> LangResult:
                       "eval_loss_before": before["eval_loss"], **after},
             extra=extra,
         )
-        version = publish(tracker, dist, out_dir, manifest, tensors, name, tags, done, ckpt_dir)
+        version = publish(tracker, dist, out_dir, manifest, tensors, name, tags, done, ckpt_dir, spec.parents(extra))
     dist.close()
     return LangResult(out_dir, tracker.run_id, name, version, after,
                       checkpoint[1]["done"] if checkpoint else None)

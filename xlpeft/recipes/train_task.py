@@ -352,7 +352,7 @@ def train_task(req: TaskRequest) -> TaskResult:
             extra={**extra, "labels": list(pack.labels), "head": pack.head, "head_dropout": task_cfg.head_dropout,
                    "lang_module": first.lineage or None},  # the baseline's: the first source's module
         )
-        version = publish(tracker, dist, out_dir, manifest, tensors, name, tags, done, ckpt_dir)
+        version = publish(tracker, dist, out_dir, manifest, tensors, name, tags, done, ckpt_dir, spec.parents(extra))
     dist.close()
     return TaskResult(out_dir, tracker.run_id, name, version, {k.removeprefix("eval_"): v for k, v in metrics.items()},
                       " + ".join(s.lineage.get("registered_name") or s.lineage.get("path") or "none"

@@ -150,25 +150,32 @@ def training_run(run_name: str, tags: dict[str, str], params: dict[str, Any], di
 
 
 def publish(tracker, dist: Dist, out_dir: Path, manifest: Manifest, tensors: dict, registered_name: str,
-            tags: dict[str, str], step: int, ckpt_dir: Path) -> str:
+            tags: dict[str, str], step: int, ckpt_dir: Path, parents: list[str] | None = None) -> str:
     """On rank 0: save the module atomically, verify it reads back, log it, register it, drop checkpoints.
+
+    ``parents``: the modules this one is built from and carries (``MethodSpec.parents``: a fusion's
+    fused adapters), tagged ``xlpeft.parent.<i>`` on the run and the version as a merge's parents are.
 
     Registration comes last so the registry never points at a half-written module; the other
     ranks wait at the barrier and get an empty version. The version's description (what it was
     trained on, steps, headline metrics, parent modules) comes from the manifest.
     """
     from xlpeft.tracking.flavor import write_module_mlmodel
-    from xlpeft.tracking.registration import module_description
+    from xlpeft.tracking.registration import module_description, parents_of
 
     version = ""
     if dist.main:
+        lineage = {f"xlpeft.parent.{i}": source for i, source in enumerate(parents or [])}
+        if lineage:
+            tracker.set_tags(lineage)
+            tags = {**tags, **lineage}
         save_module(out_dir, manifest, tensors)
         load_module(out_dir)
         write_module_mlmodel(out_dir, manifest)  # the module folder is an MLflow Model too (before the upload check)
         tracker.log_artifacts(out_dir, "module")
         tracker.log_metrics({"trainable_parameters": manifest.trainable_parameters}, step)
         version = tracker.register(registered_name, "module", tags,
-                                   description=module_description(manifest, registered_name))
+                                   description=module_description(manifest, registered_name, parents_of(tags)))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     dist.barrier()
     return version

@@ -163,7 +163,14 @@ def _metric_text(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, int | float))
 
 
-def module_description(manifest: Any, registered_name: str = "") -> str:
+def parents_of(tags: dict[str, str]) -> list[str]:
+    """The numbered ``xlpeft.parent.<i>`` tags' modules in order (a fusion's fused modules, a merge's inputs)."""
+    numbered = {int(k.rsplit(".", 1)[1]): v for k, v in tags.items()
+                if k.startswith("xlpeft.parent.") and k.rsplit(".", 1)[1].isdigit()}
+    return [numbered[i] for i in sorted(numbered)]
+
+
+def module_description(manifest: Any, registered_name: str = "", parents: list[str] | None = None) -> str:
     """A version's description (Markdown): a one-line summary, then what it was trained on, steps, metrics, parents.
 
     ``xlpeft modules`` shows the first line; the MLflow UI shows all of it on the version's page.
@@ -186,6 +193,7 @@ def module_description(manifest: Any, registered_name: str = "") -> str:
     parent = manifest.extra.get("lang_module") or {}
     parent_text = (f"{parent['registered_name']} v{parent['version']}" if parent.get("registered_name")
                    else parent.get("path", "")) if isinstance(parent, dict) else str(parent)
+    parent_text = ", ".join(([parent_text] if parent_text else []) + list(parents or []))
     summary = (f"{manifest.kind} module {what} · {manifest.method} · base {base.get('name')} · {steps} steps"
                + (f" · {_metric_text(headline)}" if headline else ""))
     lines = [summary, "", f"- trained on: {', '.join(map(str, data)) or 'unknown'}",

@@ -30,6 +30,7 @@ from xlpeft.io import LoadedModule, load_module
 from xlpeft.methods.adapterdrop import set_inference_drop
 from xlpeft.methods.base import MODULE_KINDS, Applied
 from xlpeft.registry import get_method
+from xlpeft.vocab import composition_vocab, tokenizer_for, with_vocab
 
 FORMAT_VERSION = 3
 """Version of the composition record. 3 adds ``adapter_drop``; 2 (a block tree, no AdapterDrop) and 1
@@ -253,6 +254,10 @@ class Active:
     def modules(self) -> list[nn.Module]:
         return [m for _, _, handle in self.entries for m in handle.modules()]
 
+    def tokenizer(self, base_tokenizer):
+        """The tokenizer inputs of this composition need: the base's, or with a language module's new words."""
+        return tokenizer_for(base_tokenizer, [ref.module for _, ref, _ in self.entries])  # :mod:`xlpeft.vocab`
+
     def remove(self) -> None:
         """Restore the bare base exactly: every module removed, newest first."""
         while self.entries:
@@ -316,11 +321,13 @@ def activate(base, composition: Composition | Sequence[LoadedModule], force: boo
                           f"{' or '.join(EXECUTABLE)} blocks (a Fuse block's learned weights live in a fusion module: "
                           "train one with --method fusion --set fuse=A,B and compose it; Average: xlpeft compose --ensemble)")
     composition = bind(composition, base.fingerprint)
+    composition_vocab([leaf.module for leaf in composition.leaves()])  # at most one module adds words
     active = Active(composition)
     try:
         for i, leaf in enumerate(composition.leaves()):
             leaf.module.check_base(base.fingerprint, force=force)
-            active.entries.append((i, leaf, get_method(leaf.method).apply(base, leaf.module)))
+            handle = get_method(leaf.method).apply(base, leaf.module)
+            active.entries.append((i, leaf, with_vocab(base.model, leaf.module, handle)))  # + its new words' rows
         set_inference_drop(active.modules(), composition.adapter_drop, len(base.layers))
     except BaseException:
         active.remove()
@@ -355,7 +362,9 @@ def compose(base, modules: Composition | Sequence[str | Path | LoadedModule], fo
     Returns:
         ``*ForMaskedLM`` (language modules only), ``*ForTokenClassification`` or
         ``*ForSequenceClassification`` (a task module on top), in eval mode, with the composition
-        at ``model.xlpeft_composition`` and the modules' own weights under ``model.xlpeft_modules``.
+        at ``model.xlpeft_composition``, the modules' own weights under ``model.xlpeft_modules`` and the
+        tokenizer its inputs need at ``model.xlpeft_tokenizer`` (the base's, plus a language module's
+        new words when it adds some: :mod:`xlpeft.vocab`).
 
     Raises:
         XlpeftError: a module was trained on another base (both fingerprints named), or the composition is invalid.
@@ -386,4 +395,5 @@ def compose(base, modules: Composition | Sequence[str | Path | LoadedModule], fo
     model.add_module("xlpeft_modules", nn.ModuleList(active.modules()))
     model.xlpeft_composition = composition
     model.xlpeft_active = active
+    model.xlpeft_tokenizer = active.tokenizer(base.tokenizer)  # with a language module's new words, if it adds some
     return model.eval()

@@ -25,6 +25,7 @@ from xlpeft.io import LoadedModule, load_module
 from xlpeft.methods.adapterdrop import set_inference_drop
 from xlpeft.methods.base import Applied
 from xlpeft.registry import get_method
+from xlpeft.vocab import composition_vocab
 
 COMPOSITION_FILE = "xlpeft_composition.json"
 UNMERGED_DIR = "modules"  # modules/<leaf index>: the modules a checkpoint cannot hold, as xlpeft module folders
@@ -107,6 +108,10 @@ class InPlace:
                 another base (unless ``force``), or a module that does not fit.
         """
         composition = Composition.of([ModuleRef.of(m) for m in modules], self.base.fingerprint)  # validated
+        if composition_vocab(modules) is not None:
+            raise XlpeftError(f"{composition.describe()}: a language module that adds new vocabulary is not scored in "
+                              "place (the examples are encoded once, with the base's tokenizer); score it with "
+                              "xlpeft compose --lang ... --task ... or xlpeft.compose")
         if composition.task is None:
             raise XlpeftError(f"{composition.describe()}: evaluating in place needs a task module on top; use compose()")
         if not self.force:
@@ -176,6 +181,10 @@ def save_composed(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path
     """
     from xlpeft.io import save_module
 
+    if composition_vocab([leaf.module for leaf in model.xlpeft_composition.leaves()]) is not None:
+        raise XlpeftError(f"{model.xlpeft_composition.describe()}: a composition with a language module that adds new "
+                          "vocabulary cannot be saved as one checkpoint yet; compose it where it is used "
+                          "(xlpeft compose ... without --output, or xlpeft.compose(base, [modules]))")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     own = model._modules.pop("xlpeft_modules", None)
@@ -253,4 +262,5 @@ def load_composed(path: str | Path) -> nn.Module:
     model.add_module("xlpeft_modules", nn.ModuleList(active.modules()))
     model.xlpeft_composition = composition
     model.xlpeft_active = active
+    model.xlpeft_tokenizer = None  # the checkpoint's own, beside it (save_composed writes it; no new vocabulary)
     return model.eval()

@@ -190,6 +190,11 @@ class TrainConfig:
                                                           "eval_batches batches either way)", "min": 0})
     log_every: int = field(default=10, metadata={"help": "log training metrics every N steps", "min": 1})
     max_corpus_lines: int = field(default=0, metadata={"help": "read at most N corpus lines (0: all)", "min": 0})
+    new_tokens: int = field(default=0, metadata={
+        "help": "language modules: add the N most frequent corpus words the base tokenizer splits into pieces as new "
+                "whole-word tokens, their embeddings trained with the module (0: none; see xlpeft coverage)", "min": 0})
+    new_token_min_count: int = field(default=3, metadata={
+        "help": "a new token's word must occur at least this often in the first 200,000 corpus lines", "min": 1})
     corpus_mode: str = field(default="auto", metadata={
         "help": "language modules: cache (tokenise once into $XLPEFT_CACHE/tokens, shuffle globally), stream "
                 "(tokenise ahead of the loop, only what is consumed; a shuffle buffer) or auto (stream hf: corpora, "

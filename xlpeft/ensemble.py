@@ -113,9 +113,13 @@ def build_ensemble(base, members: list[ModuleRef], task: ModuleRef,
     """
     from xlpeft.compose import check_same_base
     from xlpeft.composed import target_model
+    from xlpeft.vocab import new_vocab_of
 
     for m in members:
         m.module.expect_kind("language", f"ensemble member {m.source}")
+        if new_vocab_of(m.module) is not None:  # the members share one encoding of the input
+            raise XlpeftError(f"ensemble member {m.source} adds new vocabulary; an ensemble encodes its input once, "
+                              "with the base's tokenizer: use members without new tokens")
     check_same_base(base, [m.module for m in members] + [task.module])
     model = target_model(base, task.module)
     return Ensemble(base, model, members, task, config).eval()

@@ -24,7 +24,7 @@ def predict_lines(lang: str, task: str, base_name: str, lines: list[str], lang_m
     lang_ref, _ = registered_ref("language", lang, lang_method, base.fingerprint)
     task_ref, _ = registered_ref("task", task, task_method, base.fingerprint)
     model = compose(base, Composition.of([lang_ref, task_ref], base.fingerprint))
-    return predict_with(model, pack, base.tokenizer, lines)
+    return predict_with(model, pack, model.xlpeft_tokenizer, lines)
 
 
 def predict_with(model, pack: TaskPack, tokenizer, lines: list[str]) -> list[tuple[Any, Any]]:

@@ -28,6 +28,7 @@ from xlpeft.registry import get_method
 from xlpeft.tracking.lifecycle import publish, training_run
 from xlpeft.tracking.registration import corpus_datasets
 from xlpeft.training import PhaseRun, eval_block_count, evaluate_mlm, fit_train_config, mlm_loss, run_phases
+from xlpeft.vocab import AppliedVocab, NewVocab, WithVocab, extended_tokenizer, plan_new_vocab, rows_for
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class LangPlan:
     n_eval: int  # held-out blocks one evaluation reads
     before_key: dict[str, Any]  # what the loss before training depends on (its cache key)
     mode: str  # "cache" (train_blocks / eval_blocks are views of the token store) or "stream" (both None)
+    tokenizer: Any  # the base's, or with the new vocabulary's words (--set new_tokens=N)
+    vocab: NewVocab | None
 
 
 def plan_language(req: LangRequest) -> LangPlan:
@@ -99,9 +102,11 @@ def plan_language(req: LangRequest) -> LangPlan:
     spec.check(base, method_cfg, cfg)  # what the method checks against this base, before any run opens
     dist = init_from_env(device)
     mode = corpus_mode(cfg, corpora)
+    vocab = plan_new_vocab(corpora, base.tokenizer, cfg.new_tokens, cfg.new_token_min_count)  # None: the base's
+    tokenizer = base.tokenizer if vocab is None else extended_tokenizer(base.tokenizer, vocab)
     if mode == "cache":
-        store = open_store(corpora, base.tokenizer, cfg.max_corpus_lines, progress=dist.main)  # tokenised once, cached
-        blocks = store.blocks(cfg.max_seq_len, base.tokenizer)  # pack_blocks's blocks, read from disk on demand
+        store = open_store(corpora, tokenizer, cfg.max_corpus_lines, progress=dist.main)  # tokenised once, cached
+        blocks = store.blocks(cfg.max_seq_len, tokenizer)  # pack_blocks's blocks, read from disk on demand
         train_blocks, eval_blocks = split_blocks(blocks, cfg.eval_fraction, cfg.seed)
         method_cfg = resolve_epochs(req.method, method_cfg, cfg, len(train_blocks))  # epoch-based phases -> steps
         n_eval, data_key, counts = eval_block_count(cfg, len(eval_blocks)), store.meta["key"], (
@@ -118,11 +123,13 @@ def plan_language(req: LangRequest) -> LangPlan:
         "corpora": ", ".join(c.describe() for c in corpora),
         "corpus_fingerprint": fingerprint_corpora(corpora), "train_blocks": counts[0],
         "eval_blocks": counts[1], "eval_blocks_used": n_eval, "world_size": dist.world,
+        **({"new_vocab": len(vocab.tokens)} if vocab else {}),
     }
     before_key = {"base": base.fingerprint, "tokens": data_key, "train": asdict(cfg), "n_eval": n_eval,
-                  "method": req.method, "method_cfg": asdict(method_cfg), "device": device.type}
+                  "method": req.method, "method_cfg": asdict(method_cfg), "device": device.type,
+                  **({"new_vocab": vocab.to_extra()} if vocab else {})}
     return LangPlan(spec, method_cfg, cfg, corpora, out_dir, base, device, dist, train_blocks, eval_blocks, name,
-                    tags, params, n_eval, before_key, mode)
+                    tags, params, n_eval, before_key, mode, tokenizer, vocab)
 
 
 def train_language(req: LangRequest) -> LangResult:
@@ -139,9 +146,14 @@ def train_language(req: LangRequest) -> LangResult:
         tracker.log_inputs(corpus_datasets(corpora, check_text_file))  # the UI's Dataset column (train)
         torch.manual_seed(cfg.seed)
         trainable = spec.prepare(base, method_cfg, cfg)
+        if p.vocab is not None:  # new rows, initialised from the pieces they replace, trained beside the module
+            rows = rows_for(base.model, p.vocab).to(device)
+            rows.init_from_pieces(base.model, base.tokenizer)
+            trainable = WithVocab(trainable, rows, AppliedVocab(base.model, rows))
+        tokenizer = p.tokenizer
         mask_gen = torch.Generator().manual_seed(cfg.seed)
         if p.mode == "stream":  # tokenised ahead of the loop in a thread; held-out blocks from the stream's start
-            data = StreamBatches(corpora, base.tokenizer, cfg.max_seq_len, cfg.batch_size,
+            data = StreamBatches(corpora, tokenizer, cfg.max_seq_len, cfg.batch_size,
                                  torch.Generator().manual_seed(cfg.seed), p.n_eval, cfg.stream_buffer, dist)
             eval_blocks = data.eval_blocks
         else:
@@ -149,14 +161,14 @@ def train_language(req: LangRequest) -> LangResult:
         dist.seed_dropout(cfg.seed)  # after the module is initialised identically on every rank
 
         def loss_fn(batch: torch.Tensor) -> torch.Tensor:
-            inputs, labels = mask_tokens(batch, base.tokenizer, cfg.mlm_probability, mask_gen)  # same on every rank
-            mask = attention_mask_for(batch, base.tokenizer.pad_token_id)  # from the uncorrupted batch
+            inputs, labels = mask_tokens(batch, tokenizer, cfg.mlm_probability, mask_gen)  # same on every rank
+            mask = attention_mask_for(batch, tokenizer.pad_token_id)  # from the uncorrupted batch
             n_global = int((labels != -100).sum())  # the whole global batch's count, identical on every rank
             return mlm_loss(base, dist.shard(inputs).to(device), dist.shard(labels).to(device),
                             dist.shard(mask).to(device), num_labelled=max(n_global, 1))
 
         def evaluate() -> dict[str, float]:
-            return evaluate_mlm(base, eval_blocks, base.tokenizer, cfg, limit=p.n_eval)
+            return evaluate_mlm(base, eval_blocks, tokenizer, cfg, limit=p.n_eval)
 
         if checkpoint is None:
             before = common.cached_before(p.before_key, evaluate)

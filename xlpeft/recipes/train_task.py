@@ -25,7 +25,7 @@ from xlpeft.data.batches import ExampleBatches, SourceBatches
 from xlpeft.data.encoded_cache import cached_encoding, encoding_key
 from xlpeft.data.tasks import data_fingerprint, load_examples
 from xlpeft.distributed import init_from_env
-from xlpeft.errors import XlpeftError
+from xlpeft.errors import ConfigError, XlpeftError
 from xlpeft.evaluation import default_label, encode, evaluate_task, warn_truncated
 from xlpeft.io import Manifest, check_module_output
 from xlpeft.lineage import language_module_for_task
@@ -220,6 +220,9 @@ def plan_task(req: TaskRequest) -> TaskPlan:
     multi = len(langs) > 1
     spec = get_method(req.method)
     method_cfg, cfg, task_cfg = resolve_configs(req.method, "task", req.sets, TaskConfig)
+    if cfg.new_tokens:  # a task module reads its language module's tokens; it adds none of its own
+        raise ConfigError(f"--set new_tokens={cfg.new_tokens} is for language modules (train-lang); a task module "
+                          "trains over the language module's vocabulary: drop it")
     stray = [k for k in MULTI_SOURCE_FIELDS if k in req.sets]
     if stray and not multi:
         raise XlpeftError(f"--set {stray[0]}: applies to multi-source training only (several --lang sources, e.g. "

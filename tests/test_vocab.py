@@ -1,0 +1,133 @@
+"""New vocabulary carried by a language module: the words chosen, their rows' hooks, training, composing, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import SW_WORDS, make_lines
+from xlpeft.errors import XlpeftError
+from xlpeft.models import load_base
+from xlpeft.vocab import AppliedVocab, NewVocab, extended_tokenizer, rows_for, select_words
+
+
+@pytest.fixture(params=["tiny-bert", "tiny-xlmr"])
+def arch_base(request, base_dirs):
+    return load_base(str(base_dirs[request.param]))
+
+
+def _vocab(base, n: int = 4) -> NewVocab:
+    return NewVocab(tuple(select_words(make_lines(SW_WORDS, 100, seed=2), base.tokenizer, n)), len(base.tokenizer))
+
+
+def test_words_chosen_are_frequent_split_and_new(arch_base):
+    tok = arch_base.tokenizer
+    lines = ["kwanzaa kwanzaa kwanzaa mimi", "kwanzaa nadra mimi mimi"]  # nadra: once
+    words = select_words(lines, tok, 10, min_count=2)
+    assert words == [w for w in ("kwanzaa", "mimi") if len(tok(w, add_special_tokens=False)["input_ids"]) >= 2
+                     and w not in tok.get_vocab()]
+    assert "nadra" not in words  # below min_count
+    assert select_words(lines, tok, 1, min_count=2) == words[:1]  # the most frequent first
+
+
+def test_extended_tokenizer_gives_the_words_their_ids_and_leaves_the_base_alone(arch_base):
+    tok = arch_base.tokenizer
+    vocab = _vocab(arch_base)
+    before = len(tok)
+    ext = extended_tokenizer(tok, vocab)
+    assert len(tok) == before and len(ext) == before + len(vocab.tokens)
+    text = f"{vocab.tokens[0]} {SW_WORDS[0]} {vocab.tokens[1]}"
+    ids = ext(text, add_special_tokens=False)["input_ids"]
+    assert vocab.first_id in ids and vocab.first_id + 1 in ids  # one token each
+    assert len(ids) < len(tok(text, add_special_tokens=False)["input_ids"])
+    with pytest.raises(XlpeftError, match="another tokenizer"):
+        extended_tokenizer(ext, vocab)  # a tokenizer of another length: not the module's base
+
+
+def test_rows_start_as_the_mean_of_the_pieces_they_replace(arch_base):
+    vocab = _vocab(arch_base)
+    rows = rows_for(arch_base.model, vocab)
+    rows.init_from_pieces(arch_base.model, arch_base.tokenizer)
+    emb = arch_base.model.get_input_embeddings().weight
+    for i, word in enumerate(vocab.tokens):
+        pieces = arch_base.tokenizer(word, add_special_tokens=False)["input_ids"]
+        torch.testing.assert_close(rows.weight[i], emb[pieces].mean(0), rtol=0, atol=1e-6)
+    assert rows.bias is not None  # the masked-LM decoder has a bias: new tokens get its pieces' mean
+
+
+def test_hooks_leave_old_ids_exact_read_new_rows_and_score_them(arch_base):
+    model, tok = arch_base.model, arch_base.tokenizer
+    vocab = _vocab(arch_base)
+    ext = extended_tokenizer(tok, vocab)
+    rows = rows_for(model, vocab)
+    with torch.no_grad():
+        rows.weight.normal_(generator=torch.Generator().manual_seed(0))
+        rows.bias.normal_(generator=torch.Generator().manual_seed(1))
+    plain = tok(" ".join(SW_WORDS[:6]), return_tensors="pt")
+    with torch.no_grad():
+        bare = model(**plain).logits  # (1, T, V)
+        applied = AppliedVocab(model, rows)
+        hooked = model(**plain).logits  # (1, T, first + N)
+        mixed = ext(f"{SW_WORDS[0]} {vocab.tokens[0]}", return_tensors="pt")
+        emb_out = model.get_input_embeddings()(mixed["input_ids"])  # (1, T, H)
+        mixed_logits = model(**mixed).logits
+        applied.remove()
+        after = model(**plain).logits
+    first = vocab.first_id
+    assert hooked.shape[-1] == first + len(vocab.tokens)
+    assert torch.equal(hooked[..., :first], bare[..., :first])  # nothing changes for the base's own ids
+    assert torch.equal(after, bare)  # removed: the bare base again
+    where = mixed["input_ids"][0] == first
+    assert where.sum() == 1
+    assert torch.equal(emb_out[0, where], rows.weight[:1])  # the new id reads its row
+    assert torch.isfinite(mixed_logits).all() and mixed_logits.shape[-1] == first + len(vocab.tokens)
+
+
+def test_train_lang_with_new_tokens_trains_and_composes_them(workdir, base_dirs, sw_corpus, capsys):
+    from xlpeft import compose, load_module
+    from xlpeft.cli import main
+
+    base_dir = str(base_dirs["tiny-bert"])
+    common = ["train-lang", "--lang", "sw", "--base", base_dir, "--corpus", str(sw_corpus), "--max-steps", "6",
+              "--set", "max_seq_len=32", "--set", "lr=1e-2"]
+    main([*common, "--set", "new_tokens=5", "--output", str(workdir / "lang-vocab")])
+    main([*common, "--output", str(workdir / "lang-plain")])
+    module = load_module(workdir / "lang-vocab")
+    vocab = NewVocab.from_extra(module.manifest.extra)
+    assert vocab is not None and len(vocab.tokens) == 5 and set(module.tensors["vocab"]) == {"weight", "bias"}
+    base = load_base(base_dir)
+    init = rows_for(base.model, vocab)
+    init.init_from_pieces(base.model, base.tokenizer)
+    assert not torch.allclose(module.tensors["vocab"]["weight"], init.weight)  # the rows were trained
+    model = compose(base_dir, [workdir / "lang-vocab"])
+    plain_model = compose(base_dir, [workdir / "lang-plain"])
+    assert len(model.xlpeft_tokenizer) == len(base.tokenizer) + 5 and plain_model.xlpeft_tokenizer is not None
+    text = f"{vocab.tokens[0]} {vocab.tokens[1]} {SW_WORDS[-1]}"
+    enc = model.xlpeft_tokenizer(text, return_tensors="pt")
+    assert (enc["input_ids"] >= vocab.first_id).sum() == 2
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape[-1] == vocab.first_id + 5 and torch.isfinite(logits).all()
+
+
+def test_what_cannot_carry_new_tokens_is_refused(workdir, base_dirs, sw_corpus, ner_files, capsys, tmp_path):
+    from xlpeft import compose
+    from xlpeft.cli import main
+    from xlpeft.composed import save_composed
+
+    base_dir = str(base_dirs["tiny-bert"])
+    common = ["train-lang", "--lang", "sw", "--base", base_dir, "--corpus", str(sw_corpus), "--max-steps", "2",
+              "--set", "max_seq_len=32", "--set", "new_tokens=3"]
+    main([*common, "--output", str(workdir / "a")])
+    main([*common, "--seed", "2", "--output", str(workdir / "b")])
+    with pytest.raises(XlpeftError, match="both add new vocabulary"):
+        compose(base_dir, [workdir / "a", workdir / "b"])
+    with pytest.raises(XlpeftError, match="cannot be saved as one checkpoint"):
+        save_composed(compose(base_dir, [workdir / "a"]), tmp_path / "composed")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-task", "--task", "ner", "--lang", "en", "--base", base_dir, "--train-data",
+              str(ner_files["train"]), "--set", "lang_module=none", "--set", "new_tokens=3", "--max-steps", "2"])
+    assert exit_info.value.code == 2 and "for language modules" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*common[:-1], "new_tokens=3", "--set", "new_token_min_count=100000", "--output", str(workdir / "c")])
+    assert exit_info.value.code != 0 and "nothing to add" in capsys.readouterr().err

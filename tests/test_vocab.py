@@ -131,3 +131,30 @@ def test_what_cannot_carry_new_tokens_is_refused(workdir, base_dirs, sw_corpus, 
     with pytest.raises(SystemExit) as exit_info:
         main([*common[:-1], "new_tokens=3", "--set", "new_token_min_count=100000", "--output", str(workdir / "c")])
     assert exit_info.value.code != 0 and "nothing to add" in capsys.readouterr().err
+
+
+def test_compose_cli_scores_with_the_extended_tokenizer_and_refuses_output(workdir, base_dirs, sw_corpus, ner_files,
+                                                                           capsys, monkeypatch):
+    import xlpeft.recipes.compose as recipe
+    from tests.conftest import write_conll
+    from xlpeft.cli import main
+
+    base_dir = str(base_dirs["tiny-bert"])
+    main(["train-lang", "--lang", "sw", "--base", base_dir, "--corpus", str(sw_corpus), "--max-steps", "2",
+          "--set", "max_seq_len=32", "--set", "new_tokens=4"])
+    main(["train-task", "--task", "ner", "--lang", "en", "--base", base_dir, "--train-data", str(ner_files["train"]),
+          "--set", "lang_module=none", "--max-steps", "2", "--set", "max_seq_len=32"])
+    eval_file = write_conll(workdir / "sw.conll", [[(w, "O") for w in line.split()[:8]]
+                                                    for line in make_lines(SW_WORDS, 12, seed=5)])
+    seen, real = [], recipe.evaluate_model
+    monkeypatch.setattr(recipe, "evaluate_model", lambda model, pack, tok, ex: seen.append(len(tok)) or real(
+        model, pack, tok, ex))
+    base_len = len(load_base(base_dir).tokenizer)
+    main(["compose", "--lang", "sw", "--task", "ner", "--base", base_dir, "--eval-data", str(eval_file)])
+    assert seen == [base_len + 4, base_len]  # the composition with its new words; the English baseline without
+    assert "zero-shot ner on sw" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compose", "--lang", "sw", "--task", "ner", "--base", base_dir, "--eval-data", str(eval_file),
+              "--output", str(workdir / "composed")])
+    assert exit_info.value.code != 0 and "cannot be saved as one checkpoint" in capsys.readouterr().err
+    assert not (workdir / "composed").exists()

@@ -22,7 +22,9 @@ SMALL = {"sft": ("--set", "num_params=1500"), "compacter": ("--set", "reduction_
          "sft:dynamic": ("--set", "num_params=1500", "--set", "selection=dynamic", "--set", "reselect_every=10",
                          "--set", "accumulation_steps=3"),
          # a streamed corpus: the checkpoint holds the shuffle buffer and the stream position, not an order
-         "adapter:stream": ("--set", "corpus_mode=stream", "--set", "stream_buffer=16")}
+         "adapter:stream": ("--set", "corpus_mode=stream", "--set", "stream_buffer=16"),
+         # new vocabulary rows (xlpeft.vocab) beside the module: in the checkpoint, in the export
+         "adapter:vocab": ("--set", "new_tokens=5"), "sft:vocab": ("--set", "num_params=1500", "--set", "new_tokens=5")}
 
 
 def _cmd(base_dir, corpus, out, method, extra=()):
@@ -70,7 +72,8 @@ def _kill_after_checkpoint(cmd, env, cwd, min_step: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [*cli_methods(), pytest.param("sft:dynamic", marks=pytest.mark.exhaustive),
-                                    pytest.param("adapter:stream", marks=pytest.mark.exhaustive)])
+                                    pytest.param("adapter:stream", marks=pytest.mark.exhaustive), "adapter:vocab",
+                                    pytest.param("sft:vocab", marks=pytest.mark.exhaustive)])
 def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, method):
     base_dir, extra = base_dirs["tiny-bert"], SMALL.get(method, ())
     method = method.split(":")[0]  # a row may be a method with a variant's settings
@@ -98,6 +101,7 @@ def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, met
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", "the same MLflow run was continued"
     a, b = load_module(ref), load_module(out)
     assert a.tensors.keys() == b.tensors.keys() and a.tensors
+    assert ("vocab" in a.tensors) == ("new_tokens=5" in extra)
     for stem, state in a.tensors.items():
         assert state.keys() == b.tensors[stem].keys(), stem
         for key, value in state.items():

@@ -1,0 +1,69 @@
+"""New whole-word tokens in the target's language adapter on real POS data: do they help zero-shot transfer?
+
+    .venv/bin/python benchmarks/vocab_pos.py --modules-dir modules/pos-universal/e5-small-bible
+    .venv/bin/python benchmarks/vocab_pos.py --modules-dir DIR --seeds 2,3 --readme benchmarks/README.md
+
+Issue 22's vocabulary extension (``train-lang --set new_tokens=N``, :mod:`xlpeft.vocab`). For each seed and
+target (id, tr, km) it scores, on the target's real test set, the English task adapter of
+``pipelines/pos-multisource.yaml`` composed over:
+
+* ``en``: the English language adapter (no target module), the floor;
+* ``own``: the target's own language adapter (MAD-X zero-shot transfer);
+* ``own + new tokens``: the same adapter trained with new tokens (``pipelines/pos-vocab.yaml``; the same
+  text, steps and seed), scored with its extended tokenizer; ``new`` is how many words it added.
+
+Prints the machine, the wall time, and mean ± sample std over seeds with the difference from ``own``.
+Nothing here is tuned: every setting is the pipelines', fixed before any score was seen.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pos_scoring import cell, score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
+
+SYSTEMS = ("en", "own", "own + new tokens")
+
+
+def score_target(base, pack, target: str, seed_dir: Path, limit: int | None) -> dict:
+    """Every system's accuracy for ``target`` with one seed's modules (see the module docstring)."""
+    from xlpeft import compose, load_module
+    from xlpeft.evaluation import eval_examples, evaluate_model
+    from xlpeft.vocab import NewVocab
+
+    examples, _ = eval_examples(pack, target, None)
+    examples = examples[:limit] if limit else examples
+    task = load_module(seed_dir / "task-pos-en-adapter")
+
+    def accuracy(lang_dir: str) -> float:
+        model = compose(base, [load_module(seed_dir / lang_dir), task])
+        return evaluate_model(model, pack, model.xlpeft_tokenizer, examples)["accuracy"]  # with its new words
+
+    vocab = NewVocab.from_extra(load_module(seed_dir / f"lang-{target}-adapter-vocab").manifest.extra)
+    return {"en": accuracy("lang-en-adapter"), "own": accuracy(f"lang-{target}-adapter"),
+            "own + new tokens": accuracy(f"lang-{target}-adapter-vocab"), "new": len(vocab.tokens) if vocab else 0}
+
+
+def table(results: dict[int, dict[str, dict]], targets: list[str]) -> str:
+    """Markdown: a row per target, a column per system, mean ± std over seeds, the difference from ``own``.
+
+    ``*`` marks a difference larger than the two cells' standard deviations added, as the other POS tables
+    do (a conservative check, not a significance test; never claimed from fewer than two seeds).
+    """
+    lines = ["| accuracy | " + " | ".join(SYSTEMS) + " | new tokens |", "|---" * (len(SYSTEMS) + 2) + "|"]
+    for t in targets:
+        own = [results[seed][t]["own"] for seed in results]
+        cells = [cell([results[seed][t][s] for seed in results], own, s == "own") for s in SYSTEMS]
+        added = ",".join(str(results[seed][t]["new"]) for seed in results)
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {added} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return score_cli("vocab_pos", __doc__, score_target, table, "vocab", "<out>/<base> of pos-multisource.yaml + pos-vocab.yaml", argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -158,3 +158,22 @@ def test_compose_cli_scores_with_the_extended_tokenizer_and_refuses_output(workd
               "--output", str(workdir / "composed")])
     assert exit_info.value.code != 0 and "cannot be saved as one checkpoint" in capsys.readouterr().err
     assert not (workdir / "composed").exists()
+
+
+def test_a_base_with_more_embedding_rows_than_tokens_scores_the_new_words_right_after_its_tokens(base_dirs):
+    """XLM-R checkpoints (e5-small: 250,037 rows, 250,002 tokens) have unused rows past the tokenizer's ids."""
+    base = load_base(str(base_dirs["tiny-xlmr"]))
+    model, tok = base.model, base.tokenizer
+    model.resize_token_embeddings(len(tok) + 7)  # rows no token reaches
+    vocab = _vocab(base)
+    rows = rows_for(model, vocab)
+    ext = extended_tokenizer(tok, vocab)
+    enc = ext(f"{vocab.tokens[0]} {SW_WORDS[0]}", return_tensors="pt")
+    applied = AppliedVocab(model, rows)
+    with torch.no_grad():
+        logits = model(**enc).logits  # (1, T, first + N): the unused rows' logits are cut
+        emb_out = model.get_input_embeddings()(enc["input_ids"])
+    applied.remove()
+    assert logits.shape[-1] == len(tok) + len(vocab.tokens)
+    where = enc["input_ids"][0] == vocab.first_id
+    assert torch.equal(emb_out[0, where], rows.weight[:1])  # an id inside the embedding matrix still reads its new row

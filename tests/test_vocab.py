@@ -122,8 +122,8 @@ def test_what_cannot_carry_new_tokens_is_refused(workdir, base_dirs, sw_corpus, 
     main([*common, "--seed", "2", "--output", str(workdir / "b")])
     with pytest.raises(XlpeftError, match="both add new vocabulary"):
         compose(base_dir, [workdir / "a", workdir / "b"])
-    with pytest.raises(XlpeftError, match="cannot be saved as one checkpoint"):
-        save_composed(compose(base_dir, [workdir / "a"]), tmp_path / "composed")
+    with pytest.raises(XlpeftError, match="model.xlpeft_tokenizer"):  # the base's tokenizer lacks the new words
+        save_composed(compose(base_dir, [workdir / "a"]), tmp_path / "composed", load_base(base_dir).tokenizer)
     with pytest.raises(SystemExit) as exit_info:
         main(["train-task", "--task", "ner", "--lang", "en", "--base", base_dir, "--train-data",
               str(ner_files["train"]), "--set", "lang_module=none", "--set", "new_tokens=3", "--max-steps", "2"])
@@ -133,10 +133,11 @@ def test_what_cannot_carry_new_tokens_is_refused(workdir, base_dirs, sw_corpus, 
     assert exit_info.value.code != 0 and "nothing to add" in capsys.readouterr().err
 
 
-def test_compose_cli_scores_with_the_extended_tokenizer_and_refuses_output(workdir, base_dirs, sw_corpus, ner_files,
-                                                                           capsys, monkeypatch):
+def test_compose_cli_scores_with_the_extended_tokenizer_and_saves_it(workdir, base_dirs, sw_corpus, ner_files,
+                                                                     capsys, monkeypatch):
     import xlpeft.recipes.compose as recipe
     from tests.conftest import write_conll
+    from xlpeft import compose
     from xlpeft.cli import main
 
     base_dir = str(base_dirs["tiny-bert"])
@@ -150,14 +151,46 @@ def test_compose_cli_scores_with_the_extended_tokenizer_and_refuses_output(workd
     monkeypatch.setattr(recipe, "evaluate_model", lambda model, pack, tok, ex: seen.append(len(tok)) or real(
         model, pack, tok, ex))
     base_len = len(load_base(base_dir).tokenizer)
-    main(["compose", "--lang", "sw", "--task", "ner", "--base", base_dir, "--eval-data", str(eval_file)])
+    main(["compose", "--lang", "sw", "--task", "ner", "--base", base_dir, "--eval-data", str(eval_file),
+          "--output", str(workdir / "composed"), "--register"])
     assert seen == [base_len + 4, base_len]  # the composition with its new words; the English baseline without
     assert "zero-shot ner on sw" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        main(["compose", "--lang", "sw", "--task", "ner", "--base", base_dir, "--eval-data", str(eval_file),
-              "--output", str(workdir / "composed")])
-    assert exit_info.value.code != 0 and "cannot be saved as one checkpoint" in capsys.readouterr().err
-    assert not (workdir / "composed").exists()
+    composed = compose(base_dir, ["xlpeft-lang-sw-adapter", "xlpeft-task-ner-adapter"])
+    again = compose(str(workdir / "composed"), [])  # the checkpoint, its unmerged modules and the saved tokenizer
+    vocab = NewVocab.from_extra(again.xlpeft_active.entries[0][1].module.manifest.extra)
+    assert len(again.xlpeft_tokenizer) == base_len + 4
+    other = next(w for w in SW_WORDS if w not in vocab.tokens)  # a word the base's tokens spell
+    enc = again.xlpeft_tokenizer(f"{vocab.tokens[0]} {other} {vocab.tokens[1]}", return_tensors="pt")
+    assert (enc["input_ids"] >= base_len).sum() == 2
+    with torch.no_grad():
+        torch.testing.assert_close(again(**enc).logits, composed(**enc).logits, rtol=0, atol=1e-6)
+    from xlpeft.mlflow import load_model
+
+    registered = load_model("models:/xlpeft-ner-sw/1")  # the registered MLflow Model: its modules, composed again
+    with torch.no_grad():
+        torch.testing.assert_close(registered(**enc).logits, composed(**enc).logits, rtol=0, atol=1e-6)
+    assert len(registered.xlpeft_tokenizer) == base_len + 4
+
+
+def test_a_merged_delta_with_new_words_round_trips_through_a_composed_checkpoint(workdir, base_dirs, sw_corpus,
+                                                                                   tmp_path):
+    from xlpeft import compose
+    from xlpeft.cli import main
+    from xlpeft.composed import save_composed
+
+    base_dir = str(base_dirs["tiny-xlmr"])
+    main(["train-lang", "--lang", "sw", "--method", "sft", "--base", base_dir, "--corpus", str(sw_corpus),
+          "--max-steps", "4", "--set", "max_seq_len=32", "--set", "num_params=500", "--set", "new_tokens=4",
+          "--output", str(workdir / "lang")])
+    model = compose(base_dir, [workdir / "lang"])
+    out = save_composed(model, tmp_path / "composed", model.xlpeft_tokenizer)  # the delta merged, the rows beside it
+    again = compose(str(out), [])
+    vocab = NewVocab.from_extra(again.xlpeft_active.entries[0][1].module.manifest.extra)
+    other = next(w for w in SW_WORDS if w not in vocab.tokens)
+    enc = again.xlpeft_tokenizer(f"{other} {vocab.tokens[0]}", return_tensors="pt")
+    assert (enc["input_ids"] >= vocab.first_id).sum() == 1
+    with torch.no_grad():
+        torch.testing.assert_close(again(**enc).logits, model(**enc).logits, rtol=0, atol=1e-6)
 
 
 def test_a_base_with_more_embedding_rows_than_tokens_scores_the_new_words_right_after_its_tokens(base_dirs):

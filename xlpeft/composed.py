@@ -25,7 +25,8 @@ from xlpeft.io import LoadedModule, load_module
 from xlpeft.methods.adapterdrop import set_inference_drop
 from xlpeft.methods.base import Applied
 from xlpeft.registry import get_method
-from xlpeft.vocab import composition_vocab
+from xlpeft.vocab import STEM as VOCAB_STEM
+from xlpeft.vocab import MergedAlready, composition_vocab, with_vocab
 
 COMPOSITION_FILE = "xlpeft_composition.json"
 UNMERGED_DIR = "modules"  # modules/<leaf index>: the modules a checkpoint cannot hold, as xlpeft module folders
@@ -181,10 +182,9 @@ def save_composed(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path
     """
     from xlpeft.io import save_module
 
-    if composition_vocab([leaf.module for leaf in model.xlpeft_composition.leaves()]) is not None:
-        raise XlpeftError(f"{model.xlpeft_composition.describe()}: a composition with a language module that adds new "
-                          "vocabulary cannot be saved as one checkpoint yet; compose it where it is used "
-                          "(xlpeft compose ... without --output, or xlpeft.compose(base, [modules]))")
+    if tokenizer is not None and len(tokenizer) != len(model.xlpeft_tokenizer or tokenizer):
+        raise XlpeftError("save_composed: pass the composed model's own tokenizer (model.xlpeft_tokenizer): its "
+                          "language module adds words the given tokenizer does not have")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     own = model._modules.pop("xlpeft_modules", None)
@@ -223,6 +223,13 @@ def read_record(path: Path) -> tuple[Composition, dict[int, Path]]:
     return composition, {int(i): path / sub for i, sub in record.get("unmerged", {}).items()}
 
 
+def _saved_tokenizer(path: Path):
+    """The tokenizer :func:`save_composed` wrote beside the checkpoint, or None when it was given none."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+
+
 def load_composed(path: str | Path) -> nn.Module:
     """Load a directory written by :func:`save_composed`: the checkpoint, then its unmerged modules re-applied."""
     from transformers import (
@@ -254,7 +261,10 @@ def load_composed(path: str | Path) -> nn.Module:
                 raise XlpeftError(f"{sub} does not match module {i} of the composition record in {path}; the "
                                   "directory was edited by hand: compose it again")
             leaf = dataclasses.replace(leaves[i], module=module)
-            active.entries.append((i, leaf, get_method(leaf.method).apply(base, module)))
+            own = {stem: state for stem, state in module.tensors.items() if stem != VOCAB_STEM}  # the method's
+            handle = (get_method(leaf.method).apply(base, dataclasses.replace(module, tensors=own)) if own
+                      else MergedAlready())  # a delta with new words: the delta is in the weights, the rows are not
+            active.entries.append((i, leaf, with_vocab(model, module, handle)))
         set_inference_drop(active.modules(), composition.adapter_drop, len(base.layers))  # as it was composed
     except BaseException:
         active.remove()
@@ -262,5 +272,5 @@ def load_composed(path: str | Path) -> nn.Module:
     model.add_module("xlpeft_modules", nn.ModuleList(active.modules()))
     model.xlpeft_composition = composition
     model.xlpeft_active = active
-    model.xlpeft_tokenizer = None  # the checkpoint's own, beside it (save_composed writes it; no new vocabulary)
+    model.xlpeft_tokenizer = _saved_tokenizer(path)  # with the language module's new words, as it was saved
     return model.eval()

@@ -230,6 +230,19 @@ class WithVocab:
         self.inner.close()
 
 
+class MergedAlready:
+    """The :class:`~xlpeft.methods.base.Applied` handle of a delta a composed checkpoint already holds in its weights."""
+
+    def remove(self) -> None:
+        pass
+
+    def modules(self) -> list[nn.Module]:
+        return []
+
+    def saved_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {}
+
+
 class WithVocabApplied:
     """A saved module's :class:`~xlpeft.methods.base.Applied` handle and its vocabulary rows, removed together."""
 

@@ -25,7 +25,6 @@ from xlpeft.metrics import METRICS
 from xlpeft.models import load_base
 from xlpeft.packs import TaskPack, language_name, load_task_pack
 from xlpeft.registry import get_method
-from xlpeft.vocab import composition_vocab
 
 
 @dataclass(frozen=True)
@@ -111,12 +110,6 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
               "task_module": task.source, "modules": ", ".join(m.source for m in extra) or "none",
               "eval_data": evaluated_on or "none", "adapter_drop": req.adapter_drop}
 
-    new_vocab = composition_vocab([leaf.module for leaf in composition.leaves()])
-    if new_vocab is not None and (req.output or req.register):
-        raise XlpeftError(f"{composition.describe()}: its language module adds {len(new_vocab.tokens)} new tokens, and "
-                          "such a composition cannot be saved as one checkpoint yet; drop --output/--register (the "
-                          "evaluation runs and is logged), or compose it where it is used with xlpeft.compose")
-
     # ---- compose, evaluate against the baseline, save
     with tracking.tracked_run(f"compose-{req.lang}-{req.task}-{methods}", tags, params) as tracker:
         if overlap:
@@ -133,16 +126,13 @@ def compose_task(req: ComposeRequest) -> ComposeResult:
             tracker.log_metrics({f"baseline_{k}": v for k, v in baseline.items()}, 0)
             tracker.set_tags({"xlpeft.baseline_lang": baseline_lang or "none"})
         out = Path(req.output) if req.output else None
-        registered = None
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / "composed"  # written whole, then copied: never mixed into another directory
-            if new_vocab is None:  # else refused above when asked for; the run keeps its metrics
-                save_composed(model, target, base.tokenizer)
-                tracker.log_artifacts(target, "composed")
+            save_composed(model, target, model.xlpeft_tokenizer)  # with a language module's new words, if any
+            tracker.log_artifacts(target, "composed")
             if out is not None:
                 out = install_dir(target, out, COMPOSITION_FILE, "an earlier composed model")
-            if req.register:
-                registered = register_composition(tracker, composition, base, tags, Path(tmp))
+            registered = register_composition(tracker, composition, base, tags, Path(tmp)) if req.register else None
     return ComposeResult(tracker.run_id, METRICS[pack.metric], metrics, baseline, baseline_lang, out, overlap,
                          evaluated_on, *(registered or (None, None)))
 

@@ -190,13 +190,13 @@ class XlpeftPyfunc:
         """Word tags per sentence (token task), a label per ``premise<TAB>hypothesis`` (NLI), mask fillers (MLM)."""
         lines = sentences_of(model_input)
         if self.conf["kind"] == "language":
-            return fill_mask(self.model, self.base.tokenizer, lines, int((params or {}).get("top_k", TOP_K)))
+            return fill_mask(self.model, self.model.xlpeft_tokenizer, lines, int((params or {}).get("top_k", TOP_K)))
         from xlpeft.packs import load_task_pack
         from xlpeft.recipes.predict import predict_with
 
         task = self.model.xlpeft_composition.task
         pack = load_task_pack(task.module.manifest.task)
-        return [pred for _, pred in predict_with(self.model, pack, self.base.tokenizer, lines)]
+        return [pred for _, pred in predict_with(self.model, pack, self.model.xlpeft_tokenizer, lines)]  # + new words
 
 
 def sentences_of(model_input: Any) -> list[str]:

@@ -124,6 +124,11 @@ def test_what_cannot_carry_new_tokens_is_refused(workdir, base_dirs, sw_corpus, 
         compose(base_dir, [workdir / "a", workdir / "b"])
     with pytest.raises(XlpeftError, match="model.xlpeft_tokenizer"):  # the base's tokenizer lacks the new words
         save_composed(compose(base_dir, [workdir / "a"]), tmp_path / "composed", load_base(base_dir).tokenizer)
+    from xlpeft.interop import convert
+
+    with pytest.raises(XlpeftError, match="exporting would drop them"):
+        convert(workdir / "a", tmp_path / "ah", "xlpeft", "adapterhub")
+    assert not (tmp_path / "ah").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["train-task", "--task", "ner", "--lang", "en", "--base", base_dir, "--train-data",
               str(ner_files["train"]), "--set", "lang_module=none", "--set", "new_tokens=3", "--max-steps", "2"])

@@ -111,13 +111,13 @@ def test_train_lang_with_new_tokens_trains_and_composes_them(workdir, base_dirs,
 
 
 def test_what_cannot_carry_new_tokens_is_refused(workdir, base_dirs, sw_corpus, ner_files, capsys, tmp_path):
-    from xlpeft import compose
+    from xlpeft import compose, load_module
     from xlpeft.cli import main
     from xlpeft.composed import save_composed
 
     base_dir = str(base_dirs["tiny-bert"])
-    common = ["train-lang", "--lang", "sw", "--base", base_dir, "--corpus", str(sw_corpus), "--max-steps", "2",
-              "--set", "max_seq_len=32", "--set", "new_tokens=3"]
+    common = ["train-lang", "--lang", "sw", "--method", "sft", "--base", base_dir, "--corpus", str(sw_corpus),
+              "--max-steps", "2", "--set", "max_seq_len=32", "--set", "num_params=300", "--set", "new_tokens=3"]
     main([*common, "--output", str(workdir / "a")])
     main([*common, "--seed", "2", "--output", str(workdir / "b")])
     with pytest.raises(XlpeftError, match="both add new vocabulary"):
@@ -125,6 +125,10 @@ def test_what_cannot_carry_new_tokens_is_refused(workdir, base_dirs, sw_corpus, 
     with pytest.raises(XlpeftError, match="model.xlpeft_tokenizer"):  # the base's tokenizer lacks the new words
         save_composed(compose(base_dir, [workdir / "a"]), tmp_path / "composed", load_base(base_dir).tokenizer)
     from xlpeft.interop import convert
+    from xlpeft.merging import check_mergeable
+
+    with pytest.raises(XlpeftError, match="cannot be merged"):
+        check_mergeable([load_module(workdir / "a"), load_module(workdir / "b")])
 
     with pytest.raises(XlpeftError, match="exporting would drop them"):
         convert(workdir / "a", tmp_path / "ah", "xlpeft", "adapterhub")

@@ -178,15 +178,20 @@ def merge_heads(modules: list[LoadedModule], weights: list[float]) -> dict[str, 
 
 
 def check_mergeable(modules: list[LoadedModule]) -> None:
-    """At least two delta modules of one kind, one base and (task modules) one task.
+    """At least two delta modules of one kind, one base and (task modules) one task, none adding new tokens.
 
     Raises:
         XlpeftError: naming the module that does not fit.
     """
     if len(modules) < 2:
         raise XlpeftError(f"merging needs at least two modules; got {len(modules)}")
+    from xlpeft.vocab import new_vocab_of
+
     first = modules[0].manifest
     for m in modules:
+        if new_vocab_of(m) is not None:  # the rows are not a weight delta: merging would drop them
+            raise XlpeftError(f"{m.path} adds new tokens (train-lang --set new_tokens); their embedding rows are not a "
+                              "change to the base's weights and cannot be merged: merge modules without new_tokens")
         if get_method(m.manifest.method).weight_delta is None:
             sparse_entries(m, None)  # raises the error that names the method
         if m.manifest.kind != first.kind:

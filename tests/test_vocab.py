@@ -219,3 +219,39 @@ def test_a_base_with_more_embedding_rows_than_tokens_scores_the_new_words_right_
     assert logits.shape[-1] == len(tok) + len(vocab.tokens)
     where = enc["input_ids"][0] == vocab.first_id
     assert torch.equal(emb_out[0, where], rows.weight[:1])  # an id inside the embedding matrix still reads its new row
+
+
+def test_the_matrix_scores_a_module_with_new_words_with_its_tokenizer_and_leaves_the_rest_in_place(
+        workdir, base_dirs, sw_corpus, ner_files):
+    from tests.conftest import make_ner
+    from xlpeft import compose, load_module
+    from xlpeft.cli import main
+    from xlpeft.evaluation import evaluate_model
+    from xlpeft.matrix import Scorer
+    from xlpeft.packs import load_task_pack
+
+    base_dir = str(base_dirs["tiny-bert"])
+    lang = ["train-lang", "--lang", "sw", "--base", base_dir, "--corpus", str(sw_corpus), "--max-steps", "3",
+            "--set", "max_seq_len=32"]
+    main([*lang, "--set", "new_tokens=4", "--output", str(workdir / "vocab")])
+    main([*lang, "--output", str(workdir / "plain")])
+    main(["train-task", "--task", "ner", "--lang", "en", "--base", base_dir, "--train-data", str(ner_files["train"]),
+          "--set", "lang_module=none", "--max-steps", "3", "--set", "max_seq_len=32", "--output", str(workdir / "ner")])
+    vocab_mod, plain, task = (load_module(workdir / d) for d in ("vocab", "plain", "ner"))
+    vocab = NewVocab.from_extra(vocab_mod.manifest.extra)
+    pack = load_task_pack("ner")
+    from tests.conftest import write_conll
+    from xlpeft.evaluation import eval_examples
+
+    sentences = [[*s, (vocab.tokens[i % 4], "O")] for i, s in enumerate(make_ner(12, seed=4))]  # new words in each
+    examples, _ = eval_examples(pack, "sw", str(write_conll(workdir / "sw.conll", sentences)))
+    base = load_base(base_dir)
+    scorer = Scorer(base)
+    data = scorer.prepare(pack, examples)
+    first = scorer.score([plain, task], data)
+    with_words = scorer.score([vocab_mod, task], data)
+    again = scorer.score([plain, task], data)
+    scorer.close()
+    model = compose(base_dir, [vocab_mod, task])
+    assert with_words == evaluate_model(model, pack, model.xlpeft_tokenizer, examples)["f1"]
+    assert first == again  # the cell composed on its own left the in-place models as they were

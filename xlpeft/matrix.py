@@ -19,6 +19,7 @@ from xlpeft.evaluation import EvalSet, eval_examples, eval_set, evaluate_set, mo
 from xlpeft.io import LoadedModule
 from xlpeft.metrics import METRICS
 from xlpeft.packs import TaskPack
+from xlpeft.vocab import composition_vocab
 
 BASELINE = "baseline"
 
@@ -102,7 +103,22 @@ class Scorer:
         return eval_set(pack, self.base.tokenizer, examples, max_len=self.max_len)
 
     def score(self, modules: list[LoadedModule], data: EvalSet) -> float:
-        """The pack's headline metric of ``modules`` (bottom first, task module last) on ``data``."""
+        """The pack's headline metric of ``modules`` (bottom first, task module last) on ``data``.
+
+        A language module that adds new tokens needs its own encoding of the examples, with the
+        composition's tokenizer: that cell is composed on its own (after the in-place modules are
+        removed) and removed again, so the next cell starts from the bare base as usual.
+        """
+        if composition_vocab(modules) is not None:
+            from xlpeft.compose import compose
+
+            self.in_place.close()
+            model = compose(self.base, modules)
+            try:
+                own = eval_set(data.pack, model.xlpeft_tokenizer, data.examples, max_len=data.max_len)
+                return evaluate_set(model, own)[METRICS[data.pack.metric]]
+            finally:
+                model.xlpeft_active.remove()
         with self.in_place.composed(modules) as model:
             return evaluate_set(model, data)[METRICS[data.pack.metric]]
 

@@ -33,5 +33,7 @@ def coverage_cmd(base: str | None, langs: str | None, max_lines: int) -> None:
             skipped.append(f"{pack.code}: skipped ({exc})")
     if rows:
         click.echo(table(rows))
+        click.echo("a language cut into many pieces a word can carry new whole-word tokens in its language module: "
+                   "xlpeft train-lang --lang CODE --set new_tokens=N")
     for line in skipped:
         click.echo(line)

@@ -99,6 +99,9 @@ def test_train_lang_with_new_tokens_trains_and_composes_them(workdir, base_dirs,
     init = rows_for(base.model, vocab)
     init.init_from_pieces(base.model, base.tokenizer)
     assert not torch.allclose(module.tensors["vocab"]["weight"], init.weight)  # the rows were trained
+    from xlpeft.hub_card import model_card
+
+    assert "adds 5 whole-word tokens" in model_card(module, "org/sw-vocab")  # the hub card tells how to tokenize
     model = compose(base_dir, [workdir / "lang-vocab"])
     plain_model = compose(base_dir, [workdir / "lang-plain"])
     assert len(model.xlpeft_tokenizer) == len(base.tokenizer) + 5 and plain_model.xlpeft_tokenizer is not None

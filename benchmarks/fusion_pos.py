@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pos_scoring import cell, score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
+from pos_scoring import inputs_table, score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
 
 SYSTEMS = ("en", "best input", "fusion", "own")
 LANGS = ("en", "id", "tr", "km")
@@ -52,20 +52,8 @@ def score_target(base, pack, target: str, seed_dir: Path, limit: int | None) -> 
 
 
 def table(results: dict[int, dict[str, dict]], targets: list[str]) -> str:
-    """Markdown: a row per target, a column per system, mean ± std over seeds, the difference from ``en``.
-
-    ``*`` marks a difference larger than the two cells' standard deviations added, as the other POS tables
-    do (a conservative check, not a significance test; never claimed from one seed).
-    """
-    lines = ["| accuracy | " + " | ".join(SYSTEMS) + " |", "|---" * (len(SYSTEMS) + 1) + "|"]
-    for t in targets:
-        eng = [results[seed][t]["en"] for seed in results]
-        cells = []
-        for s in SYSTEMS:
-            picked = "" if s != "best input" else " [" + ",".join(results[seed][t]["best_input_lang"] for seed in results) + "]"
-            cells.append(cell([results[seed][t][s] for seed in results], eng, s == "en") + picked)
-        lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Markdown: a row per target, a column per system, mean ± std over seeds, the difference from ``en``."""
+    return inputs_table(results, targets, SYSTEMS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,3 +92,21 @@ def cell(vals: list[float], ref: list[float], is_ref: bool) -> str:
     star = "*" if len(vals) > 1 and abs(mean - ref_mean) > sd + ref_sd else ""
     diff = "" if is_ref else f" ({mean - ref_mean:+.3f}{star})"
     return f"{mean:.3f} ± {sd:.3f}{diff}" if len(vals) > 1 else f"{mean:.3f}{diff}"
+
+
+def inputs_table(results: dict[int, dict[str, dict]], targets: list[str], systems: tuple[str, ...]) -> str:
+    """Markdown for a combination of modules against its inputs: a row per target, a column per system.
+
+    Mean ± std over seeds and the difference from ``en``; the ``best input`` column names the input each
+    seed's oracle picked. ``*`` marks a difference larger than the two cells' standard deviations added, as the
+    other POS tables do (a conservative check, not a significance test; never claimed from one seed).
+    """
+    lines = ["| accuracy | " + " | ".join(systems) + " |", "|---" * (len(systems) + 1) + "|"]
+    for t in targets:
+        eng = [results[seed][t]["en"] for seed in results]
+        cells = []
+        for s in systems:
+            picked = "" if s != "best input" else " [" + ",".join(results[seed][t]["best_input_lang"] for seed in results) + "]"
+            cells.append(cell([results[seed][t][s] for seed in results], eng, s == "en") + picked)
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -26,29 +26,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pos_scoring import inputs_table, score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
+from pos_scoring import accuracy_over, inputs_table, other_inputs, score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
 
 SYSTEMS = ("en", "best input", "fusion", "own")
-LANGS = ("en", "id", "tr", "km")
 
 
-def score_target(base, pack, target: str, seed_dir: Path, limit: int | None) -> dict[str, float]:
+def score_target(base, pack, target: str, seed_dir: Path, limit: int | None) -> dict:
     """Every system's accuracy for ``target`` with one seed's modules (see the module docstring)."""
-    from xlpeft import compose, load_module
-    from xlpeft.evaluation import eval_examples, evaluate_model
-
-    examples, _ = eval_examples(pack, target, None)
-    examples = examples[:limit] if limit else examples
-    task = load_module(seed_dir / "task-pos-en-adapter")
-
-    def accuracy(lang_dir: str) -> float:
-        model = compose(base, [load_module(seed_dir / lang_dir), task])
-        return evaluate_model(model, pack, base.tokenizer, examples)["accuracy"]
-
-    inputs = {lang: accuracy(f"lang-{lang}-adapter") for lang in LANGS if lang != target}
-    best = max(inputs, key=inputs.get)
-    return {"en": inputs["en"], "best input": inputs[best], "best_input_lang": best,
-            "fusion": accuracy(f"lang-{target}-fusion"), "own": accuracy(f"lang-{target}-adapter")}
+    accuracy = accuracy_over(base, pack, target, seed_dir, limit, "task-pos-en-adapter")
+    return {**other_inputs(accuracy, target, "adapter"), "fusion": accuracy(f"lang-{target}-fusion"),
+            "own": accuracy(f"lang-{target}-adapter")}
 
 
 def table(results: dict[int, dict[str, dict]], targets: list[str]) -> str:

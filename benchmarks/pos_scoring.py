@@ -79,6 +79,36 @@ def score_cli(name: str, doc: str, score_target: Callable, table: Callable, sect
     return 0
 
 
+LANGS = ("en", "id", "tr", "km")
+"""The languages of the POS benchmark's modules: the source and the three targets."""
+
+
+def accuracy_over(base, pack, target: str, seed_dir: Path, limit: int | None, task_dir: str) -> Callable[[str], float]:
+    """``accuracy(lang_dir)``: the task module ``task_dir`` over that language module on ``target``'s real test set.
+
+    The examples are read once; each composition is scored with its own tokenizer (a module's new words).
+    """
+    from xlpeft import compose, load_module
+    from xlpeft.evaluation import eval_examples, evaluate_model
+
+    examples, _ = eval_examples(pack, target, None)
+    examples = examples[:limit] if limit else examples
+    task = load_module(seed_dir / task_dir)
+
+    def accuracy(lang_dir: str) -> float:
+        model = compose(base, [load_module(seed_dir / lang_dir), task])
+        return evaluate_model(model, pack, model.xlpeft_tokenizer, examples)["accuracy"]
+
+    return accuracy
+
+
+def other_inputs(accuracy: Callable[[str], float], target: str, method: str) -> dict:
+    """The English module's score and the best of the other languages' modules (the oracle pick, on the test set)."""
+    inputs = {lang: accuracy(f"lang-{lang}-{method}") for lang in LANGS if lang != target}
+    best = max(inputs, key=inputs.get)
+    return {"en": inputs["en"], "best input": inputs[best], "best_input_lang": best}
+
+
 def cell(vals: list[float], ref: list[float], is_ref: bool) -> str:
     """``mean ± sd (difference from the reference column)`` over seeds; one seed: no sd.
 

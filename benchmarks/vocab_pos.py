@@ -22,25 +22,17 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pos_scoring import cell, score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
+from pos_scoring import accuracy_over, cell, score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
 
 SYSTEMS = ("en", "own", "own + new tokens")
 
 
 def score_target(base, pack, target: str, seed_dir: Path, limit: int | None) -> dict:
     """Every system's accuracy for ``target`` with one seed's modules (see the module docstring)."""
-    from xlpeft import compose, load_module
-    from xlpeft.evaluation import eval_examples, evaluate_model
+    from xlpeft import load_module
     from xlpeft.vocab import NewVocab
 
-    examples, _ = eval_examples(pack, target, None)
-    examples = examples[:limit] if limit else examples
-    task = load_module(seed_dir / "task-pos-en-adapter")
-
-    def accuracy(lang_dir: str) -> float:
-        model = compose(base, [load_module(seed_dir / lang_dir), task])
-        return evaluate_model(model, pack, model.xlpeft_tokenizer, examples)["accuracy"]  # with its new words
-
+    accuracy = accuracy_over(base, pack, target, seed_dir, limit, "task-pos-en-adapter")  # with a module's new words
     vocab = NewVocab.from_extra(load_module(seed_dir / f"lang-{target}-adapter-vocab").manifest.extra)
     return {"en": accuracy("lang-en-adapter"), "own": accuracy(f"lang-{target}-adapter"),
             "own + new tokens": accuracy(f"lang-{target}-adapter-vocab"), "new": len(vocab.tokens) if vocab else 0}

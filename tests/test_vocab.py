@@ -7,6 +7,7 @@ import torch
 
 from tests.conftest import SW_WORDS, make_lines
 from xlpeft.errors import XlpeftError
+from xlpeft.io import load_module
 from xlpeft.models import load_base
 from xlpeft.vocab import AppliedVocab, NewVocab, extended_tokenizer, rows_for, select_words
 
@@ -258,3 +259,28 @@ def test_the_matrix_scores_a_module_with_new_words_with_its_tokenizer_and_leaves
     model = compose(base_dir, [vocab_mod, task])
     assert with_words == evaluate_model(model, pack, model.xlpeft_tokenizer, examples)["f1"]
     assert first == again  # the cell composed on its own left the in-place models as they were
+
+
+def test_a_task_module_trained_over_new_words_reads_them_and_multi_source_refuses_them(
+        workdir, base_dirs, sw_corpus, capsys, monkeypatch):
+    import xlpeft.recipes.train_task as recipe
+    from tests.conftest import write_conll
+    from xlpeft.cli import main
+
+    base_dir = str(base_dirs["tiny-bert"])
+    lang = ["train-lang", "--base", base_dir, "--corpus", str(sw_corpus), "--max-steps", "2", "--set", "max_seq_len=32"]
+    main([*lang, "--lang", "sw", "--set", "new_tokens=4", "--output", str(workdir / "sw")])
+    main([*lang, "--lang", "en", "--output", str(workdir / "en")])
+    vocab = NewVocab.from_extra(load_module(workdir / "sw").manifest.extra)
+    data = write_conll(workdir / "sw.conll", [[(w, "O") for w in line.split()[:6]] + [("Juma", "B-PER")]
+                                              for line in make_lines(SW_WORDS, 40, seed=6)])
+    seen, real = [], recipe.encode
+    monkeypatch.setattr(recipe, "encode", lambda pack, tok, *a, **k: seen.append(len(tok)) or real(pack, tok, *a, **k))
+    task = ["train-task", "--task", "ner", "--base", base_dir, "--max-steps", "2", "--set", "max_seq_len=32"]
+    main([*task, "--lang", "sw", "--train-data", str(data), "--set", f"lang_module={workdir / 'sw'}",
+          "--output", str(workdir / "task")])
+    assert seen and set(seen) == {vocab.first_id + len(vocab.tokens)}  # encoded with the module's new words
+    with pytest.raises(SystemExit) as exit_info:
+        main([*task, "--lang", "en,sw", "--train-data", f"{data},{data}",
+              "--set", f"lang_module={workdir / 'en'},{workdir / 'sw'}", "--output", str(workdir / "multi")])
+    assert exit_info.value.code != 0 and "adds new tokens" in capsys.readouterr().err

@@ -37,6 +37,7 @@ from xlpeft.registry import get_method
 from xlpeft.tracking.lifecycle import publish, training_run
 from xlpeft.tracking.registration import task_datasets
 from xlpeft.training import PhaseRun, fit_train_config, labelled_count, run_phases, task_loss
+from xlpeft.vocab import new_vocab_of, tokenizer_for
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class SourcePlan:
     train_enc: Any
     lang_module: Any
     lineage: dict
+    tokenizer: Any  # the base's, or with the language module's new words (train-lang --set new_tokens)
 
 
 @dataclass
@@ -187,12 +189,16 @@ def _plan_source(pack, lang: str, read: tuple[list, list, list], setting: str, c
         raise XlpeftError(f"{where}{exc}") from None
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)
-    key = encoding_key(train_ex, base.tokenizer, list(pack.labels), pack.head, cfg.max_seq_len)
-    train_enc, hit = cached_encoding(key, lambda: encode(pack, base.tokenizer, train_ex, cfg.max_seq_len,
+    if multi and lang_module is not None and new_vocab_of(lang_module) is not None:
+        raise XlpeftError(f"{where}its language module {lang_module.path} adds new tokens, which multi-source training "
+                          "does not swap in per batch yet; use a module without new_tokens for this source")
+    tokenizer = tokenizer_for(base.tokenizer, [lang_module] if lang_module is not None else [])  # + its new words
+    key = encoding_key(train_ex, tokenizer, list(pack.labels), pack.head, cfg.max_seq_len)
+    train_enc, hit = cached_encoding(key, lambda: encode(pack, tokenizer, train_ex, cfg.max_seq_len,
                                                          purpose=f"{where}training data"))  # once per data + base
     if hit and train_enc.truncated:  # the warning encode() gives, from the cached counts
         warn_truncated(train_enc, len(train_ex), cfg.max_seq_len, f"{where}training data", default_label(pack))
-    return SourcePlan(lang, train_ex, eval_ex, data, train_enc, lang_module, lineage)
+    return SourcePlan(lang, train_ex, eval_ex, data, train_enc, lang_module, lineage, tokenizer)
 
 
 def check_switchable(base, spec, sources: list[SourcePlan]) -> None:
@@ -319,7 +325,7 @@ def train_task(req: TaskRequest) -> TaskResult:
         def evaluate_source(s: SourcePlan) -> dict[str, float]:
             if switch is not None:
                 switch.to(s.lang)
-            return evaluate_task(base, head, pack, base.tokenizer, s.eval_ex, cfg.max_seq_len)
+            return evaluate_task(base, head, pack, s.tokenizer, s.eval_ex, cfg.max_seq_len)
 
         def evaluate() -> dict[str, float]:
             if not multi:

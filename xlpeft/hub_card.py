@@ -184,7 +184,10 @@ def _usage(m, repo_id: str) -> list[str]:
         lines = ["Compose it over a language module of the target language:", ""]
         py = f'model = xlpeft.compose("{base}", ["LANG_MODULE_DIR_OR_NAME", "{ref}"])'
     note = "" if base != "BASE" else " (`BASE`: the base whose fingerprint is given above)"
-    words = (m.extra.get("new_vocab") or {}).get("tokens") or []
+    from xlpeft.vocab import NewVocab
+
+    vocab_of = NewVocab.from_extra(m.extra)
+    words = list(vocab_of.tokens) if vocab_of else []
     vocab = [f"It adds {len(words):,} whole-word tokens to the base's vocabulary (e.g. {', '.join(words[:5])}): "
              "tokenize its inputs with `model.xlpeft_tokenizer`, which holds them.", ""] if words else []
     return ["## How to use it", "", *lines, f"In Python{note}:", "", "```python", "import xlpeft", "", py, "```", "",

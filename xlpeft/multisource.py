@@ -34,6 +34,7 @@ from xlpeft.io import LoadedModule
 from xlpeft.methods.base import Applied
 from xlpeft.methods.gates import Gate, gated
 from xlpeft.registry import get_method
+from xlpeft.vocab import new_vocab_of
 
 SAMPLINGS = ("proportional", "uniform")
 
@@ -83,6 +84,10 @@ class LanguageSwitch:
             raise
 
     def _add(self, lang: str, module: LoadedModule, verify: bool) -> None:
+        if new_vocab_of(module) is not None:  # its rows and tokenizer are not swapped per batch
+            raise XlpeftError(f"the {lang} language module ({module.path}) adds new tokens (train-lang --set new_tokens), "
+                              "which multi-source training does not swap in per batch yet; use a module without "
+                              "new_tokens for this source")
         was = self.base.model.training
         self.base.model.eval()  # the probe must not draw dropout
         try:

@@ -180,9 +180,12 @@ class AppliedVocab:
 
 def rows_for(model: nn.Module, vocab: NewVocab, state: dict[str, torch.Tensor] | None = None) -> VocabRows:
     """Rows sized for ``model`` (fresh, or holding a saved module's ``state``), frozen when loaded."""
-    decoder = model.get_output_embeddings()
     hidden = model.get_input_embeddings().weight.shape[1]
-    with_bias = state is not None and "bias" in state or state is None and decoder is not None and decoder.bias is not None
+    if state is not None:  # as saved (a task model has no decoder, yet keeps the rows' MLM biases)
+        with_bias = "bias" in state
+    else:
+        decoder = model.get_output_embeddings()
+        with_bias = decoder is not None and decoder.bias is not None
     rows = VocabRows(vocab, hidden, with_bias)
     if state is not None:
         rows.load_state_dict(state)

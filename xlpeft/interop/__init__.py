@@ -179,10 +179,10 @@ def convert(src: str | Path, dst: str | Path, from_format: str, to_format: str =
     elif not Path(src).is_dir():
         raise XlpeftError(f"SRC {src} is not a directory; give a module directory or a hub id hf:ORG/REPO[@REVISION]")
     if from_format == "xlpeft":  # no home library has new vocabulary rows beside a module: they would be lost
-        from xlpeft.io import load_module
-        from xlpeft.vocab import new_vocab_of
+        from xlpeft.io import read_manifest
+        from xlpeft.vocab import NewVocab
 
-        vocab = new_vocab_of(load_module(src))
+        vocab = NewVocab.from_extra(read_manifest(src).extra)  # the manifest alone: the exporter reads the tensors
         if vocab is not None:
             raise XlpeftError(f"{src} adds {len(vocab.tokens)} new tokens (train-lang --set new_tokens), which "
                               f"{to_format} cannot hold; exporting would drop them. Train the module without new_tokens "

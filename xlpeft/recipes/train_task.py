@@ -37,7 +37,7 @@ from xlpeft.registry import get_method
 from xlpeft.tracking.lifecycle import publish, training_run
 from xlpeft.tracking.registration import task_datasets
 from xlpeft.training import PhaseRun, fit_train_config, labelled_count, run_phases, task_loss
-from xlpeft.vocab import new_vocab_of, tokenizer_for
+from xlpeft.vocab import tokenizer_for
 
 
 @dataclass(frozen=True)
@@ -189,9 +189,6 @@ def _plan_source(pack, lang: str, read: tuple[list, list, list], setting: str, c
         raise XlpeftError(f"{where}{exc}") from None
     if lang_module is not None:
         lang_module.check_base(base.fingerprint)
-    if multi and lang_module is not None and new_vocab_of(lang_module) is not None:
-        raise XlpeftError(f"{where}its language module {lang_module.path} adds new tokens, which multi-source training "
-                          "does not swap in per batch yet; use a module without new_tokens for this source")
     tokenizer = tokenizer_for(base.tokenizer, [lang_module] if lang_module is not None else [])  # + its new words
     key = encoding_key(train_ex, tokenizer, list(pack.labels), pack.head, cfg.max_seq_len)
     train_enc, hit = cached_encoding(key, lambda: encode(pack, tokenizer, train_ex, cfg.max_seq_len,

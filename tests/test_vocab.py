@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
 import torch
 
-from tests.conftest import SW_WORDS, make_lines
+from tests.conftest import EN_WORDS, SW_WORDS, make_lines
 from xlpeft.errors import XlpeftError
 from xlpeft.io import load_module
 from xlpeft.models import load_base
 from xlpeft.vocab import AppliedVocab, NewVocab, extended_tokenizer, rows_for, select_words
+from xlpeft.vocab.pieces import base_ids, select_pieces
 
 
 @pytest.fixture(params=["tiny-bert", "tiny-xlmr"])
@@ -137,10 +141,11 @@ def test_what_cannot_carry_new_tokens_is_refused(workdir, base_dirs, sw_corpus, 
     with pytest.raises(XlpeftError, match="exporting would drop them"):
         convert(workdir / "a", tmp_path / "ah", "xlpeft", "adapterhub")
     assert not (tmp_path / "ah").exists()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train-task", "--task", "ner", "--lang", "en", "--base", base_dir, "--train-data",
-              str(ner_files["train"]), "--set", "lang_module=none", "--set", "new_tokens=3", "--max-steps", "2"])
-    assert exit_info.value.code == 2 and "for language modules" in capsys.readouterr().err
+    for setting in ("new_tokens=3", "new_token_unit=piece"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train-task", "--task", "ner", "--lang", "en", "--base", base_dir, "--train-data",
+                  str(ner_files["train"]), "--set", "lang_module=none", "--set", setting, "--max-steps", "2"])
+        assert exit_info.value.code == 2 and "for language modules" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main([*common[:-1], "new_tokens=3", "--set", "new_token_min_count=100000", "--output", str(workdir / "c")])
     assert exit_info.value.code != 0 and "nothing to add" in capsys.readouterr().err
@@ -284,3 +289,93 @@ def test_a_task_module_trained_over_new_words_reads_them_and_multi_source_refuse
         main([*task, "--lang", "en,sw", "--train-data", f"{data},{data}",
               "--set", f"lang_module={workdir / 'en'},{workdir / 'sw'}", "--output", str(workdir / "multi")])
     assert exit_info.value.code != 0 and "adds new tokens" in capsys.readouterr().err
+
+
+def _glued(n: int = 200, seed: int = 3) -> list[str]:
+    """Swahili words run together inside each phrase, as Khmer or Thai text runs its words together."""
+    rng = random.Random(seed)
+    return [" ".join("".join(rng.choice(SW_WORDS) for _ in range(rng.randint(2, 4))) for _ in range(3))
+            for _ in range(n)]
+
+
+def _model_kind(tok) -> str:
+    return json.loads(tok.backend_tokenizer.to_str())["model"]["type"]
+
+
+def test_pieces_chosen_are_frequent_pieces_inside_words_that_the_base_splits(arch_base):
+    tok, lines = arch_base.tokenizer, _glued()
+    pieces, scores = select_pieces(lines, tok, 6, min_count=3)
+    assert len(pieces) == 6 and select_pieces(lines, tok, 6, min_count=3) == (pieces, scores)  # deterministic
+    known = tok.get_vocab()
+    assert all(p not in known and len(base_ids(tok, p)) >= 2 for p in pieces)
+    assert len(scores) == (6 if _model_kind(tok) == "Unigram" else 0)  # WordPiece has no scores
+    assert select_pieces(lines, tok, 3, min_count=3)[0] == pieces[:3]  # the most frequent first
+    assert select_pieces(lines, tok, 6, min_count=10**6) == ([], [])
+    assert select_words(lines, tok, 6, min_count=3) == []  # no phrase repeats: whole words find nothing here
+
+
+def test_a_piece_tokenizer_reads_the_pieces_inside_words_and_all_else_as_the_base(arch_base, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok, lines = arch_base.tokenizer, _glued()
+    pieces, scores = select_pieces(lines, tok, 6)
+    vocab = NewVocab(tuple(pieces), len(tok), "piece", tuple(scores))
+    before = tok(lines, add_special_tokens=False)["input_ids"]
+    ext = extended_tokenizer(tok, vocab)
+    assert len(tok) == vocab.first_id and len(ext) == vocab.first_id + 6  # the base's tokenizer is unchanged
+    assert ext.convert_tokens_to_ids(pieces) == list(range(vocab.first_id, vocab.first_id + 6))
+    ids = ext(lines, add_special_tokens=False)["input_ids"]
+    assert sum(map(len, ids)) < sum(map(len, before)) and any(i >= vocab.first_id for row in ids for i in row)
+    bare = [p.lstrip("▁").removeprefix("##") for p in pieces]
+    elsewhere = [line for line in make_lines(EN_WORDS, 40, seed=4) if not any(b in line for b in bare)]
+    assert elsewhere and ext(elsewhere)["input_ids"] == tok(elsewhere)["input_ids"]  # text without them: as before
+    ext.save_pretrained(tmp_path / "tok")  # compose --output saves it so; it must read the same again
+    assert AutoTokenizer.from_pretrained(tmp_path / "tok")(lines)["input_ids"] == ext(lines)["input_ids"]
+    with pytest.raises(XlpeftError, match="another tokenizer"):
+        extended_tokenizer(ext, vocab)
+    rows = rows_for(arch_base.model, vocab)
+    rows.init_from_pieces(arch_base.model, tok)
+    emb = arch_base.model.get_input_embeddings().weight
+    for i, piece in enumerate(pieces):  # each row starts as the mean of the base pieces it replaces
+        torch.testing.assert_close(rows.weight[i], emb[base_ids(tok, piece)].mean(0), rtol=0, atol=1e-6)
+
+
+def test_wordpiece_reading_of_a_piece_is_the_greedy_longest_match():
+    from xlpeft.vocab.pieces import _wordpiece_ids
+
+    vocab = {"[UNK]": 0, "ab": 1, "##c": 2, "##cd": 3, "##d": 4, "a": 5, "##b": 6}
+    assert _wordpiece_ids("abcd", vocab, "##", 0) == [1, 3]
+    assert _wordpiece_ids("##bcd", vocab, "##", 0) == [6, 3]  # a continuation piece reads as continuations
+    assert _wordpiece_ids("abx", vocab, "##", 0) == [0]  # as WordPiece: not coverable, one unknown
+
+
+def test_train_lang_with_new_pieces_trains_composes_and_round_trips_them(workdir, base_dirs, capsys, tmp_path):
+    from xlpeft import compose
+    from xlpeft.cli import main
+    from xlpeft.composed import save_composed
+    from xlpeft.hub_card import model_card
+
+    corpus = workdir / "glued.txt"
+    corpus.write_text("\n".join(_glued(300)) + "\n", encoding="utf-8")
+    base_dir = str(base_dirs["tiny-xlmr"])
+    common = ["train-lang", "--lang", "sw", "--base", base_dir, "--corpus", str(corpus), "--max-steps", "4",
+              "--set", "max_seq_len=32", "--set", "lr=1e-2"]
+    main([*common, "--set", "new_tokens=5", "--set", "new_token_unit=piece", "--output", str(workdir / "lang")])
+    module = load_module(workdir / "lang")
+    vocab = NewVocab.from_extra(module.manifest.extra)
+    assert vocab.unit == "piece" and len(vocab.tokens) == len(vocab.scores) == 5
+    assert "adds 5 sub-word pieces" in model_card(module, "org/sw-pieces")
+    model = compose(base_dir, [workdir / "lang"])
+    enc = model.xlpeft_tokenizer(_glued(4, seed=9), return_tensors="pt", padding=True)
+    assert (enc["input_ids"] >= vocab.first_id).any()
+    out = save_composed(model, tmp_path / "composed", model.xlpeft_tokenizer)
+    again = compose(str(out), [])
+    enc2 = again.xlpeft_tokenizer(_glued(4, seed=9), return_tensors="pt", padding=True)
+    assert torch.equal(enc2["input_ids"], enc["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**enc2).logits, model(**enc).logits, rtol=0, atol=1e-6)
+    for sets, message in ((["--set", "new_token_unit=piece"], "new_tokens=N, which is 0"),
+                          (["--set", "new_tokens=3", "--set", "new_token_unit=letters"], "should be one of word, piece")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*common, *sets, "--output", str(workdir / "bad")])
+        assert exit_info.value.code != 0 and message in capsys.readouterr().err

@@ -33,7 +33,8 @@ def coverage_cmd(base: str | None, langs: str | None, max_lines: int) -> None:
             skipped.append(f"{pack.code}: skipped ({exc})")
     if rows:
         click.echo(table(rows))
-        click.echo("a language cut into many pieces a word can carry new whole-word tokens in its language module: "
-                   "xlpeft train-lang --lang CODE --set new_tokens=N")
+        click.echo("a language cut into many pieces a word can carry new tokens in its language module: "
+                   "xlpeft train-lang --lang CODE --set new_tokens=N (whole words; for a script written without "
+                   "spaces, sub-word pieces: add --set new_token_unit=piece)")
     for line in skipped:
         click.echo(line)

@@ -195,6 +195,10 @@ class TrainConfig:
                 "whole-word tokens, their embeddings trained with the module (0: none; see xlpeft coverage)", "min": 0})
     new_token_min_count: int = field(default=3, metadata={
         "help": "a new token's word must occur at least this often in the first 200,000 corpus lines", "min": 1})
+    new_token_unit: str = field(default="word", metadata={
+        "help": "what new_tokens adds: word (whole words the base splits, for space-separated scripts) or piece "
+                "(sub-word pieces of a model of the base's kind trained on the corpus, for scripts written without "
+                "spaces: km, th, lo, my)", "choices": ("word", "piece")})
     corpus_mode: str = field(default="auto", metadata={
         "help": "language modules: cache (tokenise once into $XLPEFT_CACHE/tokens, shuffle globally), stream "
                 "(tokenise ahead of the loop, only what is consumed; a shuffle buffer) or auto (stream hf: corpora, "

@@ -188,7 +188,8 @@ def _usage(m, repo_id: str) -> list[str]:
 
     vocab_of = NewVocab.from_extra(m.extra)
     words = list(vocab_of.tokens) if vocab_of else []
-    vocab = [f"It adds {len(words):,} whole-word tokens to the base's vocabulary (e.g. {', '.join(words[:5])}): "
+    kind = "whole-word tokens" if vocab_of is None or vocab_of.unit == "word" else "sub-word pieces"
+    vocab = [f"It adds {len(words):,} {kind} to the base's vocabulary (e.g. {', '.join(words[:5])}): "
              "tokenize its inputs with `model.xlpeft_tokenizer`, which holds them.", ""] if words else []
     return ["## How to use it", "", *lines, f"In Python{note}:", "", "```python", "import xlpeft", "", py, "```", "",
             *vocab,

@@ -20,6 +20,7 @@ from xlpeft.data.mlm import attention_mask_for, mask_tokens, split_blocks
 from xlpeft.data.stream import StreamBatches, check_streamable, corpus_mode
 from xlpeft.data.token_store import open_store
 from xlpeft.distributed import init_from_env
+from xlpeft.errors import ConfigError
 from xlpeft.io import Manifest, check_module_output
 from xlpeft.packs import language_pack
 from xlpeft.recipes import common
@@ -102,7 +103,12 @@ def plan_language(req: LangRequest) -> LangPlan:
     spec.check(base, method_cfg, cfg)  # what the method checks against this base, before any run opens
     dist = init_from_env(device)
     mode = corpus_mode(cfg, corpora)
-    vocab = plan_new_vocab(corpora, base.tokenizer, cfg.new_tokens, cfg.new_token_min_count)  # None: the base's
+    idle = [k for k in ("new_token_unit", "new_token_min_count") if k in req.sets and not cfg.new_tokens]
+    if idle:
+        raise ConfigError(f"--set {idle[0]}={req.sets[idle[0]]} shapes the new tokens of --set new_tokens=N, which is "
+                          "0 (none): add --set new_tokens=N, or drop it")
+    vocab = plan_new_vocab(corpora, base.tokenizer, cfg.new_tokens, cfg.new_token_min_count,
+                           cfg.new_token_unit)  # None: the base's
     tokenizer = base.tokenizer if vocab is None else extended_tokenizer(base.tokenizer, vocab)
     if mode == "cache":
         store = open_store(corpora, tokenizer, cfg.max_corpus_lines, progress=dist.main)  # tokenised once, cached

@@ -223,9 +223,10 @@ def plan_task(req: TaskRequest) -> TaskPlan:
     multi = len(langs) > 1
     spec = get_method(req.method)
     method_cfg, cfg, task_cfg = resolve_configs(req.method, "task", req.sets, TaskConfig)
-    if cfg.new_tokens:  # a task module reads its language module's tokens; it adds none of its own
-        raise ConfigError(f"--set new_tokens={cfg.new_tokens} is for language modules (train-lang); a task module "
-                          "trains over the language module's vocabulary: drop it")
+    vocab_sets = [k for k in ("new_tokens", "new_token_unit", "new_token_min_count") if k in req.sets]
+    if vocab_sets:  # a task module reads its language module's tokens; it adds none of its own
+        raise ConfigError(f"--set {vocab_sets[0]}={req.sets[vocab_sets[0]]} is for language modules (train-lang); a "
+                          "task module trains over the language module's vocabulary: drop it")
     stray = [k for k in MULTI_SOURCE_FIELDS if k in req.sets]
     if stray and not multi:
         raise XlpeftError(f"--set {stray[0]}: applies to multi-source training only (several --lang sources, e.g. "

@@ -7,6 +7,8 @@ Scripts"). ``train-lang --set new_tokens=N`` adds the N most frequent words of t
 base tokenizer splits into several pieces as whole-word tokens, each embedded by a new row that is
 initialised as the mean of the base embeddings of the pieces it replaces (the overlapping sub-words:
 an untrained new token starts where the base's reading of it is) and trained with the module.
+For scripts written without spaces, ``--set new_token_unit=piece`` adds sub-word pieces instead
+(:mod:`xlpeft.vocab.pieces`).
 
 The base stays untouched: new ids come after the base tokenizer's, a pre-hook on the word
 embeddings maps them to row 0 and a forward hook writes the new rows at their positions; on a
@@ -29,28 +31,42 @@ from torch import nn
 from xlpeft.errors import XlpeftError
 
 STEM = "vocab"
-EXTRA = "new_vocab"  # manifest extra key: {"tokens": [...], "first_id": int}
+EXTRA = "new_vocab"  # manifest extra key: {"tokens": [...], "first_id": int, "unit": str[, "scores": [...]]}
+UNITS = ("word", "piece")
 
 
 @dataclass(frozen=True)
 class NewVocab:
-    """The words a module adds, in id order from ``first_id`` (the base tokenizer's length)."""
+    """The words (or pieces) a module adds, in id order from ``first_id`` (the base tokenizer's length).
+
+    ``unit`` "word": whole-word added tokens; "piece": sub-word pieces of the base's own model, with
+    ``scores`` their Unigram log-probabilities (empty for WordPiece).
+    """
 
     tokens: tuple[str, ...]
     first_id: int
+    unit: str = "word"
+    scores: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.tokens or len(set(self.tokens)) != len(self.tokens) or self.first_id < 1:
-            raise XlpeftError(f"new vocabulary should be distinct words after id {self.first_id} >= 1; got "
-                              f"{len(self.tokens)} word(s), {len(set(self.tokens))} distinct")
+            raise XlpeftError(f"new vocabulary should be distinct tokens after id {self.first_id} >= 1; got "
+                              f"{len(self.tokens)} token(s), {len(set(self.tokens))} distinct")
+        if self.unit not in UNITS or (self.scores and (self.unit != "piece" or len(self.scores) != len(self.tokens))):
+            raise XlpeftError(f"new vocabulary unit should be one of {UNITS} (scores only for pieces, one each); got "
+                              f"unit {self.unit!r} with {len(self.scores)} score(s) for {len(self.tokens)} token(s)")
 
     def to_extra(self) -> dict:
-        return {"tokens": list(self.tokens), "first_id": self.first_id}
+        return {"tokens": list(self.tokens), "first_id": self.first_id, "unit": self.unit,
+                **({"scores": list(self.scores)} if self.scores else {})}
 
     @classmethod
     def from_extra(cls, extra: dict) -> NewVocab | None:
         data = extra.get(EXTRA)
-        return None if not data else cls(tuple(data["tokens"]), int(data["first_id"]))
+        if not data:
+            return None
+        return cls(tuple(data["tokens"]), int(data["first_id"]), data.get("unit", "word"),
+                   tuple(float(s) for s in data.get("scores", ())))
 
 
 def select_words(lines: Iterable[str], tokenizer, n: int, min_count: int = 3, max_lines: int = 200_000) -> list[str]:
@@ -74,7 +90,7 @@ def select_words(lines: Iterable[str], tokenizer, n: int, min_count: int = 3, ma
     return chosen
 
 
-def plan_new_vocab(corpora: list, tokenizer, n: int, min_count: int) -> NewVocab | None:
+def plan_new_vocab(corpora: list, tokenizer, n: int, min_count: int, unit: str = "word") -> NewVocab | None:
     """The new vocabulary ``train-lang --set new_tokens=N`` adds (None for N = 0), chosen from the corpora's first lines.
 
     Fewer qualifying words than asked is said on stderr; none at all is an error (nothing to add).
@@ -86,21 +102,30 @@ def plan_new_vocab(corpora: list, tokenizer, n: int, min_count: int) -> NewVocab
 
     if n == 0:
         return None
-    words = select_words(itertools.chain.from_iterable(iter_lines(c) for c in corpora), tokenizer, n, min_count)
+    from xlpeft.vocab.pieces import select_pieces
+
+    lines = itertools.chain.from_iterable(iter_lines(c) for c in corpora)
+    words, scores = (select_words(lines, tokenizer, n, min_count), []) if unit == "word" else select_pieces(
+        lines, tokenizer, n, min_count)
+    what = "word" if unit == "word" else "piece of a sub-word model trained on it"
     if not words:
-        raise XlpeftError(f"new_tokens={n}: no word of the corpus occurs {min_count}+ times and is split by the base "
-                          "tokenizer, so there is nothing to add; lower --set new_token_min_count, or train without "
-                          "new_tokens")
+        raise XlpeftError(f"new_tokens={n}: no {what} of the corpus occurs {min_count}+ times and is split by the "
+                          "base tokenizer, so there is nothing to add; lower --set new_token_min_count, or train "
+                          "without new_tokens")
     if len(words) < n:
-        print(f"new_tokens: {len(words)} of the {n} asked for (only these words occur {min_count}+ times and are "
+        print(f"new_tokens: {len(words)} {unit}s of the {n} asked for (only these occur {min_count}+ times and are "
               "split by the base tokenizer)", file=sys.stderr)
-    return NewVocab(tuple(words), len(tokenizer))
+    return NewVocab(tuple(words), len(tokenizer), unit, tuple(scores))
 
 
 def extended_tokenizer(tokenizer, vocab: NewVocab):
-    """A copy of ``tokenizer`` that gives ``vocab``'s words their ids (whole words only); the original is unchanged."""
+    """A copy of ``tokenizer`` that gives ``vocab``'s words (or pieces) their ids; the original is unchanged."""
     from tokenizers import AddedToken
 
+    if vocab.unit == "piece":
+        from xlpeft.vocab.pieces import with_pieces
+
+        return with_pieces(tokenizer, vocab.tokens, vocab.scores, vocab.first_id)
     if len(tokenizer) != vocab.first_id:
         raise XlpeftError(f"the module's new vocabulary starts at id {vocab.first_id}, but this tokenizer has "
                           f"{len(tokenizer)} tokens: it was trained with another tokenizer (use the module's own base)")
@@ -127,11 +152,15 @@ class VocabRows(nn.Module):
 
     def init_from_pieces(self, model: nn.Module, tokenizer) -> None:
         """Each row the mean of the base embeddings (and decoder biases) of the pieces its word splits into."""
+        from xlpeft.vocab.pieces import base_ids
+
         emb = model.get_input_embeddings().weight  # (V, H)
         decoder = model.get_output_embeddings()
         with torch.no_grad():
             for i, word in enumerate(self.vocab.tokens):
-                pieces = torch.tensor(tokenizer(word, add_special_tokens=False)["input_ids"])  # (P,)
+                ids = (tokenizer(word, add_special_tokens=False)["input_ids"] if self.vocab.unit == "word"
+                       else base_ids(tokenizer, word))
+                pieces = torch.tensor(ids)  # (P,)
                 self.weight[i] = emb[pieces].float().mean(0)
                 if self.bias is not None and decoder is not None and decoder.bias is not None:
                     self.bias[i] = decoder.bias[pieces].float().mean()

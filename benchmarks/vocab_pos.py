@@ -1,4 +1,4 @@
-"""New whole-word tokens in the target's language adapter on real POS data: do they help zero-shot transfer?
+"""New tokens (whole words, or sub-word pieces) in the target's language adapter on real POS data: do they help?
 
     .venv/bin/python benchmarks/vocab_pos.py --modules-dir modules/pos-universal/e5-small-bible
     .venv/bin/python benchmarks/vocab_pos.py --modules-dir DIR --seeds 2,3 --readme benchmarks/README.md
@@ -10,7 +10,9 @@ target (id, tr, km) it scores, on the target's real test set, the English task a
 * ``en``: the English language adapter (no target module), the floor;
 * ``own``: the target's own language adapter (MAD-X zero-shot transfer);
 * ``own + new tokens``: the same adapter trained with new tokens (``pipelines/pos-vocab.yaml``; the same
-  text, steps and seed), scored with its extended tokenizer; ``new`` is how many words it added.
+  text, steps and seed), scored with its extended tokenizer; ``new`` is how many words it added;
+* ``own + new pieces``: the same with ``--set new_token_unit=piece`` (sub-word pieces of a model trained on the
+  text: for scripts written without spaces), where ``pos-vocab.yaml``'s ``piece_langs`` trained it (else —).
 
 Prints the machine, the wall time, and mean ± sample std over seeds with the difference from ``own``.
 Nothing here is tuned: every setting is the pipelines', fixed before any score was seen.
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pos_scoring import accuracy_over, cell, score_cli  # noqa: E402  (the POS scoring benchmarks' shared command line)
 
-SYSTEMS = ("en", "own", "own + new tokens")
+SYSTEMS = ("en", "own", "own + new tokens", "own + new pieces")
 
 
 def score_target(base, pack, target: str, seed_dir: Path, limit: int | None) -> dict:
@@ -33,9 +35,16 @@ def score_target(base, pack, target: str, seed_dir: Path, limit: int | None) -> 
     from xlpeft.vocab import NewVocab
 
     accuracy = accuracy_over(base, pack, target, seed_dir, limit, "task-pos-en-adapter")  # with a module's new words
-    vocab = NewVocab.from_extra(load_module(seed_dir / f"lang-{target}-adapter-vocab").manifest.extra)
+
+    def added(name: str) -> int:
+        vocab = NewVocab.from_extra(load_module(seed_dir / name).manifest.extra)
+        return len(vocab.tokens) if vocab else 0
+
+    pieces = f"lang-{target}-adapter-pieces"
+    has_pieces = (seed_dir / pieces).is_dir()
     return {"en": accuracy("lang-en-adapter"), "own": accuracy(f"lang-{target}-adapter"),
-            "own + new tokens": accuracy(f"lang-{target}-adapter-vocab"), "new": len(vocab.tokens) if vocab else 0}
+            "own + new tokens": accuracy(f"lang-{target}-adapter-vocab"), "new": added(f"lang-{target}-adapter-vocab"),
+            "own + new pieces": accuracy(pieces) if has_pieces else None, "new pieces": added(pieces) if has_pieces else 0}
 
 
 def table(results: dict[int, dict[str, dict]], targets: list[str]) -> str:
@@ -44,12 +53,15 @@ def table(results: dict[int, dict[str, dict]], targets: list[str]) -> str:
     ``*`` marks a difference larger than the two cells' standard deviations added, as the other POS tables
     do (a conservative check, not a significance test; never claimed from fewer than two seeds).
     """
-    lines = ["| accuracy | " + " | ".join(SYSTEMS) + " | new tokens |", "|---" * (len(SYSTEMS) + 2) + "|"]
+    lines = ["| accuracy | " + " | ".join(SYSTEMS) + " | new words | new pieces |", "|---" * (len(SYSTEMS) + 3) + "|"]
     for t in targets:
         own = [results[seed][t]["own"] for seed in results]
-        cells = [cell([results[seed][t][s] for seed in results], own, s == "own") for s in SYSTEMS]
-        added = ",".join(str(results[seed][t]["new"]) for seed in results)
-        lines.append(f"| {t} | " + " | ".join(cells) + f" | {added} |")
+        cells = []
+        for s in SYSTEMS:  # a system some seed lacks (no pieces trained, or an earlier --json): not shown
+            vals = [results[seed][t].get(s) for seed in results]
+            cells.append("—" if None in vals else cell(vals, own, s == "own"))
+        added = [",".join(str(results[seed][t].get(key, 0)) for seed in results) for key in ("new", "new pieces")]
+        lines.append(f"| {t} | " + " | ".join(cells) + f" | {added[0]} | {added[1]} |")
     return "\n".join(lines)
 
 

@@ -266,7 +266,7 @@ def test_the_matrix_scores_a_module_with_new_words_with_its_tokenizer_and_leaves
     assert first == again  # the cell composed on its own left the in-place models as they were
 
 
-def test_a_task_module_trained_over_new_words_reads_them_and_multi_source_refuses_them(
+def test_a_task_module_trained_over_new_words_reads_them_also_among_other_sources(
         workdir, base_dirs, sw_corpus, capsys, monkeypatch):
     import xlpeft.recipes.train_task as recipe
     from tests.conftest import write_conll
@@ -285,10 +285,59 @@ def test_a_task_module_trained_over_new_words_reads_them_and_multi_source_refuse
     main([*task, "--lang", "sw", "--train-data", str(data), "--set", f"lang_module={workdir / 'sw'}",
           "--output", str(workdir / "task")])
     assert seen and set(seen) == {vocab.first_id + len(vocab.tokens)}  # encoded with the module's new words
-    with pytest.raises(SystemExit) as exit_info:
-        main([*task, "--lang", "en,sw", "--train-data", f"{data},{data}",
-              "--set", f"lang_module={workdir / 'en'},{workdir / 'sw'}", "--output", str(workdir / "multi")])
-    assert exit_info.value.code != 0 and "adds new tokens" in capsys.readouterr().err
+    seen.clear()
+    main([*task, "--lang", "en,sw", "--train-data", f"{data},{data}",
+          "--set", f"lang_module={workdir / 'en'},{workdir / 'sw'}", "--output", str(workdir / "multi")])
+    assert sorted(set(seen)) == [vocab.first_id, vocab.first_id + len(vocab.tokens)]  # each source its own tokenizer
+    assert load_module(workdir / "multi").manifest.kind == "task"
+
+
+@pytest.mark.parametrize("method", ["adapter", "sft"])  # hooked, and merged into the weights per batch
+def test_the_language_switch_gives_each_source_its_own_new_words(workdir, base_dirs, sw_corpus, method):
+    """Two sources whose new ids are the same numbers: each batch meets only its own source's rows."""
+    from xlpeft.cli import main
+    from xlpeft.compose import activate
+    from xlpeft.multisource import LanguageSwitch
+    from xlpeft.vocab import tokenizer_for
+
+    base_dir = str(base_dirs["tiny-bert"])
+    en_corpus = workdir / "en.txt"
+    en_corpus.write_text("\n".join(make_lines(EN_WORDS, 200, seed=3)) + "\n", encoding="utf-8")
+    extra = ["--set", "num_params=300"] if method == "sft" else []
+    for lang, corpus in (("en", en_corpus), ("sw", sw_corpus)):
+        main(["train-lang", "--lang", lang, "--method", method, "--base", base_dir, "--corpus", str(corpus),
+              "--max-steps", "3", "--set", "max_seq_len=32", "--set", "lr=1e-2", "--set", "new_tokens=4", *extra,
+              "--output", str(workdir / lang)])
+    base = load_base(base_dir)
+    modules = {lang: load_module(workdir / lang) for lang in ("en", "sw")}
+    vocabs = {lang: NewVocab.from_extra(m.manifest.extra) for lang, m in modules.items()}
+    assert vocabs["en"].first_id == vocabs["sw"].first_id and vocabs["en"].tokens != vocabs["sw"].tokens
+    plain = {lang: [w for w in (EN_WORDS if lang == "en" else SW_WORDS) if w not in vocabs[lang].tokens][:2]
+             for lang in modules}
+    enc = {lang: tokenizer_for(base.tokenizer, [m])(f"{plain[lang][0]} {vocabs[lang].tokens[0]} {plain[lang][1]}",
+                                                     return_tensors="pt") for lang, m in modules.items()}
+    assert all((e["input_ids"] >= vocabs["en"].first_id).sum() == 1 for e in enc.values())
+
+    def hidden(batch):
+        with torch.no_grad():
+            return base.model.base_model(**batch).last_hidden_state
+
+    expected = {}
+    for lang, module in modules.items():
+        active = activate(base, [module])
+        expected[lang] = hidden(enc[lang])
+        active.remove()
+    theta0 = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    hooks0 = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.model.modules())
+    switch = LanguageSwitch(base, modules, verify=True)
+    try:
+        for lang in ("sw", "en", "en", "sw", "en"):
+            switch.to(lang)
+            assert torch.equal(hidden(enc[lang]), expected[lang]), f"{method}: under {lang}"
+    finally:
+        switch.remove()
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.model.modules()) == hooks0
+    assert all(torch.equal(p, theta0[n]) for n, p in base.model.named_parameters())
 
 
 def _glued(n: int = 200, seed: int = 3) -> list[str]:

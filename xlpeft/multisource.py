@@ -15,6 +15,11 @@ any language method under any task method, with the swap exact:
   language's batch comes. The task method must not write those weights itself
   (``MethodSpec.trains_in_place``): reverting the language delta would undo the task's updates.
 
+A module with new tokens (``train-lang --set new_tokens``) brings its vocabulary rows, hooked under
+a gate of their own whichever kind the module is: each source's batches are encoded with that
+source's tokenizer, so its new ids (which may be the same numbers as another source's) meet only
+its own rows.
+
 Which of the two a module is comes from the protocol: ``Applied.saved_tensors()`` is empty exactly
 when a module is merged into the weights (:mod:`xlpeft.methods.base`). Before a run opens, the
 recipe checks that each hooked module, switched off, leaves the base's outputs unchanged (a
@@ -34,7 +39,7 @@ from xlpeft.io import LoadedModule
 from xlpeft.methods.base import Applied
 from xlpeft.methods.gates import Gate, gated
 from xlpeft.registry import get_method
-from xlpeft.vocab import new_vocab_of
+from xlpeft.vocab import STEM, AppliedVocab, new_vocab_of, rows_for
 
 SAMPLINGS = ("proportional", "uniform")
 
@@ -76,6 +81,7 @@ class LanguageSwitch:
         self._hooked: dict[str, tuple[Applied, Gate]] = {}
         self._merged: dict[str, LoadedModule] = {}  # applied per batch
         self._applied: Applied | None = None  # the merged module applied now
+        self._vocab: dict[str, tuple[AppliedVocab, Gate]] = {}  # sources whose modules add new tokens
         try:
             for lang, module in modules.items():
                 self._add(lang, module, verify)
@@ -84,10 +90,7 @@ class LanguageSwitch:
             raise
 
     def _add(self, lang: str, module: LoadedModule, verify: bool) -> None:
-        if new_vocab_of(module) is not None:  # its rows and tokenizer are not swapped per batch
-            raise XlpeftError(f"the {lang} language module ({module.path}) adds new tokens (train-lang --set new_tokens), "
-                              "which multi-source training does not swap in per batch yet; use a module without "
-                              "new_tokens for this source")
+        vocab = new_vocab_of(module)
         was = self.base.model.training
         self.base.model.eval()  # the probe must not draw dropout
         try:
@@ -98,8 +101,15 @@ class LanguageSwitch:
             if not applied.saved_tensors():  # merged into the weights: applied when its batches come
                 applied.remove()
                 self._merged[lang] = module
+            else:
+                self._hooked[lang] = (applied, gate)
+            if vocab is not None:  # after the method's hooks, as activate adds them
+                vocab_gate = Gate(open=False)
+                with gated(vocab_gate):
+                    rows = rows_for(self.base.model, vocab, module.tensors[STEM])
+                    self._vocab[lang] = (AppliedVocab(self.base.model, rows), vocab_gate)
+            if lang in self._merged:
                 return
-            self._hooked[lang] = (applied, gate)
             if verify and not torch.equal(_probe(self.base), before):
                 raise XlpeftError(
                     f"the {lang} language module ({module.path}, method {module.manifest.method}) still changes the "
@@ -115,7 +125,7 @@ class LanguageSwitch:
 
     def modules(self) -> list[nn.Module]:
         """The hooked modules' ``nn.Module`` s (to move with the base)."""
-        return [m for applied, _ in self._hooked.values() for m in applied.modules()]
+        return [m for applied, _ in [*self._hooked.values(), *self._vocab.values()] for m in applied.modules()]
 
     def to(self, lang: str) -> None:
         """Make ``lang``'s module the one acting; a no-op when it already is."""
@@ -127,7 +137,7 @@ class LanguageSwitch:
         if self._applied is not None:  # the exact copy back of what the merged module overwrote
             self._applied.remove()
             self._applied = None
-        for other, (_, gate) in self._hooked.items():
+        for other, (_, gate) in [*self._hooked.items(), *self._vocab.items()]:
             gate.open = other == lang
         if lang in self._merged:
             module = self._merged[lang]
@@ -139,7 +149,8 @@ class LanguageSwitch:
         if self._applied is not None:
             self._applied.remove()
             self._applied = None
-        for applied, _ in reversed(list(self._hooked.values())):
+        for applied, _ in reversed([*self._hooked.values(), *self._vocab.values()]):
             applied.remove()
         self._hooked.clear()
+        self._vocab.clear()
         self.current = None

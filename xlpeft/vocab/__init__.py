@@ -167,9 +167,15 @@ class VocabRows(nn.Module):
 
 
 class AppliedVocab:
-    """The rows hooked into a model: new ids read their rows, and a masked-LM decoder scores them too."""
+    """The rows hooked into a model: new ids read their rows, and a masked-LM decoder scores them too.
+
+    Hooked with :func:`~xlpeft.methods.gates.gate_hook`, so under a closed gate (multi-source training,
+    another source's batch) they change nothing.
+    """
 
     def __init__(self, model: nn.Module, rows: VocabRows) -> None:
+        from xlpeft.methods.gates import gate_hook
+
         self.rows, first = rows, rows.vocab.first_id
         state: dict[str, torch.Tensor] = {}
         emb = model.get_input_embeddings()
@@ -186,7 +192,7 @@ class AppliedVocab:
                 return out
             return torch.where(new.unsqueeze(-1), rows.weight[row].to(out.dtype), out)  # (B, T, H)
 
-        self._handles = [emb.register_forward_pre_hook(before), emb.register_forward_hook(after)]
+        self._handles = [emb.register_forward_pre_hook(gate_hook(before)), emb.register_forward_hook(gate_hook(after))]
         decoder = model.get_output_embeddings()
         if decoder is not None:  # a masked-LM model: the new tokens are predicted too
             def scores(module, args, out):
@@ -196,7 +202,7 @@ class AppliedVocab:
                     extra = extra + rows.bias.to(h.dtype)
                 return torch.cat([out[..., :first], extra], dim=-1)  # (..., first + N)
 
-            self._handles.append(decoder.register_forward_hook(scores))
+            self._handles.append(decoder.register_forward_hook(gate_hook(scores)))
 
     def modules(self) -> list[nn.Module]:
         return [self.rows]

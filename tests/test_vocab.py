@@ -428,3 +428,22 @@ def test_train_lang_with_new_pieces_trains_composes_and_round_trips_them(workdir
         with pytest.raises(SystemExit) as exit_info:
             main([*common, *sets, "--output", str(workdir / "bad")])
         assert exit_info.value.code != 0 and message in capsys.readouterr().err
+
+
+def test_the_choice_is_made_once_per_process_and_said_once(arch_base, tmp_path, capsys, monkeypatch):
+    """``xlpeft run`` plans a step (is it done?) and then runs it: the corpus is read and the shortfall said once."""
+    import xlpeft.vocab as vocab_mod
+    from xlpeft.data.corpora import CorpusSpec
+
+    corpus = tmp_path / "glued.txt"
+    corpus.write_text("\n".join(_glued()) + "\n", encoding="utf-8")
+    monkeypatch.setattr(vocab_mod, "_PLANNED", {})
+    calls, real = [], vocab_mod._choose
+    monkeypatch.setattr(vocab_mod, "_choose", lambda *a: calls.append(a) or real(*a))
+    specs = [CorpusSpec(path=str(corpus))]
+    first = vocab_mod.plan_new_vocab(specs, arch_base.tokenizer, 500, 3, "piece")
+    again = vocab_mod.plan_new_vocab(specs, arch_base.tokenizer, 500, 3, "piece")
+    assert first is again and len(calls) == 1 and len(first.tokens) < 500
+    assert capsys.readouterr().err.count("of the 500 asked for") == 1
+    other = vocab_mod.plan_new_vocab(specs, arch_base.tokenizer, 2, 3, "piece")  # another request: chosen anew
+    assert len(calls) == 2 and len(other.tokens) == 2

@@ -93,15 +93,28 @@ def select_words(lines: Iterable[str], tokenizer, n: int, min_count: int = 3, ma
 def plan_new_vocab(corpora: list, tokenizer, n: int, min_count: int, unit: str = "word") -> NewVocab | None:
     """The new vocabulary ``train-lang --set new_tokens=N`` adds (None for N = 0), chosen from the corpora's first lines.
 
-    Fewer qualifying words than asked is said on stderr; none at all is an error (nothing to add).
+    Fewer qualifying words than asked is said on stderr; none at all is an error (nothing to add). The
+    choice is kept per process: ``xlpeft run`` plans a step to tell whether it is done, then runs it.
     """
+    from xlpeft.data.corpora import fingerprint_corpora
+    from xlpeft.data.token_store import tokenizer_fingerprint
+
+    if n == 0:
+        return None
+    key = (fingerprint_corpora(corpora), tokenizer_fingerprint(tokenizer), n, min_count, unit)
+    if key not in _PLANNED:
+        _PLANNED[key] = _choose(corpora, tokenizer, n, min_count, unit)
+    return _PLANNED[key]
+
+
+_PLANNED: dict[tuple, NewVocab] = {}  # plan_new_vocab's choices in this process
+
+
+def _choose(corpora: list, tokenizer, n: int, min_count: int, unit: str) -> NewVocab:
     import itertools
     import sys
 
     from xlpeft.data.corpora import iter_lines
-
-    if n == 0:
-        return None
     from xlpeft.vocab.pieces import select_pieces
 
     lines = itertools.chain.from_iterable(iter_lines(c) for c in corpora)

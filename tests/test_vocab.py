@@ -447,3 +447,57 @@ def test_the_choice_is_made_once_per_process_and_said_once(arch_base, tmp_path, 
     assert capsys.readouterr().err.count("of the 500 asked for") == 1
     other = vocab_mod.plan_new_vocab(specs, arch_base.tokenizer, 2, 3, "piece")  # another request: chosen anew
     assert len(calls) == 2 and len(other.tokens) == 2
+
+
+def test_an_ensemble_of_members_with_new_words_reads_each_through_its_tokenizer_and_mixes_per_word(
+        workdir, base_dirs, sw_corpus, ner_files, capsys):
+    from tests.conftest import make_ner, write_conll
+    from xlpeft import compose
+    from xlpeft.cli import main
+    from xlpeft.compose import ModuleRef
+    from xlpeft.data.tasks import NO_SUBWORD
+    from xlpeft.ensemble import EnsembleConfig, build_ensemble
+    from xlpeft.evaluation import encode, eval_examples, model_max_len, predict_model
+    from xlpeft.packs import load_task_pack
+
+    base_dir = str(base_dirs["tiny-bert"])
+    en_corpus = workdir / "en.txt"
+    en_corpus.write_text("\n".join(make_lines(EN_WORDS, 200, seed=3)) + "\n", encoding="utf-8")
+    for lang, corpus in (("sw", sw_corpus), ("en", en_corpus)):
+        main(["train-lang", "--lang", lang, "--base", base_dir, "--corpus", str(corpus), "--max-steps", "3",
+              "--set", "max_seq_len=32", "--set", "lr=1e-2", "--set", "new_tokens=4", "--output", str(workdir / lang)])
+    main(["train-task", "--task", "ner", "--lang", "en", "--base", base_dir, "--train-data", str(ner_files["train"]),
+          "--set", "lang_module=none", "--max-steps", "6", "--set", "max_seq_len=32", "--set", "lr=3e-3",
+          "--output", str(workdir / "ner")])
+    sw, en, task = (ModuleRef.of(load_module(workdir / d)) for d in ("sw", "en", "ner"))
+    vocabs = [NewVocab.from_extra(m.module.manifest.extra) for m in (sw, en)]
+    sentences = [[*s, (vocabs[0].tokens[i % 4], "O"), (vocabs[1].tokens[i % 4], "O")]
+                 for i, s in enumerate(make_ner(12, seed=4))]  # both members' new words in every sentence
+    test_file = write_conll(workdir / "yo.conll", sentences)
+    pack = load_task_pack("ner")
+    examples, _ = eval_examples(pack, "yo", str(test_file))
+    base = load_base(base_dir)
+    singles = [compose(base_dir, [m.module, task.module]) for m in (sw, en)]
+    one = build_ensemble(base, [sw], task)
+    assert one.predict(pack, examples) == predict_model(singles[0], pack, singles[0].xlpeft_tokenizer, examples)
+
+    two = build_ensemble(base, [sw, en], task)
+    assert not two.shared_tokenizer
+    expected = []  # by hand: each member on each sentence alone, its words' distributions averaged
+    for ex in examples:
+        mixed = 0
+        for model in singles:
+            enc = encode(pack, model.xlpeft_tokenizer, [ex], model_max_len(model))
+            with torch.no_grad():
+                probs = model(input_ids=torch.tensor(enc.input_ids)).logits.softmax(-1)[0]  # (T, C)
+            assert all(p != NO_SUBWORD for p in enc.words[0])
+            mixed = mixed + 0.5 * probs[enc.words[0]]  # (W, C)
+        expected.append([pack.labels[i] for i in mixed.argmax(-1).tolist()])
+    assert two.predict(pack, examples) == expected
+    with pytest.raises(XlpeftError, match="Ensemble.predict"):
+        two(**singles[0].xlpeft_tokenizer("watu", return_tensors="pt"))
+    emea = build_ensemble(base, [sw, en], task, EnsembleConfig(emea_steps=3))
+    assert len(emea.predict(pack, examples)) == len(examples) and abs(float(emea.last_weights.sum()) - 1) < 1e-6
+    main(["compose", "--lang", "yo", "--task", "ner", "--base", base_dir, "--ensemble", "sw,en", "--emea",
+          "--eval-data", str(test_file)])
+    assert "through an ensemble of sw, en" in capsys.readouterr().out

@@ -9,6 +9,12 @@ the language adapters' outputs inside every layer; xlpeft weights the members' o
 distributions, which works for every module family (adapters, deltas, prompts) and needs no
 gradient through the encoder. The ensemble's ``logits`` are log p, so argmax and softmax are the
 ensemble's own.
+
+Members that add new tokens (``train-lang --set new_tokens``) read the same text as different
+sub-words, so their outputs do not line up position by position: :meth:`Ensemble.predict` then
+encodes the examples once per member with that member's tokenizer and mixes the distributions
+*per word* (at each word's first sub-word, where a single model's prediction is read too) or per
+example, with EMEA's weights fitted on those word distributions per batch.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 from xlpeft.compose import Composition, ModuleRef, activate
 from xlpeft.config import check_fields
 from xlpeft.errors import XlpeftError
+from xlpeft.vocab import tokenizer_for
 
 
 @dataclass(frozen=True)
@@ -82,12 +89,20 @@ class Ensemble(nn.Module):
         self.base, self.model, self.settings = base, model, config
         self.config = model.config  # what evaluation reads (position limits)
         self.members = [Composition.of([lang, task], base.fingerprint) for lang in members]
+        self.tokenizers = [tokenizer_for(base.tokenizer, [lang.module]) for lang in members]  # new tokens: their own
         self.last_weights: torch.Tensor | None = None  # α of the latest batch, for reports and tests
 
-    def member_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(n, B, ..., C) the task module's logits over each member's language module."""
+    @property
+    def shared_tokenizer(self) -> bool:
+        """Whether every member reads the base's tokenization (then one forward pass mixes them position-wise)."""
+        return all(t is self.base.tokenizer for t in self.tokenizers)
+
+    def member_logits(self, batch: dict[str, torch.Tensor], only: int | None = None) -> torch.Tensor:
+        """(n, B, ..., C) the task module's logits over each member's language module (or member ``only``'s, (1, ...))."""
         out = []
-        for composition in self.members:
+        for i, composition in enumerate(self.members):
+            if only is not None and i != only:
+                continue
             active = activate(dataclasses.replace(self.base, model=self.model), composition, force=True)
             try:
                 with torch.no_grad():
@@ -97,11 +112,62 @@ class Ensemble(nn.Module):
         return torch.stack(out)
 
     def forward(self, **batch: torch.Tensor) -> SimpleNamespace:
+        if not self.shared_tokenizer:
+            raise XlpeftError("this ensemble's members add new tokens, so they tokenize the same text differently and "
+                              "one batch of ids cannot feed them all: score it with Ensemble.predict(pack, examples)")
         log_probs = torch.log_softmax(self.member_logits(batch).float(), dim=-1)  # (n, B, ..., C)
         alpha = ensemble_weights(log_probs, batch.get("attention_mask"), self.settings)  # (n,)
         self.last_weights = alpha
         shape = (len(alpha), *[1] * (log_probs.dim() - 1))
         return SimpleNamespace(logits=torch.logsumexp(log_probs + alpha.log().view(shape), dim=0))  # (B, ..., C)
+
+
+    def predict(self, pack, examples: list, batch_size: int = 32) -> list:
+        """Predicted labels (per example, or per word for token tasks), each member reading its own tokenization."""
+        from xlpeft.evaluation import default_label, encode, model_max_len, predict_model
+
+        if self.shared_tokenizer:
+            return predict_model(self, pack, self.base.tokenizer, examples)
+        device, max_len = next(self.model.parameters()).device, model_max_len(self.model)
+        encs = [encode(pack, tok, examples, max_len) for tok in self.tokenizers]
+        token_task, fallback = pack.head == "token_classification", default_label(pack)
+        order = sorted(range(len(examples)), key=lambda i: len(encs[0].input_ids[i]))
+        out: list = [None] * len(examples)
+        for start in range(0, len(examples), batch_size):
+            idx = order[start:start + batch_size]
+            per_member = [self._member_log_probs(i, enc, idx, token_task, device) for i, enc in enumerate(encs)]
+            log_probs = torch.stack([lp for lp, _ in per_member])  # (n, B, W, C) or (n, B, C)
+            seen = torch.stack([s for _, s in per_member]).any(0) if token_task else None  # (B, W)
+            alpha = ensemble_weights(log_probs, seen, self.settings)  # (n,)
+            self.last_weights = alpha
+            shape = (len(alpha), *[1] * (log_probs.dim() - 1))
+            best = torch.logsumexp(log_probs + alpha.log().view(shape), dim=0).argmax(-1).cpu()  # (B, W) or (B,)
+            for row, i in enumerate(idx):
+                if token_task:
+                    out[i] = [pack.labels[best[row, w]] if seen[row, w] else fallback
+                              for w in range(len(examples[i].tokens))]
+                else:
+                    out[i] = pack.labels[best[row]]
+        return out
+
+    def _member_log_probs(self, member: int, enc, idx: list[int], token_task: bool, device):
+        """Member ``member``'s log-probabilities for examples ``idx``: (B, W, C) at each word's first sub-word
+        (uniform where the word has none in this tokenization) and which words it saw (B, W); or (B, C) and None."""
+        from xlpeft.data.tasks import NO_SUBWORD, collate
+
+        tok = self.tokenizers[member]
+        batch = {k: v.to(device) for k, v in collate(enc, idx, tok.pad_token_id).items() if k != "labels"}
+        lp = torch.log_softmax(self.member_logits(batch, only=member)[0].float(), dim=-1)  # (B, T, C) or (B, C)
+        if not token_task:
+            return lp, None
+        width = max(len(enc.words[i]) for i in idx)
+        words = torch.full((len(idx), width, lp.shape[-1]), -math.log(lp.shape[-1]), device=lp.device)  # uniform
+        seen = torch.zeros((len(idx), width), dtype=torch.bool, device=lp.device)
+        for row, i in enumerate(idx):
+            for w, pos in enumerate(enc.words[i]):
+                if pos != NO_SUBWORD:
+                    words[row, w], seen[row, w] = lp[row, pos], True
+        return words, seen
 
 
 def build_ensemble(base, members: list[ModuleRef], task: ModuleRef,
@@ -113,13 +179,8 @@ def build_ensemble(base, members: list[ModuleRef], task: ModuleRef,
     """
     from xlpeft.compose import check_same_base
     from xlpeft.composed import target_model
-    from xlpeft.vocab import new_vocab_of
-
     for m in members:
         m.module.expect_kind("language", f"ensemble member {m.source}")
-        if new_vocab_of(m.module) is not None:  # the members share one encoding of the input
-            raise XlpeftError(f"ensemble member {m.source} adds new vocabulary; an ensemble encodes its input once, "
-                              "with the base's tokenizer: use members without new tokens")
     check_same_base(base, [m.module for m in members] + [task.module])
     model = target_model(base, task.module)
     return Ensemble(base, model, members, task, config).eval()

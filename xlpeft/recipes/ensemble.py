@@ -15,7 +15,7 @@ from xlpeft import tracking
 from xlpeft.compose import compose
 from xlpeft.ensemble import EnsembleConfig, build_ensemble
 from xlpeft.errors import XlpeftError
-from xlpeft.evaluation import eval_examples, evaluate_model
+from xlpeft.evaluation import eval_examples, evaluate_model, score
 from xlpeft.lineage import baseline_stack, registered_ref
 from xlpeft.metrics import METRICS
 from xlpeft.models import load_base
@@ -71,14 +71,16 @@ def compose_ensemble(req: EnsembleRequest) -> EnsembleResult:
               "task_module": task.source, "eval_data": evaluated_on, **{f"ensemble.{k}": v for k, v in asdict(req.config).items()}}
     with tracking.tracked_run(f"ensemble-{req.lang}-{req.task}-{kind}", tags, params) as tracker:
         model = build_ensemble(base, members, task, req.config)
-        metrics = evaluate_model(model, pack, base.tokenizer, examples)
+        metrics = score(pack, examples, model.predict(pack, examples))  # each member through its own tokenizer
         tracker.log_metrics({f"eval_{k}": v for k, v in metrics.items()}, 0)
         alone = {}
         for lang, member in zip(req.members, members, strict=True):
-            alone[lang] = evaluate_model(compose(base, [member.module, task.module]), pack, base.tokenizer, examples)
+            single = compose(base, [member.module, task.module])
+            alone[lang] = evaluate_model(single, pack, single.xlpeft_tokenizer, examples)
             tracker.log_metrics({f"member_{lang}_{k}": v for k, v in alone[lang].items()}, 0)
         reference = baseline_stack(task.module, base.fingerprint)
-        baseline = evaluate_model(compose(base, reference), pack, base.tokenizer, examples)
+        reference_model = compose(base, reference)
+        baseline = evaluate_model(reference_model, pack, reference_model.xlpeft_tokenizer, examples)
         tracker.log_metrics({f"baseline_{k}": v for k, v in baseline.items()}, 0)
         baseline_lang = reference[0].manifest.lang if len(reference) > 1 else None
         tracker.set_tags({"xlpeft.baseline_lang": baseline_lang or "none"})

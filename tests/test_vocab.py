@@ -501,3 +501,15 @@ def test_an_ensemble_of_members_with_new_words_reads_each_through_its_tokenizer_
     main(["compose", "--lang", "yo", "--task", "ner", "--base", base_dir, "--ensemble", "sw,en", "--emea",
           "--eval-data", str(test_file)])
     assert "through an ensemble of sw, en" in capsys.readouterr().out
+
+
+def test_a_bpe_base_is_refused_with_the_way_out():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(make_lines(SW_WORDS, 50), trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>")
+    with pytest.raises(XlpeftError, match="this base's is BPE; use --set new_token_unit=word"):
+        select_pieces(_glued(), tok, 4)

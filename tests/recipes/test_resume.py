@@ -24,7 +24,9 @@ SMALL = {"sft": ("--set", "num_params=1500"), "compacter": ("--set", "reduction_
          # a streamed corpus: the checkpoint holds the shuffle buffer and the stream position, not an order
          "adapter:stream": ("--set", "corpus_mode=stream", "--set", "stream_buffer=16"),
          # new vocabulary rows (xlpeft.vocab) beside the module: in the checkpoint, in the export
-         "adapter:vocab": ("--set", "new_tokens=5"), "sft:vocab": ("--set", "num_params=1500", "--set", "new_tokens=5")}
+         "adapter:vocab": ("--set", "new_tokens=5"), "sft:vocab": ("--set", "num_params=1500", "--set", "new_tokens=5"),
+         # sub-word pieces: the resumed process rebuilds the extended tokenizer, and must hit the same token cache
+         "adapter:pieces": ("--set", "new_tokens=5", "--set", "new_token_unit=piece")}
 
 
 def _cmd(base_dir, corpus, out, method, extra=()):
@@ -73,7 +75,7 @@ def _kill_after_checkpoint(cmd, env, cwd, min_step: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [*cli_methods(), pytest.param("sft:dynamic", marks=pytest.mark.exhaustive),
                                     pytest.param("adapter:stream", marks=pytest.mark.exhaustive), "adapter:vocab",
-                                    pytest.param("sft:vocab", marks=pytest.mark.exhaustive)])
+                                    pytest.param("sft:vocab", marks=pytest.mark.exhaustive), "adapter:pieces"])
 def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, method):
     base_dir, extra = base_dirs["tiny-bert"], SMALL.get(method, ())
     method = method.split(":")[0]  # a row may be a method with a variant's settings
@@ -102,6 +104,8 @@ def test_kill_and_resume_equals_uninterrupted(workdir, base_dirs, sw_corpus, met
     a, b = load_module(ref), load_module(out)
     assert a.tensors.keys() == b.tensors.keys() and a.tensors
     assert ("vocab" in a.tensors) == ("new_tokens=5" in extra)
+    assert a.manifest.extra.get("new_vocab", {}).get("unit", "word") == ("piece" if "new_token_unit=piece" in extra
+                                                                           else "word")
     for stem, state in a.tensors.items():
         assert state.keys() == b.tensors[stem].keys(), stem
         for key, value in state.items():

@@ -174,3 +174,41 @@ def test_a_step_done_with_the_same_configuration_is_skipped(capsys, workdir, bas
     assert _decisions(capsys, path, "--var", "steps=3", "--force") == ["would run (--force)"] * 2
     assert run_cli(capsys, "run", str(path), "--var", "steps=3", "--no-skip").code == 0
     assert _finished() == 6
+
+
+def test_a_setting_added_since_a_run_keeps_it_done_while_at_its_default(capsys, workdir, base_dirs, monkeypatch):
+    """Upgrading xlpeft (a TrainConfig field more) must not make every finished step of a pipeline run again."""
+    import dataclasses
+
+    import xlpeft.recipes.train_lang as recipe
+
+    path = _pipeline(workdir, str(base_dirs["tiny-bert"]))
+    assert run_cli(capsys, "run", str(path)).code == 0
+    real_plan, real_defaults = recipe.plan_language, recipe.LangPlan.param_defaults
+    value = {"now": "7"}
+
+    def newer_plan(req):  # this version logs one setting more than the version that trained the module
+        plan = real_plan(req)
+        return dataclasses.replace(plan, params={**plan.params, "train": {**plan.params["train"], "added": value["now"]}})
+
+    monkeypatch.setattr(recipe, "plan_language", newer_plan)
+    monkeypatch.setattr(recipe.LangPlan, "param_defaults", property(lambda self: {**real_defaults.fget(self),
+                                                                                   "train.added": "7"}))
+    assert _decisions(capsys, path)[0].startswith("skip: done in run ")  # at its default: the earlier run did the same
+    value["now"] = "8"
+    assert _decisions(capsys, path)[0] == "would run (no finished run logged this configuration)"
+
+
+def test_param_differences_reads_predating_settings_by_their_defaults_and_corpora_by_content():
+    from xlpeft.config import TrainConfig
+    from xlpeft.tracking.lifecycle import config_defaults, param_differences
+
+    defaults = config_defaults(train=TrainConfig)
+    assert defaults["train.new_token_unit"] == "word" and defaults["train.lr"] == str(TrainConfig().lr)
+    mine = {"train": {"lr": 1e-3, "new_token_unit": "word"}, "corpora": "/new/place/sw.txt", "corpus_fingerprint": "ab"}
+    logged = {"train.lr": "0.001", "corpora": "/old/place/sw.txt", "corpus_fingerprint": "ab"}
+    assert param_differences(mine, logged, defaults) == []
+    assert param_differences(mine, logged) == ["train.new_token_unit"]  # without defaults: a key more is a difference
+    piece = {**mine, "train": {"lr": 1e-3, "new_token_unit": "piece"}}
+    assert param_differences(piece, logged, defaults) == ["train.new_token_unit"]
+    assert param_differences({**mine, "corpus_fingerprint": "cd"}, logged, defaults) == ["corpora", "corpus_fingerprint"]

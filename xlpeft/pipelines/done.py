@@ -65,7 +65,7 @@ def _done(plan: Any) -> Decision:
     """The decision for a resolved plan: skip if a finished run logged the same params and registered its module."""
     from xlpeft.tracking.lifecycle import find_finished
 
-    found = find_finished(plan.tags, plan.params, plan.registered_name)
+    found = find_finished(plan.tags, plan.params, plan.registered_name, plan.param_defaults)
     if found is None:
         return Decision(True, "would run (no finished run logged this configuration)")
     run_id, version = found

@@ -26,7 +26,7 @@ from xlpeft.packs import language_pack
 from xlpeft.recipes import common
 from xlpeft.recipes.common import base_ref, count_parameters, resolve_configs, resolve_epochs, run_tags, start_training
 from xlpeft.registry import get_method
-from xlpeft.tracking.lifecycle import publish, training_run
+from xlpeft.tracking.lifecycle import config_defaults, publish, training_run
 from xlpeft.tracking.registration import corpus_datasets
 from xlpeft.training import PhaseRun, eval_block_count, evaluate_mlm, fit_train_config, mlm_loss, run_phases
 from xlpeft.vocab import AppliedVocab, NewVocab, WithVocab, extended_tokenizer, plan_new_vocab, rows_for
@@ -83,6 +83,11 @@ class LangPlan:
     mode: str  # "cache" (train_blocks / eval_blocks are views of the token store) or "stream" (both None)
     tokenizer: Any  # the base's, or with the new vocabulary's words (--set new_tokens=N)
     vocab: NewVocab | None
+
+    @property
+    def param_defaults(self) -> dict[str, str]:
+        """The logged settings' defaults: a run from before a setting existed is done while it is at its default."""
+        return config_defaults(train=type(self.cfg), method=type(self.method_cfg))
 
 
 def plan_language(req: LangRequest) -> LangPlan:

@@ -34,7 +34,7 @@ from xlpeft.multisource import SAMPLINGS, LanguageSwitch, sampling_probabilities
 from xlpeft.packs import language_name, load_task_pack
 from xlpeft.recipes.common import base_ref, count_parameters, resolve_configs, resolve_epochs, run_tags, start_training
 from xlpeft.registry import get_method
-from xlpeft.tracking.lifecycle import publish, training_run
+from xlpeft.tracking.lifecycle import config_defaults, publish, training_run
 from xlpeft.tracking.registration import task_datasets
 from xlpeft.training import PhaseRun, fit_train_config, labelled_count, run_phases, task_loss
 from xlpeft.vocab import tokenizer_for
@@ -130,6 +130,11 @@ class TaskPlan:
     @property
     def data_sources(self) -> list:
         return [d for s in self.sources for d in s.data]
+
+    @property
+    def param_defaults(self) -> dict[str, str]:
+        """The logged settings' defaults: a run from before a setting existed is done while it is at its default."""
+        return config_defaults(train=type(self.cfg), method=type(self.method_cfg), task_config=type(self.task_cfg))
 
 
 MULTI_SOURCE_FIELDS = ("sampling", "temperature")  # TaskConfig fields only a multi-source run uses and logs

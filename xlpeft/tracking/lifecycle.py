@@ -35,16 +35,45 @@ def checkpoint_dir_for(out_dir: Path, run_id: str) -> Path:
     return out_dir.parent / ".checkpoints" / run_id
 
 
-def param_differences(params: dict[str, Any], logged: dict[str, str]) -> list[str]:
+def param_differences(params: dict[str, Any], logged: dict[str, str],
+                      defaults: dict[str, str] | None = None) -> list[str]:
     """Keys whose value ``params`` would log (flattened as MLflow stores them) differs from a run's ``logged`` ones.
 
     The one comparison of "the same configuration": ``--resume`` refuses a run that differs, and
-    ``xlpeft run`` skips a step only for a finished run that does not.
+    ``xlpeft run`` skips a step only for a finished run that does not. With ``defaults`` (flattened
+    field defaults, :func:`config_defaults`) a setting the logged run predates counts as equal while
+    it is at its default, so a newer xlpeft keeps earlier runs done. A corpus read from another
+    place with the same content (equal ``corpus_fingerprint``: file name and sha256) is the same corpus.
     """
     from xlpeft.tracking.run import _flat
 
-    mine = _flat(params)
-    return sorted(k for k in set(mine) | set(logged) if mine.get(k) != logged.get(k))
+    mine, defaults = _flat(params), defaults or {}
+    keys = set(mine) | set(logged)
+    if "corpus_fingerprint" in mine and mine["corpus_fingerprint"] == logged.get("corpus_fingerprint"):
+        keys.discard("corpora")  # the same files, installed or copied elsewhere
+
+    def differs(k: str) -> bool:
+        if k not in logged and k in defaults:
+            return mine.get(k) != defaults[k]
+        return mine.get(k) != logged.get(k)
+
+    return sorted(k for k in keys if differs(k))
+
+
+def config_defaults(**configs: type) -> dict[str, str]:
+    """The field defaults of config dataclasses, flattened under the keys a run logs them as (``train=TrainConfig``)."""
+    from dataclasses import MISSING, fields
+
+    from xlpeft.tracking.run import _flat
+
+    out: dict[str, str] = {}
+    for key, cls in configs.items():
+        for f in fields(cls):
+            if f.default is not MISSING:
+                out.update(_flat({key: {f.name: f.default}}))
+            elif f.default_factory is not MISSING:
+                out.update(_flat({key: {f.name: f.default_factory()}}))
+    return out
 
 
 def _runs_with_tags(tags: dict[str, str]) -> list:
@@ -59,8 +88,11 @@ def _runs_with_tags(tags: dict[str, str]) -> list:
     return c.search_runs([exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"])
 
 
-def find_finished(tags: dict[str, str], params: dict[str, Any], registered_name: str):
+def find_finished(tags: dict[str, str], params: dict[str, Any], registered_name: str,
+                  defaults: dict[str, str] | None = None):
     """The newest FINISHED run with these identity tags and equal params that registered ``registered_name``.
+
+    ``defaults``: see :func:`param_differences` (settings added since a run, at their defaults, are equal).
 
     Returns:
         (run id, the :class:`~xlpeft.tracking.RegisteredModule` it registered), or None.
@@ -70,7 +102,7 @@ def find_finished(tags: dict[str, str], params: dict[str, Any], registered_name:
     versions = {v.run_id: v for v in reversed(tracking.list_versions(registered_name))}  # newest wins per run
     for run in _runs_with_tags(tags):
         if (run.info.status == "FINISHED" and run.info.run_id in versions
-                and not param_differences(params, run.data.params)):
+                and not param_differences(params, run.data.params, defaults)):
             return run.info.run_id, versions[run.info.run_id]
     return None
 

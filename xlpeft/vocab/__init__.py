@@ -165,14 +165,14 @@ class VocabRows(nn.Module):
 
     def init_from_pieces(self, model: nn.Module, tokenizer) -> None:
         """Each row the mean of the base embeddings (and decoder biases) of the pieces its word splits into."""
-        from xlpeft.vocab.pieces import base_ids
+        from xlpeft.vocab.pieces import base_reader
 
         emb = model.get_input_embeddings().weight  # (V, H)
         decoder = model.get_output_embeddings()
+        read = base_reader(tokenizer) if self.vocab.unit == "piece" else None
         with torch.no_grad():
             for i, word in enumerate(self.vocab.tokens):
-                ids = (tokenizer(word, add_special_tokens=False)["input_ids"] if self.vocab.unit == "word"
-                       else base_ids(tokenizer, word))
+                ids = read(word) if read else tokenizer(word, add_special_tokens=False)["input_ids"]
                 pieces = torch.tensor(ids)  # (P,)
                 self.weight[i] = emb[pieces].float().mean(0)
                 if self.bias is not None and decoder is not None and decoder.bias is not None:

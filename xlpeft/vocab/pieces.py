@@ -20,7 +20,7 @@ import itertools
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from xlpeft.errors import XlpeftError
@@ -63,15 +63,22 @@ def _wordpiece_ids(token: str, vocab: dict[str, int], prefix: str, unk: int) -> 
     return ids
 
 
-def base_ids(tokenizer, token: str) -> list[int]:
-    """The base pieces ``token`` (a piece string as the model stores it, "▁ab" or "##ab") is read as without it."""
-    data = _backend(tokenizer)
-    model = data["model"]
+def base_reader(tokenizer) -> Callable[[str], list[int]]:
+    """piece -> the base pieces it is read as without it (a piece string as the model stores it, "▁ab" or "##ab").
+
+    The tokenizer is serialised once (an XLM-R vocabulary is 17 MB of JSON), not per piece.
+    """
+    model = _backend(tokenizer)["model"]
     if model["type"] == "Unigram":
-        backend = tokenizer.backend_tokenizer
-        return [backend.model.token_to_id(t.value) for t in backend.model.tokenize(token)]
-    prefix = model.get("continuing_subword_prefix") or "##"
-    return _wordpiece_ids(token, model["vocab"], prefix, model["vocab"][model["unk_token"]])
+        backend = tokenizer.backend_tokenizer.model
+        return lambda token: [backend.token_to_id(t.value) for t in backend.tokenize(token)]
+    prefix, vocab = model.get("continuing_subword_prefix") or "##", model["vocab"]
+    return lambda token: _wordpiece_ids(token, vocab, prefix, vocab[model["unk_token"]])
+
+
+def base_ids(tokenizer, token: str) -> list[int]:
+    """The base pieces ``token`` is read as without it (:func:`base_reader`, for one piece)."""
+    return base_reader(tokenizer)(token)
 
 
 def _trained_segmenter(lines: list[str], tokenizer, data: dict, size: int, min_count: int):
@@ -113,12 +120,12 @@ def select_pieces(lines: Iterable[str], tokenizer, n: int, min_count: int = 3,
     counts: Counter[str] = Counter()
     for encoding in segmenter.encode_batch(text):
         counts.update(encoding.tokens)
-    known, unk = tokenizer.get_vocab(), tokenizer.unk_token
+    known, unk, read = tokenizer.get_vocab(), tokenizer.unk_token, base_reader(tokenizer)
     chosen = []
     for piece, count in counts.most_common():
         if count < min_count or len(chosen) == n:
             break
-        if piece != unk and piece not in known and len(base_ids(tokenizer, piece)) >= 2:
+        if piece != unk and piece not in known and len(read(piece)) >= 2:
             chosen.append(piece)
     if data["model"]["type"] != "Unigram":
         return chosen, []

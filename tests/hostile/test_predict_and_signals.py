@@ -22,6 +22,20 @@ def test_word_splitter_drops_invisible_characters(ch):
     assert words == ["Juma", "alikwenda", "Nairobi", "."], words
 
 
+@pytest.mark.parametrize("line, words", [
+    ("नमस्ते दुनिया!", ["नमस्ते", "दुनिया", "!"]),  # Devanagari vowel signs and virama (Mc, Mn)
+    ("ការអប់រំ គឺជាសិទ្ធិ។", ["ការអប់រំ", "គឺជាសិទ្ធិ", "។"]),  # Khmer vowels and coeng; no spaces inside phrases
+    ("مَرْحَبًا بِكُمْ", ["مَرْحَبًا", "بِكُمْ"]),  # Arabic harakat
+    ("Ẹ kú àárọ̀, ọ̀rẹ́", ["Ẹ", "kú", "àárọ̀", ",", "ọ̀rẹ́"]),  # Yoruba with combining tone marks
+    ("don't stop-gap", ["don't", "stop-gap"]),
+])
+def test_word_splitter_keeps_combining_marks_inside_their_words(line, words):
+    """Python's \\w leaves out combining marks: words of Indic, Khmer, Arabic or decomposed Latin text fell apart."""
+    from xlpeft.data.text import tokenize_words
+
+    assert tokenize_words(line) == words
+
+
 def test_predict_output_blocks_match_input_lines(capsys, monkeypatch):
     import io
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import re
 import unicodedata
 from typing import TYPE_CHECKING
@@ -12,8 +14,19 @@ from xlpeft.errors import XlpeftError
 if TYPE_CHECKING:
     from xlpeft.packs import TaskPack
 
-WORD = re.compile(r"\w+(?:[-'’]\w+)*|[^\w\s]", re.UNICODE)
-"""A word (letters/digits, joined by inner hyphens or apostrophes) or one punctuation mark."""
+
+@functools.cache
+def _word_pattern() -> re.Pattern:
+    """A word (letters, digits and combining marks, joined by inner hyphens or apostrophes) or one punctuation mark.
+
+    Python's ``\\w`` leaves out combining marks (Unicode M*): Devanagari vowel signs and viramas, Khmer
+    and Thai vowels, Arabic harakat. Without them a Hindi or Khmer word fell apart at every sign, each
+    piece tagged on its own. The marks are gathered once, at first use.
+    """
+    planes = itertools.chain(range(0x20000), range(0xE0000, 0xE0200))  # the marks' planes: BMP, SMP, variation selectors
+    marks = re.escape("".join(chr(c) for c in planes if unicodedata.category(chr(c)).startswith("M")))
+    char = rf"[\w{marks}]"
+    return re.compile(rf"{char}+(?:[-'’]{char}+)*|[^\w\s{marks}]", re.UNICODE)
 
 
 def tokenize_words(line: str) -> list[str]:
@@ -24,7 +37,7 @@ def tokenize_words(line: str) -> list[str]:
     every later tag.
     """
     visible = "".join(ch for ch in line if unicodedata.category(ch) != "Cf")
-    return WORD.findall(visible)
+    return _word_pattern().findall(visible)
 
 
 def examples_from_lines(pack: TaskPack, lines: list[str]) -> tuple[list, list[int]]:

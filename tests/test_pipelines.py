@@ -212,3 +212,5 @@ def test_param_differences_reads_predating_settings_by_their_defaults_and_corpor
     piece = {**mine, "train": {"lr": 1e-3, "new_token_unit": "piece"}}
     assert param_differences(piece, logged, defaults) == ["train.new_token_unit"]
     assert param_differences({**mine, "corpus_fingerprint": "cd"}, logged, defaults) == ["corpora", "corpus_fingerprint"]
+    checked = {**mine, "train": {"lr": 1e-3, "new_token_unit": "word", "activation_checkpointing": True}}
+    assert param_differences(checked, {**logged, "train.activation_checkpointing": "False"}) == ["train.new_token_unit"]

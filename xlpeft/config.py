@@ -205,6 +205,9 @@ class TrainConfig:
                 "cache files)", "choices": ("auto", "cache", "stream")})
     stream_buffer: int = field(default=2048, metadata={"help": "blocks in the shuffle buffer of corpus_mode=stream",
                                                        "min": 1})
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "keep only each encoder layer's input and recompute the layer in the backward pass (Chen et al. "
+                "2016): the activations of one layer instead of all, for about one more forward pass per step"})
     checkpoint_every: int = field(default=500, metadata={"help": "write a resumable checkpoint every N steps (0: never)", "min": 0})
     seed: int = field(default=42, metadata={"help": "seed for initialisation, masking and data order",
                                             "min": 0, "max": 2**32 - 1})

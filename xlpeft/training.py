@@ -24,6 +24,7 @@ from xlpeft.config import TrainConfig
 from xlpeft.distributed import Dist
 from xlpeft.interrupts import poll
 from xlpeft.progress import progress as progress_bar
+from xlpeft.recompute import checkpointed_activations
 
 
 def pick_device(name: str) -> torch.device:
@@ -244,6 +245,7 @@ class PhaseRun:
     desc: str
     checkpoint_dir: Path | None
     dist: Dist
+    model: nn.Module | None = None  # the base's model, for activation checkpointing (cfg.activation_checkpointing)
 
 
 def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | None = None,
@@ -261,31 +263,33 @@ def run_phases(run: PhaseRun, resume: tuple[dict[str, torch.Tensor], dict] | Non
     if resume is not None:
         start_phase, summary, resume_state = _restore(run, resume, state, initial)
     done = sum(p.steps for p in phases[:start_phase])
-    for index in range(start_phase, len(phases)):
-        phase = phases[index]
-        resuming = resume_state is not None and index == start_phase
-        if resuming:
-            params = run.trainable.resume_phase(phase, _unprefix(resume[0], "trainable."))
-        else:
-            if phase.reset_extras:
-                for name, module in run.extras.items():
-                    module.load_state_dict(initial[name])
-            params = run.trainable.begin_phase(phase)
-        params = params + [p for m in run.extras.values() for p in m.parameters()]
-        result = train_loop(
-            params, run.data, run.loss_fn, run.cfg, phase.steps, run.tracker.log_metrics, run.evaluate,
-            after_step=lambda step, p=phase: run.trainable.after_step(p, step), desc=f"{run.desc} {phase.name}",
-            step_offset=done, resume=resume_state if resuming else None,
-            checkpoint=_checkpointer(run, index, done, summary, state or {}, initial),
-            sync_grads=run.dist.sync_grads if run.dist.active else None, progress=run.dist.main,
-        )
-        done += phase.steps
-        metrics = {f"{phase.name}_steps_per_second": result.steps_per_second, **run.trainable.end_phase(phase)}
-        run.tracker.log_metrics(metrics, done)
-        shared = run.trainable.replicated()
-        if shared is not None:  # e.g. LT-SFT's mask: every rank must have chosen the same entries
-            run.dist.same_everywhere(shared, f"the {phase.name} phase's selected state")
-        summary[phase.name] = {"steps": phase.steps, "last_loss": result.last_loss, "seconds": result.seconds}
+    checkpointing = run.cfg.activation_checkpointing and run.model is not None
+    with checkpointed_activations(run.model, checkpointing):  # training steps only: evaluation runs without gradients
+        for index in range(start_phase, len(phases)):
+            phase = phases[index]
+            resuming = resume_state is not None and index == start_phase
+            if resuming:
+                params = run.trainable.resume_phase(phase, _unprefix(resume[0], "trainable."))
+            else:
+                if phase.reset_extras:
+                    for name, module in run.extras.items():
+                        module.load_state_dict(initial[name])
+                params = run.trainable.begin_phase(phase)
+            params = params + [p for m in run.extras.values() for p in m.parameters()]
+            result = train_loop(
+                params, run.data, run.loss_fn, run.cfg, phase.steps, run.tracker.log_metrics, run.evaluate,
+                after_step=lambda step, p=phase: run.trainable.after_step(p, step), desc=f"{run.desc} {phase.name}",
+                step_offset=done, resume=resume_state if resuming else None,
+                checkpoint=_checkpointer(run, index, done, summary, state or {}, initial),
+                sync_grads=run.dist.sync_grads if run.dist.active else None, progress=run.dist.main,
+            )
+            done += phase.steps
+            metrics = {f"{phase.name}_steps_per_second": result.steps_per_second, **run.trainable.end_phase(phase)}
+            run.tracker.log_metrics(metrics, done)
+            shared = run.trainable.replicated()
+            if shared is not None:  # e.g. LT-SFT's mask: every rank must have chosen the same entries
+                run.dist.same_everywhere(shared, f"the {phase.name} phase's selected state")
+            summary[phase.name] = {"steps": phase.steps, "last_loss": result.last_loss, "seconds": result.seconds}
     return done, summary
 
 

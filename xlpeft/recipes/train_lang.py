@@ -188,7 +188,7 @@ def train_language(req: LangRequest) -> LangResult:
             before = checkpoint[1]["summary"]["_before"]
         base.model.train()
         run = PhaseRun(trainable, {}, data, {"mask": mask_gen}, loss_fn, evaluate, cfg, tracker,
-                       req.lang, ckpt_dir if dist.main else None, dist)
+                       req.lang, ckpt_dir if dist.main else None, dist, model=base.model)
         try:
             done, summary = run_phases(run, checkpoint, state={"_before": before})
             base.model.eval()

@@ -339,7 +339,7 @@ def train_task(req: TaskRequest) -> TaskResult:
         base.model.train()
         head.train()
         run = PhaseRun(trainable, {"head": head}, data, {}, loss_fn, evaluate, cfg, tracker,
-                       f"{req.task}/{req.lang}", ckpt_dir if dist.main else None, dist)
+                       f"{req.task}/{req.lang}", ckpt_dir if dist.main else None, dist, model=base.model)
         try:
             done, summary = run_phases(run, checkpoint)
             metrics = evaluate()

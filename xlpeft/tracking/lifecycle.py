@@ -35,6 +35,11 @@ def checkpoint_dir_for(out_dir: Path, run_id: str) -> Path:
     return out_dir.parent / ".checkpoints" / run_id
 
 
+HOW_NOT_WHAT = {"train.activation_checkpointing"}
+"""Settings that change how a step is computed, not what it computes: a run resumes, or counts as done, with them
+switched either way (an out-of-memory run continues with ``--resume --set activation_checkpointing=true``)."""
+
+
 def param_differences(params: dict[str, Any], logged: dict[str, str],
                       defaults: dict[str, str] | None = None) -> list[str]:
     """Keys whose value ``params`` would log (flattened as MLflow stores them) differs from a run's ``logged`` ones.
@@ -43,7 +48,8 @@ def param_differences(params: dict[str, Any], logged: dict[str, str],
     ``xlpeft run`` skips a step only for a finished run that does not. With ``defaults`` (flattened
     field defaults, :func:`config_defaults`) a setting the logged run predates counts as equal while
     it is at its default, so a newer xlpeft keeps earlier runs done. A corpus read from another
-    place with the same content (equal ``corpus_fingerprint``: file name and sha256) is the same corpus.
+    place with the same content (equal ``corpus_fingerprint``: file name and sha256) is the same corpus;
+    :data:`HOW_NOT_WHAT` settings never differ.
     """
     from xlpeft.tracking.run import _flat
 
@@ -51,6 +57,7 @@ def param_differences(params: dict[str, Any], logged: dict[str, str],
     keys = set(mine) | set(logged)
     if "corpus_fingerprint" in mine and mine["corpus_fingerprint"] == logged.get("corpus_fingerprint"):
         keys.discard("corpora")  # the same files, installed or copied elsewhere
+    keys -= HOW_NOT_WHAT
 
     def differs(k: str) -> bool:
         if k not in logged and k in defaults:

@@ -46,6 +46,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from xlpeft.recompute import recomputing
+
 SAMPLED_BELOW = 0.02  # density below which the SDDMM is used (see the module docstring for the measurement)
 CHUNK = 1 << 22  # entries of a dense gradient block computed at once: 16 MiB in fp32
 ENTRY_GRADIENTS = ("auto", "sampled", "dense", "autograd")
@@ -309,5 +311,6 @@ def _tappable(module: nn.Module) -> bool:
 def _hook(w: TappedWeight, values: Callable[[], nn.Parameter], make_part, module, args, output):
     if not torch.is_grad_enabled():
         return None
-    w.uses += 1
+    if not recomputing():  # a checkpointed layer's recomputation has no backward of its own to pair with
+        w.uses += 1
     return _Tap.apply(output, args[0], values(), w, make_part)

@@ -36,6 +36,10 @@ How it measures:
 * method state: what the method keeps beside the model: theta0 (and movement scores) in phase 1;
   indices (int64) + values + theta0 at the indices in phase 2.
 
+With ``--activation-checkpointing`` every row after (a) runs with the encoder layers checkpointed
+(``--set activation_checkpointing=true``: each layer's activations recomputed in the backward pass)
+and a row (a') adds full fine-tuning checkpointed; every ratio stays against (a), uncheckpointed.
+
 Not part of ``make test``; about 1-2 minutes on 2 CPU cores with the defaults.
 """
 
@@ -61,6 +65,7 @@ from xlpeft.config import TrainConfig  # noqa: E402
 from xlpeft.methods.sft import PeakMemory, SFTConfig, SFTTrainable, maskable_parameters  # noqa: E402
 from xlpeft.methods.sft.memory import rss_bytes  # noqa: E402
 from xlpeft.models import ARCHITECTURES, Base  # noqa: E402
+from xlpeft.recompute import checkpointed_activations, recompute_count  # noqa: E402
 from xlpeft.training import mlm_loss, train_loop  # noqa: E402
 
 MB = 2**20
@@ -96,7 +101,7 @@ def mlm_batches(batch: int, seq: int, vocab: int, device: str, seed: int = 0):
         yield ids.masked_fill(masked, MASK_ID).to(device), ids.masked_fill(~masked, -100).to(device)
 
 
-def run_phase(base, params, cfg, steps, data, after_step=None) -> tuple[float, float]:
+def run_phase(base, params, cfg, steps, data, after_step=None, checkpointed=False) -> tuple[float, float]:
     """(steps/s, CPU s/step median, CPU s/step mean) over the steps; the first (AdamW allocates its state) is excluded.
 
     The median is a typical step; the mean also carries the rarer steps (a dynamic delta's gradient
@@ -109,7 +114,8 @@ def run_phase(base, params, cfg, steps, data, after_step=None) -> tuple[float, f
             after_step(step)
         stamps.append((time.perf_counter(), time.process_time()))
 
-    train_loop(params, data, lambda b: mlm_loss(base, *b), cfg, steps, lambda *_: None, after_step=stamp, desc="bench")
+    with checkpointed_activations(base.model, checkpointed):
+        train_loop(params, data, lambda b: mlm_loss(base, *b), cfg, steps, lambda *_: None, after_step=stamp, desc="bench")
     pairs = list(zip(stamps, stamps[1:], strict=False))
     wall = statistics.median(b[0] - a[0] for a, b in pairs)
     cpu = [b[1] - a[1] for a, b in pairs]
@@ -130,6 +136,9 @@ def main() -> None:
     ap.add_argument("--selection", default="magnitude", choices=("magnitude", "movement"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's dynamic mmap threshold")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="run every row after (a) with the encoder layers checkpointed (--set activation_checkpointing="
+                         "true), and add (a') full fine-tuning checkpointed; the ratios stay against (a), uncheckpointed")
     args = ap.parse_args()
     args.rows = set(args.rows.split(","))
     if args.device == "cpu" and not args.default_malloc and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -157,16 +166,27 @@ def main() -> None:
     rows.append(dict(name="(a) full fine-tuning", trainable=n, grads=4 * n, optimizer=8 * n, state=0, peak=meter.stop(),
                      speed=speed))
     for p in maskable.values():
-        p.requires_grad_(False)
         p.grad = None
     release_memory()
+    ckpt = args.activation_checkpointing
+    if ckpt:  # (a') the same, checkpointed: what checkpointing alone buys full fine-tuning
+        meter = PeakMemory(args.device)
+        meter.start()
+        speed = run_phase(base, list(maskable.values()), cfg, args.steps, data, checkpointed=True)
+        rows.append(dict(name="(a') full fine-tuning, checkpointed", trainable=n, grads=4 * n, optimizer=8 * n,
+                         state=0, peak=meter.stop(), speed=speed))
+        for p in maskable.values():
+            p.grad = None
+        release_memory()
+    for p in maskable.values():
+        p.requires_grad_(False)
 
     # (b) - (d): LT-SFT through the Trainable protocol, as train-lang runs it
     if "lt-sft" in args.rows:
         trainable = SFTTrainable(base, replace(sft_cfg, entry_gradients="autograd"), cfg)
         full, sparse = trainable.phases
         params = trainable.begin_phase(full)
-        speed = run_phase(base, params, cfg, full.steps, data, lambda step: trainable.after_step(full, step))
+        speed = run_phase(base, params, cfg, full.steps, data, lambda step: trainable.after_step(full, step), ckpt)
         release_memory()
         metrics = trainable.end_phase(full)  # selection happens here, after phase 1's peak is taken
         state = 4 * n * (2 if args.selection == "movement" else 1)  # theta0 (+ movement scores)
@@ -178,7 +198,7 @@ def main() -> None:
         mask = dict(trainable.indices)
         params = trainable.begin_phase(sparse)
         k = sum(p.numel() for p in params)
-        speed = run_phase(base, params, cfg, sparse.steps, data, lambda step: trainable.after_step(sparse, step))
+        speed = run_phase(base, params, cfg, sparse.steps, data, lambda step: trainable.after_step(sparse, step), ckpt)
         metrics = trainable.end_phase(sparse)
         rows.append(dict(name="(d) LT-SFT phase 2, entry_gradients=autograd", trainable=k, grads=4 * k, optimizer=8 * k,
                          state=16 * k, peak=metrics["sparse_peak_memory_mb"], speed=speed))
@@ -189,7 +209,7 @@ def main() -> None:
             fisher_phase = fish.phases[0]
             params = fish.begin_phase(fisher_phase)
             start = time.perf_counter()
-            speed = run_phase(base, params, cfg, fisher_phase.steps, data)
+            speed = run_phase(base, params, cfg, fisher_phase.steps, data, checkpointed=ckpt)
             accumulate_s = time.perf_counter() - start
             metrics = fish.end_phase(fisher_phase)  # the selection
             overlap = sum(int(torch.isin(fish.indices[n], mask[n]).sum()) for n in fish.indices if n in mask)
@@ -209,7 +229,8 @@ def main() -> None:
             (sparse,) = trainable.phases
             trainable.indices = {name: idx.clone() for name, idx in mask.items()}
             params = trainable.begin_phase(sparse)
-            speed = run_phase(base, params, cfg, sparse.steps, data, lambda step, t=trainable, ph=sparse: t.after_step(ph, step))
+            speed = run_phase(base, params, cfg, sparse.steps, data, lambda step, t=trainable, ph=sparse: t.after_step(ph, step),
+                              ckpt)
             metrics = trainable.end_phase(sparse)
             rows.append(dict(name=f"(d) LT-SFT phase 2, entry_gradients={mode} ({_tapped(metrics)})", trainable=k,
                              grads=4 * k, optimizer=8 * k, state=16 * k, peak=metrics["sparse_peak_memory_mb"], speed=speed))
@@ -228,7 +249,8 @@ def main() -> None:
         (phase,) = dynamic.phases
         params = dynamic.begin_phase(phase)
         k = sum(p.numel() for p in params)
-        speed = run_phase(base, params, cfg, phase.steps, data, lambda step, t=dynamic, ph=phase: t.after_step(ph, step))
+        speed = run_phase(base, params, cfg, phase.steps, data, lambda step, t=dynamic, ph=phase: t.after_step(ph, step),
+                          ckpt)
         metrics = dynamic.end_phase(phase)
         rows.append(dict(name=f"(e) dynamic {growth}, entry_gradients={mode} ({int(metrics['reselections'])} reselections"
                               f"{', ' + _tapped(metrics) if mode != 'autograd' else ''})", trainable=k,
@@ -236,6 +258,8 @@ def main() -> None:
         dynamic.close()
         release_memory()
     print_table(args, rows, n, model_mb, idle_mb)
+    if args.activation_checkpointing:
+        print(f"every row after (a) ran with activation checkpointing: {recompute_count():,} layer recomputations")
     for note in notes:
         print(note)
 

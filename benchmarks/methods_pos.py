@@ -5,11 +5,19 @@
 
 ``pipelines/pos-methods.yaml`` ends with ``xlpeft evaluate --report``, whose ``seeds.json`` holds every
 seed's score of every cell. Seeds run at different times (here seed 1, then seeds 2 and 3 into another
-modules folder) give several reports; this joins them without scoring anything again (a seed present
-in two reports is refused), writes the joined ``.json`` and ``.md`` (per target, mean ± sample std, the
+modules folder) give several reports; this joins them without scoring anything again (a seed's cell
+given twice is refused), writes the joined ``.json`` and ``.md`` (per target, mean ± sample std, the
 difference from the same task method's baseline) and prints the table of the README: per language
 method (rows) and task method (columns), the mean over the targets, as mean ± sample std over seeds
 of each seed's mean over targets.
+
+When some methods' modules were retrained (e.g. at new defaults) and only the cells that involve them were
+scored again, ``--rescored REPORT... --methods prefix,compacter`` puts those cells in place of the old ones;
+re-scored cells over unchanged modules (the other methods' baselines) are compared with the old scores,
+not used, and the comparison is printed and kept in the ``.json``::
+
+    .venv/bin/python benchmarks/methods_pos.py OLD_S1.json OLD_S2.json OLD_S3.json \\
+        --rescored A_S1.json B_S1.json A_S2.json B_S2.json A_S3.json B_S3.json --methods prefix,compacter --out OUT
 """
 
 from __future__ import annotations
@@ -26,35 +34,76 @@ sys.path.insert(0, str(ROOT))
 from xlpeft.matrix import BASELINE  # noqa: E402
 from xlpeft.seeds import IN_LANGUAGE, SeedTable  # noqa: E402
 
+Cells = dict[int, dict[str, dict[str, float]]]  # seed -> target -> column -> score
 
-def join(paths: list[Path]) -> SeedTable:
-    """One :class:`SeedTable` over every report's seeds, in seed order."""
+
+def read(paths: list[Path]) -> tuple[str, Cells, dict[str, str], dict[str, str]]:
+    """(metric, every seed's cells, skipped targets, baseline languages) of several reports; a cell given twice is refused."""
     reports = [json.loads(p.read_text()) for p in paths]
-    seeds: list[int] = []
-    for path, r in zip(paths, reports, strict=True):
-        clash = sorted(set(seeds) & set(r["seeds"]))
-        if clash:
-            raise SystemExit(f"{path}: seed(s) {clash} are in an earlier report too; give each seed once")
-        seeds += r["seeds"]
     metric = {r["metric"] for r in reports}
     if len(metric) != 1:
         raise SystemExit(f"the reports score different metrics: {sorted(metric)}")
-    per_seed: dict[int, dict[str, dict[str, float]]] = {}
-    for r in reports:
+    cells: Cells = {}
+    for path, r in zip(paths, reports, strict=True):
         for lang, row in r["values"].items():
             for col, xs in row.items():
                 if len(xs) != len(r["seeds"]):
-                    raise SystemExit(f"{lang} {col}: {len(xs)} scores for seeds {r['seeds']}; a cell is missing a seed")
+                    raise SystemExit(f"{path}: {lang} {col}: {len(xs)} scores for seeds {r['seeds']}; a cell is missing a seed")
                 for seed, x in zip(r["seeds"], xs, strict=True):
-                    per_seed.setdefault(seed, {}).setdefault(lang, {})[col] = x
-    order = sorted(seeds)
-    langs = list(dict.fromkeys(lang for r in reports for lang in r["values"]))
-    cols = {(lang, col) for s in per_seed.values() for lang, row in s.items() for col in row}
-    values = {lang: {col: [per_seed[s][lang][col] for s in order if col in per_seed[s].get(lang, {})]
-                     for col in sorted(c for la, c in cols if la == lang)} for lang in langs}
+                    row_of = cells.setdefault(seed, {}).setdefault(lang, {})
+                    if col in row_of:
+                        raise SystemExit(f"{path}: seed {seed} {lang} {col} is in an earlier report too; give each "
+                                         "seed's cell once")
+                    row_of[col] = x
     skipped = {k: v for r in reports for k, v in r["skipped"].items()}
     baselines = {k: v for r in reports for k, v in r["baseline_langs"].items()}
-    return SeedTable(metric.pop(), order, values, skipped, baselines)
+    return metric.pop(), cells, skipped, baselines
+
+
+def involves(col: str, methods: set[str]) -> bool:
+    """Whether a ``lang+task`` column has a language or task module of one of ``methods``."""
+    return bool(set(col.split("+", 1)) & methods)
+
+
+def rescore(cells: Cells, new: Cells, methods: set[str]) -> list[str]:
+    """Replace, in ``cells``, every cell that involves ``methods`` with its re-scored value from ``new``.
+
+    A re-scored cell that does not involve ``methods`` (e.g. a baseline over an unchanged module) is not
+    used: it is compared with the old value, and the comparison is returned as one line, so a reader can see
+    whether the unchanged modules reproduced. Every old cell that involves ``methods`` must be re-scored.
+    """
+    if set(new) != set(cells):
+        raise SystemExit(f"the re-scored reports hold seeds {sorted(new)}, the others {sorted(cells)}; give the same seeds")
+    same, moved = 0, []
+    for seed, rows in cells.items():
+        for lang, row in rows.items():
+            for col in row:
+                if involves(col, methods) and col not in new[seed].get(lang, {}):
+                    raise SystemExit(f"seed {seed} {lang} {col} involves {sorted(methods)} but no re-scored report has it")
+            for col, x in new[seed].get(lang, {}).items():
+                if involves(col, methods):
+                    row[col] = x
+                elif col in row:
+                    same += row[col] == x
+                    if row[col] != x:
+                        moved.append(f"seed {seed} {lang} {col} {row[col]:.4f} -> {x:.4f}")
+    return [f"{same} re-scored cells over unchanged modules equal their old score"
+            + (f"; {len(moved)} differ: " + "; ".join(moved) if moved else "")]
+
+
+def table_of(metric: str, cells: Cells, skipped: dict[str, str], baselines: dict[str, str]) -> SeedTable:
+    """The :class:`SeedTable` of every seed's cells, seeds in order."""
+    order = sorted(cells)
+    langs = list(dict.fromkeys(lang for s in order for lang in cells[s]))
+    cols = {(lang, col) for s in cells.values() for lang, row in s.items() for col in row}
+    values = {lang: {col: [cells[s][lang][col] for s in order if col in cells[s].get(lang, {})]
+                     for col in sorted(c for la, c in cols if la == lang)} for lang in langs}
+    return SeedTable(metric, order, values, skipped, baselines)
+
+
+def join(paths: list[Path]) -> SeedTable:
+    """One :class:`SeedTable` over every report's seeds, in seed order."""
+    return table_of(*read(paths))
 
 
 FIRST = ("adapter", "sft", "lora", "ia3", "prefix", "compacter", "parallel", "mam")  # the README's order
@@ -91,16 +140,32 @@ def pair_table(table: SeedTable) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("reports", nargs="+", type=Path, help="seeds.json of `xlpeft evaluate --report` (one per run)")
+    ap.add_argument("--rescored", nargs="+", type=Path, default=[],
+                    help="seeds.json of evaluations that re-scored the cells of --methods (modules retrained)")
+    ap.add_argument("--methods", default="", help="with --rescored: comma-separated methods whose cells they replace")
     ap.add_argument("--out", type=Path, help="write OUT.json (every seed's score) and OUT.md (per target)")
     args = ap.parse_args()
-    table = join(args.reports)
-    print(f"seeds {', '.join(map(str, table.seeds))}; targets {', '.join(table.values)}; from "
-          f"{', '.join(map(str, args.reports))}")
+    metric, cells, skipped, baselines = read(args.reports)
+    notes: list[str] = []
+    if args.rescored:
+        methods = {m for m in args.methods.split(",") if m}
+        if not methods:
+            raise SystemExit("--rescored needs --methods: the methods whose modules were retrained, e.g. prefix,compacter")
+        new_metric, new, new_skipped, new_baselines = read(args.rescored)
+        if new_metric != metric:
+            raise SystemExit(f"the re-scored reports score {new_metric}, the others {metric}")
+        notes = rescore(cells, new, methods)
+        skipped, baselines = {**skipped, **new_skipped}, {**baselines, **new_baselines}
+    table = table_of(metric, cells, skipped, baselines)
+    sources = [*map(str, args.reports), *(f"{p} (re-scored {args.methods})" for p in args.rescored)]
+    print(f"seeds {', '.join(map(str, table.seeds))}; targets {', '.join(table.values)}; from {', '.join(sources)}")
+    for line in notes:
+        print(line)
     print(pair_table(table))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         summary = {"metric": table.metric, "seeds": table.seeds, "values": table.values, "skipped": table.skipped,
-                   "baseline_langs": table.baseline_langs, "from": [str(p) for p in args.reports]}
+                   "baseline_langs": table.baseline_langs, "from": sources, "notes": notes}
         args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
         args.out.with_suffix(".md").write_text(table.markdown() + "\n")
         print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")
